@@ -1,0 +1,107 @@
+"""Block sizes, autotune configs and path heuristics for every lora_fast kernel, in one place.
+
+Nothing here has been tuned on a GPU yet (see bench/NOTES.md): the GPU lists are the
+standard Hopper/Ampere GEMM tiles (128x128x64 / 128x256x64, 3-4 stages, 4-8 warps) that
+Triton's matmul tutorial and cuBLAS heuristics settle on for bf16, pruned so that every
+main-path config has BLOCK_M >= 64 (a Hopper warpgroup MMA needs 64 rows per warpgroup).
+Under the interpreter (TRITON_INTERPRET=1) every kernel gets a single small config: the
+interpreter runs programs one by one in numpy, so small tiles keep tests fast, and tiles
+smaller than the test shapes make every mask, tail and cross-program reduction run.
+"""
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Ridge point of an H100 in bf16: ~700 TFLOP/s (dense, achievable) / ~3 TB/s ~= 230 FLOP/byte.
+# A GEMM with M rows has arithmetic intensity ~M, so for M up to about this it is bound by
+# reading W0, and the r/BLOCK_N extra MMA work of computing x·Aᵀ inside the main loop is free,
+# while a separate first pass costs a launch (~4 us on a ~10 us decode GEMM). Above it the GEMM
+# is compute-bound and the first pass (one extra read of x, ~M·K·2 bytes) is cheaper than the
+# redundant MMA work. Full arithmetic in bench/NOTES.md; issue 8 replaces this with measurement.
+IN_LOOP_MAX_M = 256
+# The in-loop variants keep the whole rank in registers next to the main accumulator.
+IN_LOOP_MAX_R = 64
+# Rank chunk for epilogues and the skinny kernel: a [BLOCK_M, 64] fp32 tile is 32 KB of
+# registers per 128 rows, beside a 64 KB main accumulator; larger r loops over chunks.
+MAX_BLOCK_R = 64
+
+
+def block_r(r):
+    """Rank tile: tl.dot needs every dimension >= 16, so r < 16 is padded (masked) to 16."""
+    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+
+
+def m_bucket(m):
+    """Autotune key for M: one tuning per power of two, not one per sequence length."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+def partial_block_m(m):
+    """BLOCK_M of the kernels that write one partial sum per M-tile (dA, dB reductions).
+
+    Fixed by the launcher, not autotuned, because the partial buffer (grid_m rows) is
+    allocated before the launch. 128 rows halves the partial buffer against 64 while still
+    giving a Hopper warpgroup MMA its 64-row minimum twice over.
+    """
+    if INTERPRET:
+        return 16
+    return min(128, max(16, triton.next_power_of_2(m)))
+
+
+def _config(bm, bn, bk, stages, warps, group_m=8):
+    kw = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}
+    if bm is not None:
+        kw["BLOCK_M"] = bm
+    return triton.Config(kw, num_stages=stages, num_warps=warps)
+
+
+def forward_configs():
+    """Configs for the fused forward GEMM (tiles of y: BLOCK_M x BLOCK_N, reduction BLOCK_K)."""
+    if INTERPRET:
+        return [_config(16, 32, 32, 1, 4)]
+    big = [_config(bm, bn, 64, s, w)
+           for bm in (64, 128) for bn in (64, 128, 256) for s in (3, 4) for w in (4, 8)]
+    decode = [_config(bm, bn, bk, 4, 4) for bm in (16, 32) for bn in (32, 64, 128) for bk in (64, 128)]
+    return big + decode
+
+
+def keep_forward_config(configs, named_args, **kwargs):
+    """Prune: decode tiles only for small M, GEMM tiles only where M fills them; no tile whose
+    accumulator would not fit 255 registers/thread (BLOCK_M*BLOCK_N/threads > 128 fp32)."""
+    m = named_args["M_BUCKET"]
+    kept = []
+    for c in configs:
+        bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        small_tile = bm < 64
+        if small_tile != (m <= 32):
+            continue
+        if bm * bn // (32 * warps) > 128:
+            continue
+        kept.append(c)
+    return kept or configs[:1]
+
+
+def backward_configs():
+    """Configs for the dX GEMM (tiles of dX: BLOCK_M x BLOCK_K, reduction over N in BLOCK_N).
+    BLOCK_M is set by the launcher (partial_block_m)."""
+    if INTERPRET:
+        return [_config(None, 32, 32, 1, 4)]
+    return [_config(None, bn, bk, s, w)
+            for bk in (64, 128, 256) for bn in (32, 64) for s in (3, 4) for w in (4, 8)]
+
+
+def keep_backward_config(configs, named_args, **kwargs):
+    bm = named_args["BLOCK_M"]
+    kept = [c for c in configs if bm * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= 128]
+    return kept or configs[:1]
+
+
+def skinny_configs():
+    """Configs for the skinny (M x L) @ (L x r) pass; BLOCK_M is set by the launcher.
+    Memory-bound: wide BLOCK_L for long contiguous loads, enough stages to keep them in flight."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_L": 32}, num_stages=1, num_warps=4)]
+    return [triton.Config({"BLOCK_L": bl}, num_stages=s, num_warps=w)
+            for bl in (64, 128) for s in (3, 4) for w in (4, 8)]

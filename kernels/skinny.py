@@ -1,0 +1,98 @@
+"""Skinny pass: out = scale · src @ mat, with src (M, L) and mat (L, r), r small.
+
+It is the "first pass" of both directions of the split path:
+  forward   xs = s · x @ Aᵀ                      (src = x,  mat = Aᵀ)
+  backward  gs = s · dY @ B  and  dB partials     (src = dY, mat = B, side = xs)
+The backward use also emits, from the same src tiles (so dY is read once for both),
+one partial of srcᵀ @ side per M-tile: part[pid_m] = dY[tile]ᵀ @ xs[tile], summed afterwards
+in a fixed order so dB is deterministic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+
+
+@triton.autotune(configs=configs.skinny_configs(), key=["M_BUCKET", "L", "R"])
+@triton.jit
+def _lora_skinny_kernel(
+    # pointers
+    src_ptr, mat_ptr, out_ptr, side_ptr, part_ptr,
+    # sizes (M_BUCKET is only the autotune key)
+    M, L, R, M_BUCKET,
+    # strides
+    stride_sm, stride_sl,
+    stride_ml, stride_mr,
+    stride_om, stride_or,
+    stride_dm, stride_dr,
+    scale,
+    # meta-parameters
+    WITH_PARTIAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    # int64 row offsets: M * stride can pass 2**31 on large activations.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+
+    src_ptrs = src_ptr + offs_m[:, None] * stride_sm + offs_l[None, :] * stride_sl
+    mat_ptrs = mat_ptr + offs_l[:, None] * stride_ml + offs_r[None, :] * stride_mr
+    if WITH_PARTIAL:
+        side = tl.load(side_ptr + offs_m[:, None] * stride_dm + offs_r[None, :] * stride_dr,
+                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        # part is a contiguous fp32 (grid_m, L, R) buffer.
+        part_ptrs = (part_ptr + pid_m.to(tl.int64) * L * R
+                     + offs_l[:, None].to(tl.int64) * R + offs_r[None, :])
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        mask_l = offs_l < L - l0
+        src = tl.load(src_ptrs, mask=mask_m[:, None] & mask_l[None, :], other=0.0)
+        mat = tl.load(mat_ptrs, mask=mask_l[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(src, mat, acc, input_precision=INPUT_PRECISION)
+        if WITH_PARTIAL:
+            part = tl.dot(tl.trans(src), side, input_precision=INPUT_PRECISION)
+            tl.store(part_ptrs, part, mask=mask_l[:, None] & mask_r[None, :])
+            part_ptrs += BLOCK_L * R
+        src_ptrs += BLOCK_L * stride_sl
+        mat_ptrs += BLOCK_L * stride_ml
+
+    out = (acc * scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, out,
+             mask=mask_m[:, None] & mask_r[None, :])
+
+
+def skinny(src, mat, scale, input_precision, side=None):
+    """Return (scale · src @ mat in src.dtype, part or None).
+
+    src (M, L) and mat (L, r) may be any strided views. With side (M, r), also returns
+    part (grid_m, L, r) fp32 with part.sum(0) == srcᵀ @ side.
+    """
+    M, L = src.shape
+    R = mat.shape[1]
+    block_m = configs.partial_block_m(M)
+    block_r = configs.block_r(R)
+    grid_m = triton.cdiv(M, block_m)
+    out = torch.empty((M, R), device=src.device, dtype=src.dtype)
+    part = None
+    if side is not None:
+        part = torch.empty((grid_m, L, R), device=src.device, dtype=torch.float32)
+    _lora_skinny_kernel[(grid_m, triton.cdiv(R, block_r))](
+        src, mat, out, side if side is not None else out, part if part is not None else out,
+        M, L, R, configs.m_bucket(M),
+        src.stride(0), src.stride(1),
+        mat.stride(0), mat.stride(1),
+        out.stride(0), out.stride(1),
+        *((side.stride(0), side.stride(1)) if side is not None else (0, 0)),
+        scale,
+        WITH_PARTIAL=side is not None,
+        INPUT_PRECISION=input_precision,
+        BLOCK_M=block_m, BLOCK_R=block_r,
+    )
+    return out, part

@@ -1,0 +1,37 @@
+"""Which implementation runs a call: "triton" (the fused kernels), "torch" (plain PyTorch ops)
+or "auto" (triton on CUDA, torch on CPU). LORA_FAST_BACKEND overrides "auto" only."""
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreter_enabled():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend, device, dtype):
+    """Return "triton" or "torch" for tensors on `device` of `dtype`, or raise ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    source = "backend"
+    if backend == "auto":
+        env = os.environ.get("LORA_FAST_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"LORA_FAST_BACKEND: expected one of {BACKENDS}, got {env!r}")
+        backend, source = env, "LORA_FAST_BACKEND"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        if device.type == "cpu" and not interpreter_enabled():
+            raise ValueError(f"{source}='triton' on CPU tensors needs the Triton interpreter: set "
+                             "TRITON_INTERPRET=1 before triton is imported, or use backend='torch'")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"{source}='triton': expected CUDA (or CPU with TRITON_INTERPRET=1) "
+                             f"tensors, got device {device}")
+        if dtype not in _TRITON_DTYPES:
+            raise ValueError(f"{source}='triton': expected float16, bfloat16 or float32 tensors, "
+                             f"got {dtype}; use backend='torch' for float64")
+    return backend

@@ -1,0 +1,117 @@
+"""LoRALinear: a drop-in nn.Linear with a trainable low-rank update on a frozen base weight."""
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .function import lora_linear
+
+
+def _check_hparams(r, lora_alpha, lora_dropout):
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+        raise ValueError(f"r: expected a positive integer, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
+        raise ValueError(f"lora_alpha: expected a positive number, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
+            or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
+
+
+class LoRALinear(nn.Linear):
+    """``y = x @ weightᵀ + bias + scaling · (dropout(x) @ lora_Aᵀ) @ lora_Bᵀ``, weight and bias frozen.
+
+    A subclass of nn.Linear (``isinstance(m, nn.Linear)`` holds and the ``weight``/``bias``
+    state-dict keys are unchanged) adding ``lora_A`` (r, in; kaiming-uniform, a=√5) and
+    ``lora_B`` (out, r; zeros, so a new layer computes exactly its base linear), as in PEFT.
+    ``scaling = lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora``.
+
+    The forward runs the fused kernels through ``lora_linear`` (backend "auto"). Dropout:
+    ``lora_dropout > 0`` in training mode runs the plain-torch path (``F.dropout`` on the LoRA
+    branch's input, which keeps a dropped copy of x for backward) until in-kernel dropout lands;
+    in eval mode, or with p = 0, dropout is the identity and the fused path runs.
+
+    ``merge()`` folds ``scaling · lora_B @ lora_A`` into ``weight`` (computed in fp32, rounded
+    once) so forward is a plain linear; ``unmerge()`` restores the original weight bit for bit.
+    That guarantee costs a copy of the original weight, ``out·in·itemsize`` bytes on the weight's
+    device, held only while merged (merging in place and subtracting back is not exact in
+    bf16/fp16). While merged the adapter gets no gradients: merge is for inference.
+    """
+
+    def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
+                 use_rslora=False, device=None, dtype=None):
+        _check_hparams(r, lora_alpha, lora_dropout)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        factory = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty((self.r, in_features), **factory))
+        self.lora_B = nn.Parameter(torch.empty((out_features, self.r), **factory))
+        self._original_weight = None
+        self.reset_lora_parameters()
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    @classmethod
+    def from_linear(cls, linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
+        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which are frozen.
+        The adapter takes the linear's device and dtype; right after this the output equals the
+        linear's."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight
+        layer = cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout, bias=False, use_rslora=use_rslora,
+                    device="meta", dtype=weight.dtype)
+        layer.weight = weight
+        layer.bias = linear.bias
+        layer.lora_A = nn.Parameter(torch.empty_like(layer.lora_A, device=weight.device))
+        layer.lora_B = nn.Parameter(torch.empty_like(layer.lora_B, device=weight.device))
+        layer.reset_lora_parameters()
+        weight.requires_grad_(False)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        return layer
+
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def merged(self):
+        return self._original_weight is not None
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the adapter into weight: W ← round(W + scaling · B @ A), the sum taken in fp32."""
+        if self.merged:
+            raise RuntimeError("merge: the adapter is already merged; call unmerge() first")
+        self._original_weight = self.weight.detach().clone()
+        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Restore the weight held before merge(), bit for bit."""
+        if not self.merged:
+            raise RuntimeError("unmerge: the adapter is not merged")
+        self.weight.copy_(self._original_weight)
+        self._original_weight = None
+
+    def forward(self, x):
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        if self.training and self.lora_dropout > 0:
+            base = F.linear(x, self.weight, self.bias)
+            dropped = F.dropout(x, p=self.lora_dropout, training=True)
+            return base + self.scaling * F.linear(F.linear(dropped, self.lora_A), self.lora_B)
+        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling)
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}")

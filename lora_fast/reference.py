@@ -1,0 +1,41 @@
+"""Float64 reference of the LoRA linear, written plainly from the formula.
+
+    y  = x @ W0ᵀ + b + s · (x @ Aᵀ) @ Bᵀ
+    dX = dY @ W0 + s · (dY @ B) @ A      dA = s · (dY @ B)ᵀ @ x      dB = s · dYᵀ @ (x @ Aᵀ)
+    dW0 = dYᵀ @ x                         db = Σ_rows dY
+
+Everything is computed in float64 on the CPU whatever the inputs' dtype and device, so it is
+the yardstick for every kernel and backend (tests, users' own checks). x may have any
+leading shape (..., in); results come back as float64 CPU tensors.
+"""
+import torch
+
+
+def _f64(t):
+    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def lora_linear_ref(x, weight, lora_A, lora_B, bias=None, scaling=1.0):
+    """Forward in float64: returns y of shape (..., out)."""
+    x, weight, lora_A, lora_B, bias = map(_f64, (x, weight, lora_A, lora_B, bias))
+    y = x @ weight.T + scaling * ((x @ lora_A.T) @ lora_B.T)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def lora_linear_backward_ref(grad_out, x, weight, lora_A, lora_B, scaling=1.0):
+    """Backward in float64: returns dict with grads 'x', 'weight', 'bias', 'lora_A', 'lora_B'
+    (the base weight and bias gradients are given even though LoRA training freezes them)."""
+    in_shape = x.shape
+    dy, x, weight, lora_A, lora_B = map(_f64, (grad_out, x, weight, lora_A, lora_B))
+    dy = dy.reshape(-1, weight.shape[0])
+    x = x.reshape(-1, weight.shape[1])
+    dy_b = dy @ lora_B
+    return {
+        "x": (dy @ weight + scaling * dy_b @ lora_A).reshape(in_shape),
+        "weight": dy.T @ x,
+        "bias": dy.sum(0),
+        "lora_A": scaling * dy_b.T @ x,
+        "lora_B": scaling * dy.T @ (x @ lora_A.T),
+    }
