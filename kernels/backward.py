@@ -72,8 +72,7 @@ def _lora_backward_kernel(
         mask_r = offs_r < R
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
         if COMPUTE_DB:
-            xs = tl.load(xs_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            xs_ptrs = xs_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
             # db_part is a contiguous fp32 (grid_m, N, R) buffer.
             db_ptrs = (db_part_ptr + pid_m.to(tl.int64) * N * R
                        + offs_n[:, None].to(tl.int64) * R + offs_r[None, :])
@@ -93,6 +92,9 @@ def _lora_backward_kernel(
                 if COMPUTE_DB:
                     # The dY tile is the same for every K-column; only the first one emits dB.
                     if pid_k == 0:
+                        # xs is re-read from L1/L2 each step rather than held in registers for
+                        # the whole loop: holding it spilled on sm_80 (AOT report).
+                        xs = tl.load(xs_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
                         db = tl.dot(tl.trans(dy), xs, input_precision=INPUT_PRECISION)
                         tl.store(db_ptrs, db, mask=mask_n[:, None] & mask_r[None, :])
                     db_ptrs += BLOCK_N * R
@@ -162,7 +164,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
     if fused and R > block_r:
         raise ValueError(f"fused backward holds the whole rank in one tile: r={R} > {block_r}")
     precision = input_precision(dy.dtype)
-    block_m = configs.partial_block_m(M)
+    block_m = configs.partial_block_m(M, fused)
     grid_m = triton.cdiv(M, block_m)
 
     gs = db_part = None

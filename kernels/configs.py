@@ -38,16 +38,18 @@ def m_bucket(m):
     return triton.next_power_of_2(max(m, 1))
 
 
-def partial_block_m(m):
+def partial_block_m(m, fused=False):
     """BLOCK_M of the kernels that write one partial sum per M-tile (dA, dB reductions).
 
     Fixed by the launcher, not autotuned, because the partial buffer (grid_m rows) is
     allocated before the launch. 128 rows halves the partial buffer against 64 while still
-    giving a Hopper warpgroup MMA its 64-row minimum twice over.
+    giving a Hopper warpgroup MMA its 64-row minimum twice over. The fused backward holds gs
+    and the dB operands beside its dX accumulator: at 128 rows it spilled on sm_80 (AOT report,
+    bench/NOTES.md), and it only runs for M <= IN_LOOP_MAX_M, where 64 rows lose nothing.
     """
     if INTERPRET:
         return 16
-    return min(128, max(16, triton.next_power_of_2(m)))
+    return min(64 if fused else 128, max(16, triton.next_power_of_2(m)))
 
 
 def _config(bm, bn, bk, stages, warps, group_m=8):
@@ -57,30 +59,44 @@ def _config(bm, bn, bk, stages, warps, group_m=8):
     return triton.Config(kw, num_stages=stages, num_warps=warps)
 
 
+def device_capability():
+    """Major compute capability of the current CUDA device (0 when there is none)."""
+    import torch
+    return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
+
+
+def fits_registers(rows, cols, num_warps, capability):
+    """Whether a (rows x cols) fp32 accumulator leaves the rest of the kernel room in 255
+    registers/thread. From `python -m lora_fast.aot --all-configs` (bench/NOTES.md, v1): 64
+    accumulator values per thread never spilled; 128 spilled everywhere on sm_80 (mma.sync keeps
+    operand fragments in registers too) and with 4 warps on sm_90, but not with 8 warps on sm_90,
+    where wgmma reads its operands from shared memory (the 128x256 Hopper tile)."""
+    per_thread = rows * cols // (32 * num_warps)
+    limit = 128 if capability >= 9 and num_warps == 8 else 64
+    return per_thread <= limit
+
+
 def forward_configs():
     """Configs for the fused forward GEMM (tiles of y: BLOCK_M x BLOCK_N, reduction BLOCK_K)."""
     if INTERPRET:
         return [_config(16, 32, 32, 1, 4)]
     big = [_config(bm, bn, 64, s, w)
-           for bm in (64, 128) for bn in (64, 128, 256) for s in (3, 4) for w in (4, 8)]
-    decode = [_config(bm, bn, bk, 4, 4) for bm in (16, 32) for bn in (32, 64, 128) for bk in (64, 128)]
+           for bm, bn, w in ((128, 128, 8), (64, 128, 4), (128, 64, 4), (64, 64, 4), (128, 256, 8))
+           for s in (3, 4)]
+    decode = [_config(bm, bn, 64, 4, 4) for bm in (16, 32) for bn in (32, 64, 128)]
     return big + decode
 
 
-def keep_forward_config(configs, named_args, **kwargs):
-    """Prune: decode tiles only for small M, GEMM tiles only where M fills them; no tile whose
-    accumulator would not fit 255 registers/thread (BLOCK_M*BLOCK_N/threads > 128 fp32)."""
+def keep_forward_config(configs, named_args, capability=None, **kwargs):
+    """Prune: decode tiles (BLOCK_M < 64) only for M <= 32, GEMM tiles only above; and only
+    tiles whose accumulator fits the registers on this device."""
+    if INTERPRET:
+        return configs
+    cap = device_capability() if capability is None else capability
     m = named_args["M_BUCKET"]
-    kept = []
-    for c in configs:
-        bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
-        small_tile = bm < 64
-        if small_tile != (m <= 32):
-            continue
-        if bm * bn // (32 * warps) > 128:
-            continue
-        kept.append(c)
-    return kept or configs[:1]
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"] < 64) == (m <= 32)
+            and fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, cap)]
 
 
 def backward_configs():
@@ -89,13 +105,23 @@ def backward_configs():
     if INTERPRET:
         return [_config(None, 32, 32, 1, 4)]
     return [_config(None, bn, bk, s, w)
-            for bk in (64, 128, 256) for bn in (32, 64) for s in (3, 4) for w in (4, 8)]
+            for bk, w in ((64, 4), (128, 8)) for bn in (32, 64) for s in (3, 4)]
 
 
-def keep_backward_config(configs, named_args, **kwargs):
-    bm = named_args["BLOCK_M"]
-    kept = [c for c in configs if bm * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= 128]
-    return kept or configs[:1]
+def keep_backward_config(configs, named_args, capability=None, **kwargs):
+    if INTERPRET:
+        return configs
+    cap = device_capability() if capability is None else capability
+    return [c for c in configs
+            if fits_registers(named_args["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, cap)]
+
+
+def keep_skinny_config(configs, named_args, **kwargs):
+    """With the dB partial the src tile is also transposed into an MMA operand; at 128 values per
+    thread that spilled in fp32 on sm_80 and sm_90 (AOT report), at 64 it never did."""
+    if INTERPRET or not named_args["WITH_PARTIAL"]:
+        return configs
+    return [c for c in configs if named_args["BLOCK_M"] * c.kwargs["BLOCK_L"] // (32 * c.num_warps) <= 64]
 
 
 def skinny_configs():

@@ -14,7 +14,8 @@ import triton.language as tl
 from . import configs
 
 
-@triton.autotune(configs=configs.skinny_configs(), key=["M_BUCKET", "L", "R"])
+@triton.autotune(configs=configs.skinny_configs(), key=["M_BUCKET", "L", "R"],
+                 prune_configs_by={"early_config_prune": configs.keep_skinny_config})
 @triton.jit
 def _lora_skinny_kernel(
     # pointers

@@ -1,0 +1,213 @@
+"""Ahead-of-time compilation of the kernels for a GPU target, on any machine (no GPU needed).
+
+`compile_variant(variant, dtype, arch, config)` builds PTX and cubin with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` for one launchable kernel
+variant, specialised as the launchers specialise it for contiguous tensors (inner strides are
+the constant 1, pointers and the other strides 16-divisible), and returns what the compiler
+reports. The variants mirror the launchers' constexpr choices one for one.
+
+    python -m lora_fast.aot [--arch 80 90] [--dtype bf16 fp16 fp32] [--json]
+
+compiles every variant at its main tile and prints registers, stack (spill) bytes, shared
+memory and whether the PTX uses mma / wgmma. It must run with TRITON_INTERPRET unset: under the
+interpreter triton.jit produces interpreter wrappers, which cannot be compiled.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lora_fast.kernels import backward, configs, forward, skinny
+
+_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_DTYPE = {name: dtype for dtype, name in _TYPE.items()}
+_FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr"}
+_SCALARS = {"scaling", "scale"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kernel: object                   # the autotuned kernel (its .fn is the JITFunction)
+    constexprs: dict                 # launcher-chosen meta-parameters besides the config's
+    unit_strides: tuple              # stride arguments that are 1 for contiguous inputs
+    main_path: bool                  # carries a large GEMM: must use wgmma on sm_90
+
+
+def _variants():
+    fwd = forward._lora_forward_kernel
+    fwd_strides = ("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_sr", "stride_yn")
+    bwd = backward._lora_backward_kernel
+    bwd_strides = ("stride_dyn", "stride_wk", "stride_ak", "stride_br", "stride_xk", "stride_sr",
+                   "stride_gr", "stride_dxk")
+    sk = skinny._lora_skinny_kernel
+    both = {"COMPUTE_DX": True, "COMPUTE_DA": True}
+    return [
+        Variant("forward_in_loop", fwd, {"HAS_BIAS": True, "XS_IN_LOOP": True, "STORE_XS": True},
+                fwd_strides, True),
+        Variant("forward_first_pass", fwd, {"HAS_BIAS": True, "XS_IN_LOOP": False, "STORE_XS": False},
+                fwd_strides, True),
+        Variant("backward_fused", bwd, {"G_IN_LOOP": True, "COMPUTE_DB": True, **both},
+                bwd_strides, True),
+        Variant("backward_split", bwd, {"G_IN_LOOP": False, "COMPUTE_DB": False, **both},
+                bwd_strides, True),
+        Variant("backward_da_only", bwd, {"G_IN_LOOP": False, "COMPUTE_DB": False,
+                                          "COMPUTE_DX": False, "COMPUTE_DA": True},
+                bwd_strides, False),
+        # forward first pass: src = x (M, K), mat = Aᵀ (K, r) so its L-stride is 1
+        Variant("skinny_xa", sk, {"WITH_PARTIAL": False}, ("stride_sl", "stride_ml", "stride_or"), False),
+        # backward first pass: src = dY (M, N), mat = B (N, r), side = xs (M, r)
+        Variant("skinny_dy", sk, {"WITH_PARTIAL": True},
+                ("stride_sl", "stride_mr", "stride_or", "stride_dr"), False),
+    ]
+
+
+VARIANTS = {v.name: v for v in _variants()}
+
+
+def main_config(variant, rank=16):
+    """The tile a large-M launch would use most: 128-row GEMM tiles (64 for the fused backward,
+    which only runs for small M), 8 warps."""
+    kernel = VARIANTS[variant].kernel
+    if kernel is skinny._lora_skinny_kernel:
+        return {"BLOCK_M": 128, "BLOCK_L": 64, "BLOCK_R": configs.block_r(rank),
+                "num_warps": 4, "num_stages": 3}
+    if kernel is backward._lora_backward_kernel:
+        fused = VARIANTS[variant].constexprs["G_IN_LOOP"]
+        return {"BLOCK_M": configs.partial_block_m(1 << 20, fused), "BLOCK_N": 64, "BLOCK_K": 128,
+                "BLOCK_R": configs.block_r(rank), "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": configs.block_r(rank),
+            "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def compile_variant(variant, dtype, arch, config):
+    """Compile one variant; returns a dict with the compiled kernel and what it reports."""
+    spec = VARIANTS[variant]
+    fn = spec.kernel.fn
+    config = dict(config)
+    options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+    # fp32 is compiled as tf32 (its tensor-core path); with torch's default "highest" fp32 matmul
+    # precision the launchers pass "ieee" instead, which runs on FMAs like cuBLAS's SGEMM.
+    constexprs = {**spec.constexprs, **config, "INPUT_PRECISION": "tf32"}
+    constexprs.update({s: 1 for s in spec.unit_strides})
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{_TYPE[dtype]}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") or name in ("N", "K", "L"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = set(fn.arg_names) - set(signature)
+    if missing:
+        raise ValueError(f"variant {variant}: no type for {sorted(missing)}")
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    return {
+        "variant": variant,
+        "dtype": _TYPE[dtype],
+        "arch": f"sm_{arch}",
+        "main_path": spec.main_path,
+        "wgmma": "wgmma" in ptx,
+        "mma": "mma.sync" in ptx or "wgmma" in ptx,
+        "shared_bytes": compiled.metadata.shared,
+        **resource_usage(compiled.asm["cubin"]),
+    }
+
+
+def resource_usage(cubin):
+    """Registers per thread and stack-frame bytes (non-zero means spills), read from the cubin by
+    the cuobjdump that ships inside triton's NVIDIA backend."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], check=True,
+                             capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+    return {"registers": int(found["REG"]), "stack_bytes": int(found["STACK"]),
+            "local_bytes": int(found["LOCAL"])}
+
+
+def autotune_configs(variant, arch, rank=16):
+    """Every config the autotuner may launch for the variant on this arch (after the same
+    pruning the kernels apply at run time), with BLOCK_M where the launcher sets it, for each
+    M regime (decode tiles and GEMM tiles), as compile_variant takes them."""
+    kernel = VARIANTS[variant].kernel
+    cap = arch // 10
+    out = []
+    fused = VARIANTS[variant].constexprs.get("G_IN_LOOP", False)
+    for m in (16, 1 << 20):
+        block_m = configs.partial_block_m(m, fused)
+        candidates = kernel.configs
+        if kernel is forward._lora_forward_kernel:
+            candidates = configs.keep_forward_config(candidates, {"M_BUCKET": m}, capability=cap)
+        elif kernel is backward._lora_backward_kernel:
+            candidates = configs.keep_backward_config(candidates, {"BLOCK_M": block_m}, capability=cap)
+        else:
+            candidates = configs.keep_skinny_config(
+                candidates, {"BLOCK_M": block_m, **VARIANTS[variant].constexprs})
+        for c in candidates:
+            cfg = {"BLOCK_M": block_m, "BLOCK_R": configs.block_r(rank),
+                   **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def _compile_row(job):
+    variant, dtype_name, arch, config = job
+    row = compile_variant(variant, _DTYPE[dtype_name], arch, config)
+    row["config"] = {k: v for k, v in config.items() if k != "BLOCK_R"}
+    return row
+
+
+def report(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), jobs=None, all_configs=False):
+    """Compile every variant for every (dtype, arch) in parallel processes, at its main tile or
+    at every autotune config; one dict per build."""
+    work = [(v, d, a, c) for v in VARIANTS for d in dtypes for a in archs
+            for c in (autotune_configs(v, a) if all_configs else [main_config(v)])]
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+        return list(pool.map(_compile_row, work))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m lora_fast.aot", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions")
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(_DTYPE))
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes")
+    parser.add_argument("--all-configs", action="store_true",
+                        help="every autotune config, not only the main tile")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: unset it, the interpreter's kernels cannot be compiled")
+    rows = report(args.arch, args.dtype, args.jobs, args.all_configs)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    cols = ["variant", "dtype", "arch", "registers", "stack_bytes", "shared_bytes", "mma", "wgmma"]
+    cols += ["config"] if args.all_configs else []
+    print("  ".join(f"{c:>18}" if i == 0 else f"{c:>12}" for i, c in enumerate(cols)))
+    for row in rows:
+        print("  ".join(f"{row[c]!s:>18}" if i == 0 else f"{row[c]!s:>12}" for i, c in enumerate(cols)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Test set-up: without a CUDA device the Triton kernels run under the interpreter, which must be
+switched on before triton is first imported; every test runs with torch's deterministic mode, whose
+fill_uninitialized_memory makes torch.empty return NaN-filled tensors, so any output element a
+kernel fails to write shows up as NaN."""
+import os
+
+import torch
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the mode below
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(previous)

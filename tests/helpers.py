@@ -1,0 +1,65 @@
+"""Shared test helpers: the one tolerance table, the case lists and input makers."""
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# Bound on the relative Frobenius error ‖out − ref‖ / ‖ref‖ against the float64 reference computed
+# from the same (already rounded) inputs. Everything accumulates in fp32, so what remains is the
+# rounding of the output and of the (M, r) intermediates to the storage dtype: the bound is about
+# twice that dtype's unit roundoff u.
+TOLERANCE = {
+    torch.float32: 2e-5,   # u = 6e-8; fp32 FMAs ("ieee"), longer K-sums still far below this
+    "tf32": 4e-3,          # tf32 operands keep 10 mantissa bits: u = 4.9e-4 per product, x2 for sums
+    torch.float16: 1e-3,   # u = 4.9e-4 on the output; measured 2-4e-4 on the test shapes
+    torch.bfloat16: 8e-3,  # u = 3.9e-3 on the output
+}
+
+# Dtypes the kernels can be checked in here: the interpreter does no bf16 arithmetic (tl.dot on
+# bf16 operands returns garbage there), so bf16 kernel checks need a GPU.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+# (M, K, N, r): none of M, K, N a multiple of 16 except where a case needs a full tile.
+SHAPES = [
+    (37, 45, 53, 3),     # odd everything, r < 16 padded inside the kernels
+    (1, 64, 33, 1),      # one token (decode), r = 1
+    (67, 83, 45, 64),    # r fills one rank tile exactly
+    (33, 17, 29, 100),   # r > the 64-wide rank tile: rank loops over chunks
+    (21, 1, 1, 2),       # K = 1 and N = 1
+]
+
+
+def rel_err(out, ref):
+    out = out.detach().to("cpu", torch.float64)
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def assert_close(name, out, ref, dtype):
+    """Shape, every element written and finite, and relative error within TOLERANCE[dtype]."""
+    ref = ref.to(torch.float64)
+    assert tuple(out.shape) == tuple(ref.shape), f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite elements (unwritten output?)"
+    err = rel_err(out, ref)
+    tol = TOLERANCE[dtype]
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} for {dtype}"
+
+
+def make_inputs(M, K, N, r, dtype, device=DEVICE, seed=0, bias=True):
+    """Fresh random inputs at unit scale of the output (never zeros: B is random, not LoRA's 0)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+    return {
+        "x": rand(M, K),
+        "weight": rand(N, K, scale=K ** -0.5),
+        "lora_A": rand(r, K, scale=K ** -0.5),
+        "lora_B": rand(N, r, scale=r ** -0.5),
+        "bias": rand(N) if bias else None,
+    }
+
+
+def case_id(shape):
+    return "M{}_K{}_N{}_r{}".format(*shape)
