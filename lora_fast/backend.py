@@ -1,5 +1,5 @@
 """Which implementation runs a call: "triton" (the fused kernels), "torch" (plain PyTorch ops)
-or "auto" (triton on CUDA, torch on CPU). LORA_FAST_BACKEND overrides "auto" only."""
+or "auto" (triton on CUDA, torch on CPU and for float64). LORA_FAST_BACKEND overrides "auto" only."""
 import os
 
 import torch
@@ -23,15 +23,15 @@ def resolve_backend(backend, device, dtype):
             raise ValueError(f"LORA_FAST_BACKEND: expected one of {BACKENDS}, got {env!r}")
         backend, source = env, "LORA_FAST_BACKEND"
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and dtype in _TRITON_DTYPES else "torch"
     if backend == "triton":
+        if dtype not in _TRITON_DTYPES:
+            raise ValueError(f"{source}='triton': expected float16, bfloat16 or float32 tensors, "
+                             f"got {dtype}; use backend='torch' for float64")
         if device.type == "cpu" and not interpreter_enabled():
             raise ValueError(f"{source}='triton' on CPU tensors needs the Triton interpreter: set "
                              "TRITON_INTERPRET=1 before triton is imported, or use backend='torch'")
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"{source}='triton': expected CUDA (or CPU with TRITON_INTERPRET=1) "
                              f"tensors, got device {device}")
-        if dtype not in _TRITON_DTYPES:
-            raise ValueError(f"{source}='triton': expected float16, bfloat16 or float32 tensors, "
-                             f"got {dtype}; use backend='torch' for float64")
     return backend

@@ -1,0 +1,18 @@
+"""Program-to-tile mapping shared by the GEMM kernels."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 GROUP: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: GROUP row-tiles run over each
+    column-tile together, so the weight tile they share is still in L2 for all of them."""
+    num_pid_rows = tl.cdiv(rows, BLOCK_ROWS)
+    num_pid_cols = tl.cdiv(cols, BLOCK_COLS)
+    num_pid_in_group = GROUP * num_pid_cols
+    first_pid_row = (pid // num_pid_in_group) * GROUP
+    group_size = min(num_pid_rows - first_pid_row, GROUP)
+    pid_row = first_pid_row + (pid % num_pid_in_group) % group_size
+    pid_col = (pid % num_pid_in_group) // group_size
+    return pid_row, pid_col
