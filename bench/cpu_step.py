@@ -98,7 +98,7 @@ def main(argv=None):
     parser.add_argument("--N", type=int, default=1024)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
