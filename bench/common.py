@@ -1,0 +1,167 @@
+"""What every benchmark here shares: run metadata, the results-CSV schema, timing, the two device
+ceilings, and the memory measurements (peak bytes, bytes saved for backward)."""
+import csv
+import datetime
+import platform
+import shlex
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COLUMNS = ["device", "torch", "triton", "commit", "date", "command", "case", "M", "K", "N", "r",
+           "dtype", "dropout", "impl", "mode", "metric", "p50", "p20", "p80", "unit"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def run_metadata(device, module, argv):
+    """The columns that say where, when and how a row was measured; `module` is the bench module
+    that ran (layer, model, cpu_step) and argv its arguments."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(["python", "-m", f"bench.{module}", *argv])}
+
+
+def append_rows(path, rows):
+    """Append rows (dicts with COLUMNS) to a CSV, writing the header when the file is new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path):
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def quantiles(values):
+    """(p50, p20, p80) of a list of timings."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), q[1], q[7]
+
+
+class Timer:
+    """Times one region: CUDA events on a GPU (device work is asynchronous), perf_counter on CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+    def elapsed_ms(self):
+        """Milliseconds; on a GPU call after a synchronize."""
+        return self.start.elapsed_time(self.end) if self.cuda else self.ms
+
+
+class L2Flush:
+    """Overwrites a buffer twice the size of the GPU's L2 before each timed repetition, so weights
+    and activations come from device memory, as they do in a model, not from the cache."""
+
+    def __init__(self, device):
+        self.buffer = None
+        if device.type == "cuda":
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            self.buffer = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
+
+    def __call__(self):
+        if self.buffer is not None:
+            self.buffer.zero_()
+
+
+def measure_ceilings(device, dtype):
+    """Measured peak matmul rate (FLOP/s, a large square product in `dtype`) and copy bandwidth
+    (bytes/s, read + write of a large device-to-device copy): the roofline's two numbers."""
+    if device.type == "cuda":
+        n, copy_bytes, reps = 8192, 1 << 30, 20
+    else:
+        n, copy_bytes, reps = 1024, 1 << 26, 3
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    mm_ms, copy_ms = [], []
+    for i in range(reps + 2):
+        with Timer(device) as t_mm:
+            torch.mm(a, b)
+        with Timer(device) as t_copy:
+            dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            mm_ms.append(t_mm.elapsed_ms())
+            copy_ms.append(t_copy.elapsed_ms())
+    flops = 2 * n ** 3 / (statistics.median(mm_ms) / 1e3)
+    bandwidth = 2 * src.numel() * 4 / (statistics.median(copy_ms) / 1e3)
+    return flops, bandwidth
+
+
+def saved_bytes(step, exclude):
+    """Bytes of the tensors autograd saves for backward during `step()` (unique storages), not
+    counting the parameters in `exclude` (held by the module whether or not they are saved)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step()
+    del out
+    return sum(seen.values())
+
+
+def peak_bytes(device, fn):
+    """Peak bytes allocated while fn() runs, above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before

@@ -1,0 +1,202 @@
+"""Layer microbenchmark: lora_fast against nn.Linear, PEFT, the in-place-addmm layer and
+torch.compile, interleaved in one process, on real models' projection shapes.
+
+    python -m bench.layer [--quick] [--shapes ...] [--M ...] [--r ...] [--dtype ...] [--out FILE]
+
+For each case every implementation runs each mode once per round, rounds interleaved, the GPU's L2
+overwritten before each timed run. Modes: fwd (no grad, eval: an unmerged adapter at inference),
+fwd_bwd (training step, W0 frozen, x requiring grad as a hidden state does), bwd (backward alone,
+its forward untimed). Metrics per (impl, mode): time (ms), tflops, gbps, roofline_pct (the
+roofline time for the minimal FLOPs and bytes of the job over the measured time, with the two
+ceilings measured at start), peak_mem (bytes allocated above the step's start, CUDA only) and
+saved_bytes (what autograd saves for backward, parameters excluded). Rows are appended to a CSV
+(see bench/common.py); `python -m bench.report FILE` makes the table and plots.
+On a machine without a GPU it runs tiny shapes: CPU timings of PyTorch ops (and of the Triton
+interpreter when TRITON_INTERPRET=1), which test the harness and are not kernel timings.
+"""
+import argparse
+import itertools
+import sys
+
+import torch
+from tqdm import tqdm
+
+from bench import common
+from bench.impls import IMPLS, make_impls
+
+SHAPES = {  # name: (in_features K, out_features N)
+    "llama3-8b-qo": (4096, 4096), "llama3-8b-kv": (4096, 1024),
+    "llama3-8b-up": (4096, 14336), "llama3-8b-down": (14336, 4096),
+    "llama2-7b-up": (4096, 11008), "llama2-7b-down": (11008, 4096),
+    "70b-up": (8192, 28672),
+    "tiny": (48, 40),   # CPU mode: tests the harness
+    "cpu-1k": (1024, 1024),   # the CPU training-step target of bench.cpu_step
+}
+TOKENS = (1, 8, 64, 512, 4096, 16384)
+MODES = ("fwd", "fwd_bwd", "bwd")
+
+
+def default_grid(device, quick):
+    """(shape, M, r, dtype, dropout) cases. GPU default: every shape × every M at r=16 bf16, an r
+    sweep and fp16/fp32 on one shape; --quick: two shapes at decode and training sizes."""
+    if device.type != "cuda":
+        return [("tiny", m, 4, "fp32", p) for m in (1, 33) for p in (0.0, 0.05)][: 2 if quick else 4]
+    if quick:
+        return [(s, m, 16, "bf16", p) for s in ("llama3-8b-qo", "llama3-8b-up") for m in (1, 4096)
+                for p in (0.0, 0.05)]
+    cases = [(s, m, 16, "bf16", 0.0) for s in SHAPES if s not in ("tiny", "cpu-1k") for m in TOKENS]
+    cases += [("llama3-8b-qo", m, 16, "bf16", 0.05) for m in (512, 4096, 16384)]
+    cases += [("llama3-8b-qo", m, r, "bf16", 0.0) for r in (8, 64, 128) for m in (1, 4096)]
+    cases += [("llama3-8b-qo", 4096, 16, dt, 0.0) for dt in ("fp16", "fp32")]
+    return cases
+
+
+def job_size(K, N, r, M, mode, itemsize, lora):
+    """Minimal FLOPs and bytes of the job (each operand read once, each result written once)."""
+    base_f = 2 * M * N * K
+    fwd_f = base_f + (2 * M * r * (K + N) if lora else 0)
+    bwd_f = base_f + (4 * M * r * (K + N) if lora else 0)
+    fwd_b = (M * K + N * K + M * N + N + ((r * K + N * r) if lora else 0)) * itemsize
+    bwd_b = (M * N + N * K + 2 * M * K + ((2 * (r * K + N * r)) if lora else 0)) * itemsize
+    flops = {"fwd": fwd_f, "bwd": bwd_f, "fwd_bwd": fwd_f + bwd_f}[mode]
+    nbytes = {"fwd": fwd_b, "bwd": bwd_b, "fwd_bwd": fwd_b + bwd_b}[mode]
+    return flops, nbytes
+
+
+def bench_case(case, impl_names, rounds, warmup, device, ceilings, meta, modes=MODES):
+    shape, M, r, dtype_name, dropout = case
+    K, N = SHAPES[shape]
+    dtype = common.DTYPES[dtype_name]
+    impls, base = make_impls(impl_names, K, N, r, dtype, dropout, device)
+    gen = torch.Generator(device="cpu").manual_seed(M)
+    x = torch.randn(M, K, generator=gen).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(M, N, generator=gen).to(device, dtype)
+    flush = common.L2Flush(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+
+    def clear(impl):
+        x.grad = None
+        for p in impl.params:
+            p.grad = None
+
+    def run(impl, mode):
+        """One timed repetition; returns a Timer (read after synchronize)."""
+        clear(impl)
+        impl.train(mode != "fwd")
+        flush()
+        if mode == "fwd":
+            with torch.no_grad(), common.Timer(device) as t:
+                impl.forward(x)
+        elif mode == "fwd_bwd":
+            with common.Timer(device) as t:
+                impl.forward(x).backward(dy)
+        else:
+            y = impl.forward(x)
+            flush()
+            with common.Timer(device) as t:
+                y.backward(dy)
+        return t
+
+    check_same_function(impls, x, dtype)
+    jobs = [(name, mode) for name in impls for mode in modes]
+    for _ in range(warmup):
+        for name, mode in jobs:
+            run(impls[name], mode)
+    times = {job: [] for job in jobs}
+    for i in range(rounds):
+        order = jobs[i % len(jobs):] + jobs[:i % len(jobs)]
+        timers = [(job, run(impls[job[0]], job[1])) for job in order]
+        sync()
+        for job, t in timers:
+            times[job].append(t.elapsed_ms())
+
+    rows = []
+    base_row = {**meta, "case": shape, "M": M, "K": K, "N": N, "r": r, "dtype": dtype_name,
+                "dropout": dropout}
+    peak_flops, bandwidth = ceilings[dtype_name]
+    for (name, mode), values in times.items():
+        impl = impls[name]
+        p50, p20, p80 = common.quantiles(values)
+        flops, nbytes = job_size(K, N, r, M, mode, x.element_size(), impl.lora)
+        floor_ms = max(flops / peak_flops, nbytes / bandwidth) * 1e3
+        row = {**base_row, "impl": name, "mode": mode}
+        rows.append({**row, "metric": "time", "p50": p50, "p20": p20, "p80": p80, "unit": "ms"})
+        # rates are (work / time): their p20 comes from the time's p80 and the other way round
+        for metric, unit, work in (("tflops", "TFLOP/s", flops / 1e9),      # GFLOP per ms
+                                   ("gbps", "GB/s", nbytes / 1e6),          # MB per ms
+                                   ("roofline_pct", "%", floor_ms * 100)):
+            rows.append({**row, "metric": metric, "unit": unit, "p50": work / p50,
+                         "p20": work / p80, "p80": work / p20})
+        peak = common.peak_bytes(device, lambda: run(impl, mode))
+        if peak is not None:
+            rows.append({**row, "metric": "peak_mem", "p50": peak, "p20": peak, "p80": peak, "unit": "B"})
+        if mode == "fwd_bwd":
+            clear(impl)
+            impl.train(True)
+            saved = common.saved_bytes(lambda: impl.forward(x), exclude=[*base, *impl.params])
+            rows.append({**row, "metric": "saved_bytes", "p50": saved, "p20": saved, "p80": saved,
+                         "unit": "B"})
+    return rows
+
+
+def check_same_function(impls, x, dtype):
+    """Numbers for an implementation that computes something else mean nothing: with dropout off,
+    every adapter implementation's output matches PEFT's (or lora_fast's) to the dtype's rounding."""
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    with torch.no_grad():
+        outs = {}
+        for name, impl in impls.items():
+            impl.train(False)
+            if impl.lora:
+                outs[name] = impl.forward(x).float()
+    ref = outs.get("peft", outs.get("lora_fast"))
+    for name, out in outs.items():
+        err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if ref.numel() else 0.0
+        if not err <= tol:
+            raise RuntimeError(f"{name} disagrees with the reference implementation: relative error {err:.2e}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small grid (a minute on a GPU)")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="cross product with --M/--r")
+    parser.add_argument("--M", type=int, nargs="+", default=None, help="tokens (with --shapes)")
+    parser.add_argument("--r", type=int, nargs="+", default=[16], help="ranks (with --shapes)")
+    parser.add_argument("--dtype", nargs="+", default=None, choices=sorted(common.DTYPES))
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 30 GPU, 5 CPU)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default=None, help="CSV to append to (default bench/results/layer-<device>.csv)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.shapes:
+        dtypes = args.dtype or ["bf16" if device.type == "cuda" else "fp32"]
+        cases = list(itertools.product(args.shapes, args.M or TOKENS, args.r, dtypes, args.dropout))
+    else:
+        cases = default_grid(device, args.quick)
+        if args.dtype:
+            cases = [c for c in cases if c[3] in args.dtype]
+    rounds = args.rounds or (30 if device.type == "cuda" else 5)
+    out = args.out or common.RESULTS_DIR / f"layer-{device.type}.csv"
+    if device.type != "cuda":
+        print("No CUDA device: tiny shapes on the CPU. These are CPU timings of PyTorch ops (and of "
+              "the Triton interpreter), a test of the harness, not kernel timings.", file=sys.stderr)
+    meta = common.run_metadata(device, "layer", argv)
+    ceilings = {dt: common.measure_ceilings(device, common.DTYPES[dt]) for dt in sorted({c[3] for c in cases})}
+    for dt, (flops, bw) in ceilings.items():
+        print(f"measured ceilings on {meta['device']} ({dt}): matmul {flops / 1e12:.1f} TFLOP/s, "
+              f"copy {bw / 1e9:.0f} GB/s", file=sys.stderr)
+    n_rows = 0
+    for case in tqdm(cases, desc="bench.layer", unit="case", file=sys.stderr):
+        rows = bench_case(case, args.impls, rounds, args.warmup, device, ceilings, meta)
+        common.append_rows(out, rows)
+        n_rows += len(rows)
+    print(f"{n_rows} rows appended to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Turn a results CSV into a Markdown table and PNG plots, written next to it.
+
+    python -m bench.report bench/results/layer-cuda.csv   (or a bench.model file)
+
+Table: per case and mode, each implementation's median time and its ratios: speed-up over PEFT
+(PEFT's time / its time, dropout matched) and cost over the floor (its time / nn.Linear's).
+Plots: speed-up over PEFT against M, one panel per shape (training and inference); peak memory
+and saved-for-backward bars for the largest case. Rows of several runs in one file are reported
+per run (device, commit, date), the newest last.
+"""
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from bench import common
+
+MODES = ("fwd", "fwd_bwd", "bwd", "step")
+IMPL_ORDER = ["linear", "peft", "addmm", "compile", "lora_fast", "lora_fast_torch", "lora_fast_interp"]
+
+
+def _index(rows):
+    """{run: {(case, M, K, N, r, dtype, dropout): {(impl, mode): {metric: p50}}}}"""
+    runs = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for row in rows:
+        run = (row["device"], row["commit"], row["date"], row["command"])
+        case = (row["case"], int(row["M"]), int(row["K"]), int(row["N"]), int(row["r"]), row["dtype"],
+                float(row["dropout"]))
+        runs[run][case][(row["impl"], row["mode"])][row["metric"]] = float(row["p50"])
+    return runs
+
+
+def _floor_time(cases, case, mode):
+    """nn.Linear's time for the case: measured at dropout 0 and also valid for any dropout."""
+    for c in (case, case[:6] + (0.0,)):
+        t = cases.get(c, {}).get(("linear", mode), {}).get("time")
+        if t:
+            return t
+    return None
+
+
+def markdown(rows):
+    out = []
+    for (device, commit, date, command), cases in _index(rows).items():
+        out += [f"## {device} — commit {commit}, {date}", "", f"`{command}`", "",
+                "time = median ms; ×PEFT = PEFT's time / this one's (> 1: faster than PEFT); "
+                "×floor = this time / nn.Linear's (the floor; 1.00 is the target)", "",
+                "| case | M | r | dtype | dropout | mode | impl | time ms | ×PEFT | ×floor | roofline % | saved B |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for case in sorted(cases, key=lambda c: (c[0], c[5], c[4], c[6], c[1])):
+            name, M, K, N, r, dtype, dropout = case
+            by_impl = cases[case]
+            for mode in MODES:
+                peft = by_impl.get(("peft", mode), {}).get("time")
+                floor = _floor_time(cases, case, mode)
+                for impl in IMPL_ORDER:
+                    m = by_impl.get((impl, mode))
+                    if not m:
+                        continue
+                    t = m["time"]
+                    vs_peft = f"{peft / t:.2f}" if peft and impl != "linear" else ""
+                    vs_floor = f"{t / floor:.2f}" if floor else ""
+                    saved = f"{m['saved_bytes']:.0f}" if "saved_bytes" in m else ""
+                    out.append(f"| {name} ({K}→{N}) | {M} | {r} | {dtype} | {dropout:g} | {mode} | {impl} | "
+                               f"{t:.4g} | {vs_peft} | {vs_floor} | {m.get('roofline_pct', float('nan')):.1f} | {saved} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plots(rows, stem):
+    """Speed-up over PEFT against M per shape; memory bars for the largest case. Returns paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    runs = _index(rows)
+    cases = list(runs.values())[-1]   # the newest run
+    shapes = sorted({c[0] for c in cases})
+    present = {mode for by_impl in cases.values() for _, mode in by_impl}
+    for mode in [m for m in ("fwd_bwd", "fwd") if m in present]:
+        fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
+        for ax, shape in zip(axes[0], shapes):
+            series = defaultdict(list)
+            for case, by_impl in cases.items():
+                if case[0] != shape or case[6] != 0.0:
+                    continue
+                peft = by_impl.get(("peft", mode), {}).get("time")
+                for impl in IMPL_ORDER:
+                    t = by_impl.get((impl, mode), {}).get("time")
+                    if peft and t and impl not in ("peft", "linear"):
+                        series[(impl, case[4], case[5])].append((case[1], peft / t))
+            for (impl, r, dtype), points in sorted(series.items()):
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{impl} r={r} {dtype}")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(shape, fontsize=9)
+            ax.set_xlabel("tokens M")
+            ax.set_ylabel(f"speed-up over PEFT ({mode})")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = Path(f"{stem}-speedup-{mode}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    train_mode = "fwd_bwd" if "fwd_bwd" in present else "step"
+    largest = max(cases, key=lambda c: c[1] * (c[2] + c[3]))
+    by_impl = cases[largest]
+    impls = [i for i in IMPL_ORDER if (i, train_mode) in by_impl]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for k, metric in enumerate(("peak_mem", "saved_bytes")):
+        values = [by_impl[(i, train_mode)].get(metric, 0) / 2 ** 20 for i in impls]
+        ax.bar([j + 0.4 * k for j in range(len(impls))], values, width=0.4, label=metric)
+    ax.set_xticks([j + 0.2 for j in range(len(impls))], impls, rotation=20, fontsize=8)
+    ax.set_ylabel(f"MiB ({train_mode}; peak_mem is CUDA only)")
+    ax.set_title(f"{largest[0]} M={largest[1]} r={largest[4]} {largest[5]} dropout={largest[6]:g}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(f"{stem}-memory.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
+    parser.add_argument("file", type=Path, help="a results CSV written by bench.layer")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    rows = common.read_rows(args.file)
+    if not rows:
+        parser.error(f"{args.file}: no rows")
+    stem = args.file.with_suffix("")
+    md = Path(f"{stem}.md")
+    md.write_text(f"# Results: {args.file.name}\n\n" + markdown(rows) + "\n")
+    written = [md, *plots(rows, stem)]
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

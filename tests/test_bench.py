@@ -1,0 +1,99 @@
+"""The benchmark harness end to end on CPU (tiny shapes, as users run it: `python -m bench.…` from
+the repository root): the rows it writes, their units and values, the report, the model bench."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import common  # noqa: E402
+from bench.model import check_loss_curves  # noqa: E402
+
+UNITS = {"time": "ms", "tflops": "TFLOP/s", "gbps": "GB/s", "roofline_pct": "%", "peak_mem": "B",
+         "saved_bytes": "B", "tokens_per_s": "tok/s"}
+
+
+def _run(module, *args):
+    subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, check=True, env=dict(os.environ))
+
+
+def _check_rows(rows):
+    assert rows, "no rows written"
+    for row in rows:
+        assert list(row) == common.COLUMNS
+        for col in ("device", "torch", "triton", "commit", "date", "command", "impl", "mode"):
+            assert row[col], f"empty {col}"
+        assert row["unit"] == UNITS[row["metric"]], row
+        p50, p20, p80 = (float(row[c]) for c in ("p50", "p20", "p80"))
+        assert all(math.isfinite(v) and v >= 0 for v in (p50, p20, p80)), row
+        assert p20 <= p50 <= p80, row
+
+
+@pytest.fixture(scope="module")
+def layer_csv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "layer.csv"
+    _run("bench.layer", "--impls", "linear", "peft", "addmm", "lora_fast", "lora_fast_interp",
+         "--rounds", "2", "--warmup", "1", "--out", str(out))
+    return out
+
+
+def test_layer_rows(layer_csv):
+    rows = common.read_rows(layer_csv)
+    _check_rows(rows)
+    assert "python -m bench.layer --impls" in rows[0]["command"]
+    have = {(r["M"], r["dropout"], r["impl"], r["mode"], r["metric"]) for r in rows}
+    for M in ("1", "33"):
+        for impl in ("linear", "peft", "addmm", "lora_fast", "lora_fast_interp"):
+            for mode in ("fwd", "fwd_bwd", "bwd"):
+                for metric in ("time", "tflops", "gbps", "roofline_pct"):
+                    assert (M, "0.0", impl, mode, metric) in have
+    # lora_fast applies at dropout 0.05 too (addmm and the interpreter path only at 0)
+    assert ("33", "0.05", "lora_fast", "fwd_bwd", "time") in have
+    assert ("33", "0.05", "addmm", "fwd_bwd", "time") not in have
+
+
+def test_saved_bytes_measured_not_computed(layer_csv):
+    """Saved for backward, as the hooks see it: x plus M·r values for the fused layer and the
+    in-place-addmm one; nothing for nn.Linear with a frozen weight; PEFT with dropout keeps a
+    second copy of x."""
+    saved = {(r["M"], r["dropout"], r["impl"]): float(r["p50"])
+             for r in common.read_rows(layer_csv) if r["metric"] == "saved_bytes"}
+    K, r, itemsize = 48, 4, 4     # the CPU grid's tiny shape, fp32
+    for M in (1, 33):
+        x_bytes = M * K * itemsize
+        assert saved[(str(M), "0.0", "lora_fast")] == x_bytes + M * r * itemsize
+        assert saved[(str(M), "0.0", "lora_fast_interp")] == x_bytes + M * r * itemsize
+        assert saved[(str(M), "0.0", "addmm")] == x_bytes + M * r * itemsize
+        assert saved[(str(M), "0.0", "linear")] == 0
+    assert saved[("33", "0.05", "peft")] == 2 * 33 * K * itemsize + 33 * r * itemsize
+
+
+def test_report(layer_csv):
+    from bench.report import main
+    written = main([str(layer_csv)])
+    md = layer_csv.with_suffix(".md").read_text()
+    assert "| tiny (48→40) | 33 | 4 | fp32 | 0 | fwd_bwd | lora_fast |" in md
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert len(pngs) == 3
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_model_bench(tmp_path):
+    out = tmp_path / "model.csv"
+    _run("bench.model", "--steps", "2", "--warmup", "1", "--dropout", "0", "--out", str(out))
+    rows = common.read_rows(out)
+    _check_rows(rows)
+    assert {(r["impl"], r["metric"]) for r in rows} >= {("peft", "time"), ("lora_fast", "time"),
+                                                       ("peft", "tokens_per_s"), ("lora_fast", "tokens_per_s")}
+
+
+def test_loss_curve_check_can_fail():
+    check_loss_curves({"peft": [2.0, 1.9], "lora_fast": [2.0, 1.9 * (1 + 1e-6)]}, "fp32")
+    with pytest.raises(RuntimeError, match="diverge at step 1"):
+        check_loss_curves({"peft": [2.0, 1.9], "lora_fast": [2.0, 1.95]}, "fp32")
