@@ -186,10 +186,18 @@ def main(argv=None):
               "the Triton interpreter), a test of the harness, not kernel timings.", file=sys.stderr)
     meta = common.run_metadata(device, "layer", argv)
     ceilings = {dt: common.measure_ceilings(device, common.DTYPES[dt]) for dt in sorted({c[3] for c in cases})}
+    ceiling_rows = []
     for dt, (flops, bw) in ceilings.items():
         print(f"measured ceilings on {meta['device']} ({dt}): matmul {flops / 1e12:.1f} TFLOP/s, "
               f"copy {bw / 1e9:.0f} GB/s", file=sys.stderr)
-    n_rows = 0
+        row = {**meta, "case": "ceiling", "M": 0, "K": 0, "N": 0, "r": 0, "dtype": dt, "dropout": 0.0,
+               "impl": "device", "mode": "ceiling"}
+        ceiling_rows += [{**row, "metric": "tflops", "p50": flops / 1e12, "p20": flops / 1e12,
+                          "p80": flops / 1e12, "unit": "TFLOP/s"},
+                         {**row, "metric": "gbps", "p50": bw / 1e9, "p20": bw / 1e9, "p80": bw / 1e9,
+                          "unit": "GB/s"}]
+    common.append_rows(out, ceiling_rows)
+    n_rows = len(ceiling_rows)
     for case in tqdm(cases, desc="bench.layer", unit="case", file=sys.stderr):
         rows = bench_case(case, args.impls, rounds, args.warmup, device, ceilings, meta)
         common.append_rows(out, rows)

@@ -42,7 +42,14 @@ def _floor_time(cases, case, mode):
 def markdown(rows):
     out = []
     for (device, commit, date, command), cases in _index(rows).items():
-        out += [f"## {device} — commit {commit}, {date}", "", f"`{command}`", "",
+        ceilings = [f"{case[5]}: matmul {m[('device', 'ceiling')]['tflops']:.1f} TFLOP/s, "
+                    f"copy {m[('device', 'ceiling')]['gbps']:.0f} GB/s"
+                    for case, m in cases.items() if case[0] == "ceiling"]
+        cases = {c: m for c, m in cases.items() if c[0] != "ceiling"}
+        out += [f"## {device} — commit {commit}, {date}", "", f"`{command}`", ""]
+        if ceilings:
+            out += ["Measured ceilings (the roofline's two numbers): " + "; ".join(ceilings), ""]
+        out += [
                 "time = median ms; ×PEFT = PEFT's time / this one's (> 1: faster than PEFT); "
                 "×floor = this time / nn.Linear's (the floor; 1.00 is the target)", "",
                 "| case | M | r | dtype | dropout | mode | impl | time ms | ×PEFT | ×floor | roofline % | saved B |",
@@ -75,7 +82,7 @@ def plots(rows, stem):
 
     written = []
     runs = _index(rows)
-    cases = list(runs.values())[-1]   # the newest run
+    cases = {c: m for c, m in list(runs.values())[-1].items() if c[0] != "ceiling"}   # newest run
     shapes = sorted({c[0] for c in cases})
     present = {mode for by_impl in cases.values() for _, mode in by_impl}
     for mode in [m for m in ("fwd_bwd", "fwd") if m in present]:

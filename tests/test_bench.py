@@ -46,6 +46,8 @@ def test_layer_rows(layer_csv):
     rows = common.read_rows(layer_csv)
     _check_rows(rows)
     assert "python -m bench.layer --impls" in rows[0]["command"]
+    ceilings = {r["metric"]: float(r["p50"]) for r in rows if r["mode"] == "ceiling"}
+    assert ceilings["tflops"] > 0 and ceilings["gbps"] > 0
     have = {(r["M"], r["dropout"], r["impl"], r["mode"], r["metric"]) for r in rows}
     for M in ("1", "33"):
         for impl in ("linear", "peft", "addmm", "lora_fast", "lora_fast_interp"):
@@ -78,6 +80,7 @@ def test_report(layer_csv):
     written = main([str(layer_csv)])
     md = layer_csv.with_suffix(".md").read_text()
     assert "| tiny (48→40) | 33 | 4 | fp32 | 0 | fwd_bwd | lora_fast |" in md
+    assert "Measured ceilings (the roofline's two numbers): fp32: matmul" in md
     pngs = [p for p in written if p.suffix == ".png"]
     assert len(pngs) == 3
     for p in pngs:
