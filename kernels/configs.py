@@ -65,6 +65,10 @@ def device_capability():
     return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
 
 
+# Opt-in shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).
+SHARED_MEMORY = {8: 166912, 9: 232448}
+
+
 def fits_registers(rows, cols, num_warps, capability):
     """Whether a (rows x cols) fp32 accumulator leaves the rest of the kernel room in 255
     registers/thread. From `python -m lora_fast.aot --all-configs` (bench/NOTES.md, v1): 64
@@ -74,6 +78,20 @@ def fits_registers(rows, cols, num_warps, capability):
     per_thread = rows * cols // (32 * num_warps)
     limit = 128 if capability >= 9 and num_warps == 8 else 64
     return per_thread <= limit
+
+
+def fits_shared_memory(stages, tile_elements, itemsize, capability):
+    """Whether the pipelined operand tiles fit shared memory. The AOT builds hold `stages` copies
+    of the K-step's tiles on sm_90 and `stages - 1` on sm_80 (fp32 128x128x64 at 4 stages needs
+    256 KB on sm_90: pruned there)."""
+    buffers = stages if capability >= 9 else stages - 1
+    return buffers * tile_elements * itemsize <= SHARED_MEMORY[9 if capability >= 9 else 8]
+
+
+def _launch_arg(name, named_args, kwargs):
+    """A launch argument as early_config_prune receives it: the positional ones in named_args,
+    the constexprs the launchers pass by keyword in kwargs."""
+    return kwargs[name] if name in kwargs else named_args[name]
 
 
 def forward_configs():
@@ -88,15 +106,21 @@ def forward_configs():
 
 
 def keep_forward_config(configs, named_args, capability=None, **kwargs):
-    """Prune: decode tiles (BLOCK_M < 64) only for M <= 32, GEMM tiles only above; and only
-    tiles whose accumulator fits the registers on this device."""
+    """Prune: decode tiles (BLOCK_M < 64) only for M <= 32, GEMM tiles only above; and only tiles
+    whose accumulator fits the registers and whose pipeline fits shared memory on this device."""
     if INTERPRET:
         return configs
     cap = device_capability() if capability is None else capability
-    m = named_args["M_BUCKET"]
-    return [c for c in configs
-            if (c.kwargs["BLOCK_M"] < 64) == (m <= 32)
-            and fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, cap)]
+    m = _launch_arg("M_BUCKET", named_args, kwargs)
+    itemsize = _launch_arg("x_ptr", named_args, kwargs).element_size()
+    rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("XS_IN_LOOP", named_args, kwargs) else 0
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if ((bm < 64) == (m <= 32) and fits_registers(bm, bn, c.num_warps, cap)
+                and fits_shared_memory(c.num_stages, bk * (bm + bn + rank), itemsize, cap)):
+            kept.append(c)
+    return kept
 
 
 def backward_configs():
@@ -112,16 +136,13 @@ def keep_backward_config(configs, named_args, capability=None, **kwargs):
     if INTERPRET:
         return configs
     cap = device_capability() if capability is None else capability
+    bm = _launch_arg("BLOCK_M", named_args, kwargs)
+    itemsize = _launch_arg("dy_ptr", named_args, kwargs).element_size()
+    rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("G_IN_LOOP", named_args, kwargs) else 0
     return [c for c in configs
-            if fits_registers(named_args["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, cap)]
-
-
-def keep_skinny_config(configs, named_args, **kwargs):
-    """With the dB partial the src tile is also transposed into an MMA operand; at 128 values per
-    thread that spilled in fp32 on sm_80 and sm_90 (AOT report), at 64 it never did."""
-    if INTERPRET or not named_args["WITH_PARTIAL"]:
-        return configs
-    return [c for c in configs if named_args["BLOCK_M"] * c.kwargs["BLOCK_L"] // (32 * c.num_warps) <= 64]
+            if fits_registers(bm, c.kwargs["BLOCK_K"], c.num_warps, cap)
+            and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_N"] * (bm + c.kwargs["BLOCK_K"] + rank),
+                                   itemsize, cap)]
 
 
 def skinny_configs():
@@ -131,3 +152,19 @@ def skinny_configs():
         return [triton.Config({"BLOCK_L": 32}, num_stages=1, num_warps=4)]
     return [triton.Config({"BLOCK_L": bl}, num_stages=s, num_warps=w)
             for bl in (64, 128) for s in (3, 4) for w in (4, 8)]
+
+
+def keep_skinny_config(configs, named_args, capability=None, **kwargs):
+    """Pipelines that fit shared memory; with the dB partial the src tile is also transposed into an
+    MMA operand, which at 128 values per thread spilled in fp32 on sm_80 and sm_90 (AOT report) and
+    at 64 never did."""
+    if INTERPRET:
+        return configs
+    cap = device_capability() if capability is None else capability
+    bm = _launch_arg("BLOCK_M", named_args, kwargs)
+    rank = _launch_arg("BLOCK_R", named_args, kwargs)
+    itemsize = _launch_arg("src_ptr", named_args, kwargs).element_size()
+    partial = _launch_arg("WITH_PARTIAL", named_args, kwargs)
+    return [c for c in configs
+            if fits_shared_memory(c.num_stages, c.kwargs["BLOCK_L"] * (bm + rank), itemsize, cap)
+            and (not partial or bm * c.kwargs["BLOCK_L"] // (32 * c.num_warps) <= 64)]

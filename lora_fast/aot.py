@@ -145,27 +145,27 @@ def resource_usage(cubin):
             "local_bytes": int(found["LOCAL"])}
 
 
-def autotune_configs(variant, arch, rank=16):
-    """Every config the autotuner may launch for the variant on this arch (after the same
-    pruning the kernels apply at run time), with BLOCK_M where the launcher sets it, for each
-    M regime (decode tiles and GEMM tiles), as compile_variant takes them."""
-    kernel = VARIANTS[variant].kernel
-    cap = arch // 10
+def autotune_configs(variant, arch, dtype, rank=16):
+    """Every config the autotuner may launch for the variant on this arch and dtype: its config
+    list through the kernel's own early_config_prune, called as the autotuner calls it (positional
+    arguments in named_args, the launcher's keyword constexprs in kwargs), for each M regime
+    (decode and GEMM tiles); BLOCK_M set as the launchers set it where it is not tuned."""
+    spec = VARIANTS[variant]
+    kernel = spec.kernel
+    fused = spec.constexprs.get("G_IN_LOOP", False)
+    pointer = torch.empty(0, dtype=dtype)
     out = []
-    fused = VARIANTS[variant].constexprs.get("G_IN_LOOP", False)
     for m in (16, 1 << 20):
         block_m = configs.partial_block_m(m, fused)
-        candidates = kernel.configs
-        if kernel is forward._lora_forward_kernel:
-            candidates = configs.keep_forward_config(candidates, {"M_BUCKET": m}, capability=cap)
-        elif kernel is backward._lora_backward_kernel:
-            candidates = configs.keep_backward_config(candidates, {"BLOCK_M": block_m}, capability=cap)
-        else:
-            candidates = configs.keep_skinny_config(
-                candidates, {"BLOCK_M": block_m, **VARIANTS[variant].constexprs})
-        for c in candidates:
-            cfg = {"BLOCK_M": block_m, "BLOCK_R": configs.block_r(rank),
-                   **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        named_args = {"M_BUCKET": m, "x_ptr": pointer, "dy_ptr": pointer, "src_ptr": pointer}
+        kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank)}
+        if kernel is not forward._lora_forward_kernel:
+            kwargs["BLOCK_M"] = block_m
+        prune = kernel.early_config_prune
+        for c in prune(kernel.configs, named_args, capability=arch // 10, **kwargs):
+            cfg = {"BLOCK_M": block_m, **kwargs, **c.kwargs, "num_warps": c.num_warps,
+                   "num_stages": c.num_stages}
+            cfg = {k: v for k, v in cfg.items() if k not in spec.constexprs}
             if cfg not in out:
                 out.append(cfg)
     return out
@@ -182,7 +182,7 @@ def report(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), jobs=None, all_confi
     """Compile every variant for every (dtype, arch) in parallel processes, at its main tile or
     at every autotune config; one dict per build."""
     work = [(v, d, a, c) for v in VARIANTS for d in dtypes for a in archs
-            for c in (autotune_configs(v, a) if all_configs else [main_config(v)])]
+            for c in (autotune_configs(v, a, _DTYPE[d]) if all_configs else [main_config(v)])]
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         return list(pool.map(_compile_row, work))
 

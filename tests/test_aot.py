@@ -1,7 +1,9 @@
-"""Every kernel variant the launchers can pick compiles ahead of time for sm_80 and sm_90 (no GPU
-needed): tensor-core MMA in the PTX, no spills, shared memory within the architecture's limit, and
-on Hopper the main GEMMs use warpgroup MMA (wgmma). Runs `python -m lora_fast.aot --json` in a
-subprocess because the test session itself may have the interpreter switched on."""
+"""Every kernel config the launchers can run (every variant, every autotune config left by the
+kernels' own pruning, each dtype) compiles ahead of time for sm_80 and sm_90, with no GPU: uses
+tensor-core MMA, fits the architecture's shared memory; on the main path (the GEMM tiles, BLOCK_M >=
+64, of the forward and dX kernels) it does not spill, and on Hopper it uses warpgroup MMA (wgmma).
+Runs `python -m lora_fast.aot --all-configs --json` once, in a subprocess, because this test session
+may have the Triton interpreter switched on."""
 import json
 import os
 import subprocess
@@ -9,35 +11,48 @@ import sys
 
 import pytest
 
+from lora_fast.aot import VARIANTS
+
 SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}     # opt-in shared memory per block: A100, H100
 
 
 @pytest.fixture(scope="module")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "lora_fast.aot", "--json"], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "lora_fast.aot", "--all-configs", "--json"], env=env,
+                         check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _where(r):
+    return f"{r['variant']} {r['dtype']} {r['arch']} {r['config']}"
+
+
 def test_every_variant_dtype_arch_built(rows):
-    from lora_fast.aot import VARIANTS
     built = {(r["variant"], r["dtype"], r["arch"]) for r in rows}
     assert built == {(v, d, a) for v in VARIANTS for d in ("bf16", "fp16", "fp32") for a in SHARED_LIMIT}
 
 
-def test_tensor_cores_no_spills_shared_fits(rows):
+def test_tensor_cores_and_shared_memory(rows):
     for r in rows:
-        where = f"{r['variant']} {r['dtype']} {r['arch']}"
-        assert r["mma"], f"{where}: no tensor-core MMA in the PTX"
-        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, f"{where}: spills ({r['stack_bytes']} B stack)"
-        assert r["shared_bytes"] <= SHARED_LIMIT[r["arch"]], f"{where}: {r['shared_bytes']} B shared"
+        assert r["mma"], f"{_where(r)}: no tensor-core MMA in the PTX"
+        assert r["shared_bytes"] <= SHARED_LIMIT[r["arch"]], f"{_where(r)}: {r['shared_bytes']} B shared"
 
 
-def test_hopper_main_gemms_use_wgmma(rows):
-    hopper_main = [r for r in rows if r["arch"] == "sm_90" and r["main_path"]]
-    assert hopper_main
-    for r in hopper_main:
-        assert r["wgmma"], f"{r['variant']} {r['dtype']}: main GEMM without wgmma on sm_90"
+def _main_path(rows):
+    return [r for r in rows if r["main_path"] and r["config"]["BLOCK_M"] >= 64]
+
+
+def test_main_path_does_not_spill(rows):
+    assert _main_path(rows)
+    for r in _main_path(rows):
+        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, f"{_where(r)}: spills {r['stack_bytes']} B"
+
+
+def test_hopper_main_path_uses_wgmma(rows):
+    hopper = [r for r in _main_path(rows) if r["arch"] == "sm_90"]
+    assert hopper
+    for r in hopper:
+        assert r["wgmma"], f"{_where(r)}: main GEMM without wgmma on sm_90"
     # the check is not vacuous: the same kernels built for Ampere have none
     assert not any(r["wgmma"] for r in rows if r["arch"] == "sm_80")

@@ -1,0 +1,77 @@
+"""`python -m lora_fast.check` / `lora-fast-check`: passes on the installed kernels, and fails (exit
+1, FAIL rows) on a deliberately wrong implementation. Each run is a subprocess with the interpreter
+switch removed from its environment: the command must switch it on itself."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+BROKEN = textwrap.dedent('''
+    """lora_fast's torch path with dA off by 1% in one row: the check must catch it."""
+    from lora_fast import torch_path
+
+    lora_forward = torch_path.lora_forward
+
+    def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling):
+        dx, da, db = torch_path.lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling)
+        da[0] *= 1.01
+        return dx, da, db
+''')
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra)
+    return env
+
+
+def _check(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "lora_fast.check", *args], env=env or _env(),
+                          capture_output=True, text=True)
+
+
+def test_quick_check_passes():
+    res = _check("--quick")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "passed: 0 output(s) out of bounds" in res.stdout
+    ok_rows = [l for l in res.stdout.splitlines() if l.rstrip().endswith(" ok")]
+    dtypes = 1 if "Triton interpreter" in res.stdout else 2        # fp32, and bf16 on a GPU
+    assert len(ok_rows) == 2 * 2 * dtypes * 4                     # shapes x ranks x dtypes x outputs
+
+
+def test_check_fails_on_a_wrong_implementation(tmp_path):
+    (tmp_path / "broken_lora.py").write_text(BROKEN)
+    res = _check("--quick", "--impl", "broken_lora",
+                 env=_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])))
+    assert res.returncode == 1, res.stdout + res.stderr
+    fails = [l for l in res.stdout.splitlines() if l.rstrip().endswith("FAIL")]
+    assert fails and all(" dA " in l for l in fails), res.stdout
+    assert "FAILED:" in res.stdout
+
+
+def test_bad_arguments_are_refused():
+    res = _check("--shapes", "12x7")
+    assert res.returncode == 2 and "--shapes: expected MxKxN" in res.stderr
+
+
+def test_console_script():
+    """The install put the script beside this interpreter."""
+    script = Path(sys.executable).parent / "lora-fast-check"
+    assert script.exists(), f"no console script at {script}"
+    res = subprocess.run([str(script), "--shapes", "5x9x7", "--ranks", "2", "--dtypes", "fp32"],
+                         env=_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "lora_fast.check: lora_fast.kernels" in res.stdout
+
+
+def test_missing_extension_is_reported_not_skipped(monkeypatch, capsys):
+    """Built without the C++ reference (LORA_FAST_BUILD_EXT=0): the check still runs, against the
+    float64 reference, and says the C++ one is missing."""
+    from lora_fast import check, cref
+    monkeypatch.setattr(cref, "_cref", None)
+    monkeypatch.setattr(cref, "_MISSING", "lora_fast._cref is not built (test)")
+    assert check.main(["--shapes", "9x12x10", "--ranks", "3", "--dtypes", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "C++ reference: MISSING (lora_fast._cref is not built (test))" in out
+    assert all(l.split()[7] == "-" for l in out.splitlines() if l.rstrip().endswith(" ok"))
