@@ -54,8 +54,8 @@ def _lora_backward_kernel(
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)   # n * stride can pass 2**31 on strided dY / W0
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     mask_m = offs_m < M
     mask_k = offs_k < K
     dtype = dy_ptr.dtype.element_ty
@@ -65,14 +65,17 @@ def _lora_backward_kernel(
         g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         mask_r = offs_r < R
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+        b_step = BLOCK_N * tl.cast(stride_bn, tl.int64)
         if COMPUTE_DB:
             xs_ptrs = xs_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
             # db_part is a contiguous fp32 (grid_m, N, R) buffer.
             db_ptrs = (db_part_ptr + pid_m.to(tl.int64) * N * R
-                       + offs_n[:, None].to(tl.int64) * R + offs_r[None, :])
+                       + offs_n[:, None] * R + offs_r[None, :])
     if COMPUTE_DX or G_IN_LOOP:
         dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
         w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
+        w_step = BLOCK_N * tl.cast(stride_wn, tl.int64)
         for n0 in range(0, N, BLOCK_N):
             mask_n = offs_n < N - n0
             dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
@@ -82,7 +85,7 @@ def _lora_backward_kernel(
             if G_IN_LOOP:
                 b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
                 g = tl.dot(dy, b, g, input_precision=INPUT_PRECISION)
-                b_ptrs += BLOCK_N * stride_bn
+                b_ptrs += b_step
                 if COMPUTE_DB:
                     # The dY tile is the same for every K-column; only the first one emits dB.
                     if pid_k == 0:
@@ -91,16 +94,16 @@ def _lora_backward_kernel(
                         xs = tl.load(xs_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
                         db = tl.dot(tl.trans(dy), xs, input_precision=INPUT_PRECISION)
                         tl.store(db_ptrs, db, mask=mask_n[:, None] & mask_r[None, :])
-                    db_ptrs += BLOCK_N * R
-            dy_ptrs += BLOCK_N * stride_dyn
-            w_ptrs += BLOCK_N * stride_wn
+                    db_ptrs += BLOCK_N * tl.cast(R, tl.int64)
+            dy_ptrs += dy_step
+            w_ptrs += w_step
 
     if COMPUTE_DA:
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # da_part is a contiguous fp32 (grid_m, R, K) buffer.
         da_ptrs = (da_part_ptr + pid_m.to(tl.int64) * R * K
-                   + offs_r[:, None].to(tl.int64) * K + offs_k[None, :])
+                   + offs_r[:, None] * K + offs_k[None, :])
     if G_IN_LOOP:
         gs = (g * scaling).to(dtype)
         if COMPUTE_DX:
@@ -122,7 +125,7 @@ def _lora_backward_kernel(
             if COMPUTE_DA:
                 da = tl.dot(tl.trans(gs), x, input_precision=INPUT_PRECISION)
                 tl.store(da_ptrs, da, mask=mask_r[:, None] & mask_k[None, :])
-                da_ptrs += BLOCK_R * K
+                da_ptrs += BLOCK_R * tl.cast(K, tl.int64)
 
     if COMPUTE_DX:
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,

@@ -48,16 +48,20 @@ def _lora_forward_kernel(
     # int64 offsets: M * stride_xm (and N * stride_wn) can pass 2**31.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
+    # The reduction offsets are int64 too: a transposed x has stride_xk = M, and k * M can pass 2**31.
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if XS_IN_LOOP:
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+        a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
@@ -67,9 +71,9 @@ def _lora_forward_kernel(
         if XS_IN_LOOP:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
             xa = tl.dot(x, a, xa, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+            a_ptrs += a_step
+        x_ptrs += x_step
+        w_ptrs += w_step
 
     if XS_IN_LOOP:
         # Rounded to the input dtype like the first-pass xs, so both paths feed B the same way.

@@ -37,19 +37,21 @@ def _lora_skinny_kernel(
     pid_r = tl.program_id(1)
     # int64 row offsets: M * stride can pass 2**31 on large activations.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_l = tl.arange(0, BLOCK_L)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    offs_l = tl.arange(0, BLOCK_L).to(tl.int64)   # l * stride_sl passes 2**31 on a transposed src
     mask_m = offs_m < M
     mask_r = offs_r < R
 
     src_ptrs = src_ptr + offs_m[:, None] * stride_sm + offs_l[None, :] * stride_sl
     mat_ptrs = mat_ptr + offs_l[:, None] * stride_ml + offs_r[None, :] * stride_mr
+    src_step = BLOCK_L * tl.cast(stride_sl, tl.int64)
+    mat_step = BLOCK_L * tl.cast(stride_ml, tl.int64)
     if WITH_PARTIAL:
         side = tl.load(side_ptr + offs_m[:, None] * stride_dm + offs_r[None, :] * stride_dr,
                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         # part is a contiguous fp32 (grid_m, L, R) buffer.
         part_ptrs = (part_ptr + pid_m.to(tl.int64) * L * R
-                     + offs_l[:, None].to(tl.int64) * R + offs_r[None, :])
+                     + offs_l[:, None] * R + offs_r[None, :])
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
@@ -60,9 +62,9 @@ def _lora_skinny_kernel(
         if WITH_PARTIAL:
             part = tl.dot(tl.trans(src), side, input_precision=INPUT_PRECISION)
             tl.store(part_ptrs, part, mask=mask_l[:, None] & mask_r[None, :])
-            part_ptrs += BLOCK_L * R
-        src_ptrs += BLOCK_L * stride_sl
-        mat_ptrs += BLOCK_L * stride_ml
+            part_ptrs += BLOCK_L * tl.cast(R, tl.int64)
+        src_ptrs += src_step
+        mat_ptrs += mat_step
 
     out = (acc * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, out,

@@ -33,6 +33,10 @@ _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DTYPE = {name: dtype for dtype, name in _TYPE.items()}
 _FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr"}
 _SCALARS = {"scaling", "scale"}
+# Pointer tensors over the large operands (x, W0, dY, src of the skinny pass, ...): their offsets
+# must be 64-bit, since row * stride (or k * stride on a transposed view) can pass 2**31.
+_OPERAND_ADDPTR = re.compile(r"%(x_ptrs|w_ptrs|dy_ptrs|src_ptrs|mat_ptrs|a_ptrs|part_ptrs|da_ptrs|db_ptrs)"
+                             r"\w* = tt\.addptr .*tensor<[0-9x]*xi32>")
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,9 @@ def main_config(variant, rank=16):
             "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
-def compile_variant(variant, dtype, arch, config):
-    """Compile one variant; returns a dict with the compiled kernel and what it reports."""
+def compile_variant(variant, dtype, arch, config, strided=False):
+    """Compile one variant; returns a dict of what the compiler reports. strided=True compiles it
+    for arbitrary strides (no stride specialised to 1, as for transposed or sliced views)."""
     spec = VARIANTS[variant]
     fn = spec.kernel.fn
     config = dict(config)
@@ -99,7 +104,8 @@ def compile_variant(variant, dtype, arch, config):
     # fp32 is compiled as tf32 (its tensor-core path); with torch's default "highest" fp32 matmul
     # precision the launchers pass "ieee" instead, which runs on FMAs like cuBLAS's SGEMM.
     constexprs = {**spec.constexprs, **config, "INPUT_PRECISION": "tf32"}
-    constexprs.update({s: 1 for s in spec.unit_strides})
+    if not strided:
+        constexprs.update({s: 1 for s in spec.unit_strides})
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -127,6 +133,7 @@ def compile_variant(variant, dtype, arch, config):
         "wgmma": "wgmma" in ptx,
         "mma": "mma.sync" in ptx or "wgmma" in ptx,
         "shared_bytes": compiled.metadata.shared,
+        "i32_operand_offsets": len(_OPERAND_ADDPTR.findall(compiled.asm["ttir"])),
         **resource_usage(compiled.asm["cubin"]),
     }
 
@@ -172,16 +179,16 @@ def autotune_configs(variant, arch, dtype, rank=16):
 
 
 def _compile_row(job):
-    variant, dtype_name, arch, config = job
-    row = compile_variant(variant, _DTYPE[dtype_name], arch, config)
+    variant, dtype_name, arch, config, strided = job
+    row = compile_variant(variant, _DTYPE[dtype_name], arch, config, strided)
     row["config"] = {k: v for k, v in config.items() if k != "BLOCK_R"}
     return row
 
 
-def report(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), jobs=None, all_configs=False):
+def report(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), jobs=None, all_configs=False, strided=False):
     """Compile every variant for every (dtype, arch) in parallel processes, at its main tile or
     at every autotune config; one dict per build."""
-    work = [(v, d, a, c) for v in VARIANTS for d in dtypes for a in archs
+    work = [(v, d, a, c, strided) for v in VARIANTS for d in dtypes for a in archs
             for c in (autotune_configs(v, a, _DTYPE[d]) if all_configs else [main_config(v)])]
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         return list(pool.map(_compile_row, work))
@@ -194,15 +201,18 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes")
     parser.add_argument("--all-configs", action="store_true",
                         help="every autotune config, not only the main tile")
+    parser.add_argument("--strided", action="store_true",
+                        help="compile for arbitrary strides (no stride specialised to 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it, the interpreter's kernels cannot be compiled")
-    rows = report(args.arch, args.dtype, args.jobs, args.all_configs)
+    rows = report(args.arch, args.dtype, args.jobs, args.all_configs, args.strided)
     if args.json:
         print(json.dumps(rows))
         return
-    cols = ["variant", "dtype", "arch", "registers", "stack_bytes", "shared_bytes", "mma", "wgmma"]
+    cols = ["variant", "dtype", "arch", "registers", "stack_bytes", "shared_bytes", "mma", "wgmma",
+            "i32_operand_offsets"]
     cols += ["config"] if args.all_configs else []
     print("  ".join(f"{c:>18}" if i == 0 else f"{c:>12}" for i, c in enumerate(cols)))
     for row in rows:

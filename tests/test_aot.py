@@ -56,3 +56,17 @@ def test_hopper_main_path_uses_wgmma(rows):
         assert r["wgmma"], f"{_where(r)}: main GEMM without wgmma on sm_90"
     # the check is not vacuous: the same kernels built for Ampere have none
     assert not any(r["wgmma"] for r in rows if r["arch"] == "sm_80")
+
+
+def test_operand_offsets_are_64_bit_for_any_strides():
+    """Compiled for arbitrary strides (transposed or sliced views), every pointer offset into x, W0,
+    dY, A, B and the partial buffers is computed in int64 (row * stride, or k * stride on a
+    transposed view, can pass 2**31 elements): no `tt.addptr` of theirs takes i32 offsets. Checked on
+    the TTIR, so no tensor of 2**31 elements is needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "lora_fast.aot", "--strided", "--dtype", "bf16", "fp32",
+                          "--json"], env=env, check=True, capture_output=True, text=True).stdout
+    strided = json.loads(out.strip().splitlines()[-1])
+    assert {r["variant"] for r in strided} == set(VARIANTS)
+    for r in strided:
+        assert r["i32_operand_offsets"] == 0, f"{_where(r)}: {r['i32_operand_offsets']} i32 pointer offsets"
