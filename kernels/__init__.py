@@ -1,10 +1,17 @@
 """Triton kernels of lora_fast, installed as ``lora_fast.kernels`` (never as a top-level ``kernels``).
 
 One file per pass: forward.py (fused forward GEMM), backward.py (fused dX/dA/dB GEMM),
-skinny.py (the x @ Aᵀ / dY @ B first pass of the split path); configs.py holds every block
-size, autotune list and path heuristic.
+skinny.py (the x @ Aᵀ / dY @ B first pass of the split path), dropout.py (the in-kernel mask);
+configs.py holds every block size, autotune list and path heuristic.
 """
-from .backward import lora_backward
-from .forward import lora_forward
+if __name__ == "kernels":
+    # Imported as a top-level "kernels": the repository root is on sys.path (`python -m ...` from a
+    # checkout) and something probed for the unrelated PyPI package of that name — transformers does,
+    # for Hugging Face's hub kernels, by importing it. Look like the empty namespace package such a
+    # probe treats as absent (no __file__, no version) and load nothing.
+    __file__ = None
+else:
+    from .backward import lora_backward
+    from .forward import lora_forward
 
-__all__ = ["lora_forward", "lora_backward"]
+    __all__ = ["lora_forward", "lora_backward"]

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from . import configs
 from .forward import input_precision
+from .dropout import keep_mask
 from .skinny import skinny
 from .tiling import grouped_tile
 
@@ -28,7 +29,7 @@ from .tiling import grouped_tile
 @triton.jit
 def _lora_backward_kernel(
     # pointers
-    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, xs_ptr, gs_ptr, dx_ptr, da_part_ptr, db_part_ptr,
+    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, xs_ptr, gs_ptr, dx_ptr, da_part_ptr, db_part_ptr, seed_ptr,
     # sizes (M_BUCKET is only the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
@@ -40,8 +41,10 @@ def _lora_backward_kernel(
     stride_sm, stride_sr,
     stride_gm, stride_gr,
     stride_dxm, stride_dxk,
-    scaling,
+    scaling,                    # s / (1 - p): the dropout rescale rides on gs
+    dropout_p,
     # meta-parameters
+    DROPOUT: tl.constexpr,      # the LoRA branch saw keep ⊙ x: mask dX's low-rank term and dA's x
     G_IN_LOOP: tl.constexpr,    # accumulate gs (and dB partials) in the N-loop, else read gs
     COMPUTE_DX: tl.constexpr,
     COMPUTE_DA: tl.constexpr,
@@ -98,18 +101,29 @@ def _lora_backward_kernel(
             dy_ptrs += dy_step
             w_ptrs += w_step
 
+    if DROPOUT and (COMPUTE_DX or COMPUTE_DA):
+        # the same draw as the forward's for these (m, k): regenerated, never stored
+        keep = keep_mask(tl.load(seed_ptr), offs_m, offs_k, K, dropout_p)
     if COMPUTE_DA:
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if DROPOUT:
+            # multiplied, not selected, as F.dropout does (a dropped NaN stays NaN); tl.where here
+            # also crashed Triton's sm_90 layout pass in the fused variant
+            x = x * keep.to(x.dtype)
         # da_part is a contiguous fp32 (grid_m, R, K) buffer.
         da_ptrs = (da_part_ptr + pid_m.to(tl.int64) * R * K
                    + offs_r[:, None] * K + offs_k[None, :])
     if G_IN_LOOP:
-        gs = (g * scaling).to(dtype)
+        # padded rank columns zeroed: an inf in dY times B's zero padding is NaN there
+        gs = tl.where(mask_r[None, :], g * scaling, 0.0).to(dtype)
         if COMPUTE_DX:
             a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(gs, a, acc, input_precision=INPUT_PRECISION)
+            if DROPOUT:
+                acc += tl.dot(gs, a, input_precision=INPUT_PRECISION) * keep.to(tl.float32)
+            else:
+                acc = tl.dot(gs, a, acc, input_precision=INPUT_PRECISION)
         if COMPUTE_DA:
             da = tl.dot(tl.trans(gs), x, input_precision=INPUT_PRECISION)
             tl.store(da_ptrs, da, mask=mask_r[:, None] & mask_k[None, :])
@@ -121,7 +135,10 @@ def _lora_backward_kernel(
             if COMPUTE_DX:
                 a = tl.load(a_ptr + (r0 + offs_r)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                             mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-                acc = tl.dot(gs, a, acc, input_precision=INPUT_PRECISION)
+                if DROPOUT:
+                    acc += tl.dot(gs, a, input_precision=INPUT_PRECISION) * keep.to(tl.float32)
+                else:
+                    acc = tl.dot(gs, a, acc, input_precision=INPUT_PRECISION)
             if COMPUTE_DA:
                 da = tl.dot(tl.trans(gs), x, input_precision=INPUT_PRECISION)
                 tl.store(da_ptrs, da, mask=mask_r[:, None] & mask_k[None, :])
@@ -139,10 +156,11 @@ def g_in_loop(M, R):
 
 
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
-                  need_dx=True, need_da=True, need_db=True, fused=None):
+                  need_dx=True, need_da=True, need_db=True, fused=None, dropout_p=0.0, seed=None):
     """Gradients (dX, dA, dB) of the LoRA linear with W0 frozen; None for those not asked.
 
-    dy (M, N), x (M, K), xs (M, r) = scaling · x @ lora_Aᵀ from the forward; any strides.
+    dy (M, N), x (M, K), xs (M, r) from the forward (made with the same dropout_p and seed, whose
+    keep-mask is regenerated here); any strides.
     dA and dB come back in lora_A.dtype / lora_B.dtype, reduced in fp32 in a fixed order.
     fused=None picks the path by g_in_loop(M, r); without dX the split path is always used.
     """
@@ -156,6 +174,10 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
                 torch.zeros_like(lora_B) if need_db else None)
     if fused is None:
         fused = g_in_loop(M, R)
+    dropout = dropout_p > 0
+    if dropout and seed is None:
+        raise ValueError("seed: dropout_p > 0 needs the forward's seed tensor")
+    scaling = scaling / (1.0 - dropout_p)
     fused = fused and need_dx
     block_r = configs.block_r(R)
     if fused and R > block_r:
@@ -181,6 +203,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
             dy, weight, lora_A, lora_B, x, xs, gs_arg, dx_arg,
             da_part if da_part is not None else dummy,
             db_part if db_part is not None else dummy,
+            seed if dropout else dummy,
             M, N, K, R, configs.m_bucket(M),
             dy.stride(0), dy.stride(1),
             weight.stride(0), weight.stride(1),
@@ -190,7 +213,8 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
             xs.stride(0), xs.stride(1),
             gs_arg.stride(0), gs_arg.stride(1),
             dx_arg.stride(0), dx_arg.stride(1),
-            scaling,
+            scaling, dropout_p,
+            DROPOUT=dropout,
             G_IN_LOOP=fused,
             COMPUTE_DX=need_dx,
             COMPUTE_DA=need_da,

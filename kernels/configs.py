@@ -69,13 +69,17 @@ def device_capability():
 SHARED_MEMORY = {8: 166912, 9: 232448}
 
 
-def fits_registers(rows, cols, num_warps, capability):
+def fits_registers(rows, cols, num_warps, capability, dropout=False):
     """Whether a (rows x cols) fp32 accumulator leaves the rest of the kernel room in 255
     registers/thread. From `python -m lora_fast.aot --all-configs` (bench/NOTES.md, v1): 64
     accumulator values per thread never spilled; 128 spilled everywhere on sm_80 (mma.sync keeps
     operand fragments in registers too) and with 4 warps on sm_90, but not with 8 warps on sm_90,
-    where wgmma reads its operands from shared memory (the 128x256 Hopper tile)."""
+    where wgmma reads its operands from shared memory (the 128x256 Hopper tile). With dropout the
+    Philox draws for a tile of the same shape need about as much again: 32 per thread never
+    spilled, 64 did (up to 2.5 KB of stack on sm_80)."""
     per_thread = rows * cols // (32 * num_warps)
+    if dropout:
+        return per_thread <= 32
     limit = 128 if capability >= 9 and num_warps == 8 else 64
     return per_thread <= limit
 
@@ -114,10 +118,11 @@ def keep_forward_config(configs, named_args, capability=None, **kwargs):
     m = _launch_arg("M_BUCKET", named_args, kwargs)
     itemsize = _launch_arg("x_ptr", named_args, kwargs).element_size()
     rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("XS_IN_LOOP", named_args, kwargs) else 0
+    dropout = _launch_arg("DROPOUT", named_args, kwargs)
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if ((bm < 64) == (m <= 32) and fits_registers(bm, bn, c.num_warps, cap)
+        if ((bm < 64) == (m <= 32) and fits_registers(bm, bn, c.num_warps, cap, dropout)
                 and fits_shared_memory(c.num_stages, bk * (bm + bn + rank), itemsize, cap)):
             kept.append(c)
     return kept
@@ -129,7 +134,7 @@ def backward_configs():
     if INTERPRET:
         return [_config(None, 32, 32, 1, 4)]
     return [_config(None, bn, bk, s, w)
-            for bk, w in ((64, 4), (128, 8)) for bn in (32, 64) for s in (3, 4)]
+            for bk, w in ((64, 4), (64, 8), (128, 8)) for bn in (32, 64) for s in (3, 4)]
 
 
 def keep_backward_config(configs, named_args, capability=None, **kwargs):
@@ -139,8 +144,9 @@ def keep_backward_config(configs, named_args, capability=None, **kwargs):
     bm = _launch_arg("BLOCK_M", named_args, kwargs)
     itemsize = _launch_arg("dy_ptr", named_args, kwargs).element_size()
     rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("G_IN_LOOP", named_args, kwargs) else 0
+    dropout = _launch_arg("DROPOUT", named_args, kwargs)
     return [c for c in configs
-            if fits_registers(bm, c.kwargs["BLOCK_K"], c.num_warps, cap)
+            if fits_registers(bm, c.kwargs["BLOCK_K"], c.num_warps, cap, dropout)
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_N"] * (bm + c.kwargs["BLOCK_K"] + rank),
                                    itemsize, cap)]
 
@@ -157,7 +163,7 @@ def skinny_configs():
 def keep_skinny_config(configs, named_args, capability=None, **kwargs):
     """Pipelines that fit shared memory; with the dB partial the src tile is also transposed into an
     MMA operand, which at 128 values per thread spilled in fp32 on sm_80 and sm_90 (AOT report) and
-    at 64 never did."""
+    at 64 never did; with dropout the Philox draws for the src tile need 32."""
     if INTERPRET:
         return configs
     cap = device_capability() if capability is None else capability
@@ -165,6 +171,8 @@ def keep_skinny_config(configs, named_args, capability=None, **kwargs):
     rank = _launch_arg("BLOCK_R", named_args, kwargs)
     itemsize = _launch_arg("src_ptr", named_args, kwargs).element_size()
     partial = _launch_arg("WITH_PARTIAL", named_args, kwargs)
+    dropout = _launch_arg("DROPOUT", named_args, kwargs)
+    per_thread = 32 if dropout else 64    # src values per thread; the dropout draws need room too
     return [c for c in configs
             if fits_shared_memory(c.num_stages, c.kwargs["BLOCK_L"] * (bm + rank), itemsize, cap)
-            and (not partial or bm * c.kwargs["BLOCK_L"] // (32 * c.num_warps) <= 64)]
+            and (not (partial or dropout) or bm * c.kwargs["BLOCK_L"] // (32 * c.num_warps) <= per_thread)]

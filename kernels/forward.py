@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .dropout import keep_mask
 from .skinny import skinny
 from .tiling import grouped_tile
 
@@ -24,7 +25,7 @@ from .tiling import grouped_tile
 @triton.jit
 def _lora_forward_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xs_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xs_ptr, y_ptr, seed_ptr,
     # sizes (M_BUCKET is only the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
@@ -34,9 +35,11 @@ def _lora_forward_kernel(
     stride_bn, stride_br,
     stride_sm, stride_sr,
     stride_ym, stride_yn,
-    scaling,
+    scaling,                    # s / (1 - p): the dropout rescale rides on xs
+    dropout_p,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,      # in-loop only: zero the dropped x elements for the x·Aᵀ product
     XS_IN_LOOP: tl.constexpr,   # compute xs in the K-loop (else read it from xs_ptr)
     STORE_XS: tl.constexpr,     # in-loop only: write xs for backward
     INPUT_PRECISION: tl.constexpr,
@@ -54,6 +57,8 @@ def _lora_forward_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
@@ -70,14 +75,18 @@ def _lora_forward_kernel(
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         if XS_IN_LOOP:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
-            xa = tl.dot(x, a, xa, input_precision=INPUT_PRECISION)
+            x_lora = x
+            if DROPOUT:
+                x_lora = x * keep_mask(seed, offs_m, k0 + offs_k, K, dropout_p).to(x.dtype)
+            xa = tl.dot(x_lora, a, xa, input_precision=INPUT_PRECISION)
             a_ptrs += a_step
         x_ptrs += x_step
         w_ptrs += w_step
 
     if XS_IN_LOOP:
         # Rounded to the input dtype like the first-pass xs, so both paths feed B the same way.
-        xs = (xa * scaling).to(x_ptr.dtype.element_ty)
+        # The padded rank columns are zeroed: an inf in x times the zero padding of A is NaN there.
+        xs = tl.where(offs_r[None, :] < R, xa * scaling, 0.0).to(x_ptr.dtype.element_ty)
         if STORE_XS:
             # Every column-tile computed the same xs; the first one keeps it for backward.
             if pid_n == 0:
@@ -113,12 +122,14 @@ def xs_in_loop(M, R):
     return M <= configs.IN_LOOP_MAX_M and R <= configs.IN_LOOP_MAX_R
 
 
-def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, in_loop=None):
-    """y = x @ weightᵀ + bias + scaling · (x @ lora_Aᵀ) @ lora_Bᵀ for 2-D x (M, K).
+def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, in_loop=None,
+                 dropout_p=0.0, seed=None):
+    """y = x @ weightᵀ + bias + xs @ lora_Bᵀ, xs = scaling/(1-p) · (keep ⊙ x) @ lora_Aᵀ, for 2-D x (M, K).
 
-    Returns (y, xs) with xs = scaling · x @ lora_Aᵀ (M, r) in x.dtype for backward, or None when
-    save_xs is False (in-loop path only; the first pass always produces it). Any strides;
-    nothing is copied. in_loop=None picks the path by xs_in_loop(M, r).
+    Dropout (p = dropout_p > 0) needs `seed`, a 1-element int64 tensor on x's device; the keep-mask
+    is dropout.keep_mask of it, never stored. Returns (y, xs) with xs (M, r) in x.dtype for
+    backward, or None when save_xs is False (in-loop path only; the first pass always produces it).
+    Any strides; nothing is copied. in_loop=None picks the path by xs_in_loop(M, r).
     """
     M, K = x.shape
     N, R = lora_B.shape
@@ -127,6 +138,10 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, in_l
     block_r = configs.block_r(R)
     if in_loop and R > block_r:
         raise ValueError(f"in-loop forward holds the whole rank in one tile: r={R} > {block_r}")
+    dropout = dropout_p > 0
+    if dropout and seed is None:
+        raise ValueError("seed: dropout_p > 0 needs a seed tensor")
+    scaling = scaling / (1.0 - dropout_p)
     precision = input_precision(x.dtype)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
@@ -134,11 +149,12 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, in_l
     if in_loop:
         xs = torch.empty((M, R), device=x.device, dtype=x.dtype) if save_xs else None
     else:
-        xs, _ = skinny(x, lora_A.t(), scaling, precision)
+        xs, _ = skinny(x, lora_A.t(), scaling, precision, dropout_p=dropout_p, seed=seed)
     xs_arg = xs if xs is not None else y
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _lora_forward_kernel[grid](
         x, weight, bias if bias is not None else y, lora_A, lora_B, xs_arg, y,
+        seed if dropout else y,
         M, N, K, R, configs.m_bucket(M),
         x.stride(0), x.stride(1),
         weight.stride(0), weight.stride(1),
@@ -146,8 +162,9 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, in_l
         lora_B.stride(0), lora_B.stride(1),
         xs_arg.stride(0), xs_arg.stride(1),
         y.stride(0), y.stride(1),
-        scaling,
+        scaling, dropout_p,
         HAS_BIAS=bias is not None,
+        DROPOUT=dropout and in_loop,
         XS_IN_LOOP=in_loop,
         STORE_XS=xs is not None,
         INPUT_PRECISION=precision,

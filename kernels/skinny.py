@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .dropout import keep_mask
 
 
 @triton.autotune(configs=configs.skinny_configs(), key=["M_BUCKET", "L", "R"],
@@ -19,7 +20,7 @@ from . import configs
 @triton.jit
 def _lora_skinny_kernel(
     # pointers
-    src_ptr, mat_ptr, out_ptr, side_ptr, part_ptr,
+    src_ptr, mat_ptr, out_ptr, side_ptr, part_ptr, seed_ptr,
     # sizes (M_BUCKET is only the autotune key)
     M, L, R, M_BUCKET,
     # strides
@@ -28,8 +29,10 @@ def _lora_skinny_kernel(
     stride_om, stride_or,
     stride_dm, stride_dr,
     scale,
+    dropout_p,
     # meta-parameters
     WITH_PARTIAL: tl.constexpr,
+    DROPOUT: tl.constexpr,       # zero the dropped src elements (src = x in the forward)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -42,6 +45,8 @@ def _lora_skinny_kernel(
     mask_m = offs_m < M
     mask_r = offs_r < R
 
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     src_ptrs = src_ptr + offs_m[:, None] * stride_sm + offs_l[None, :] * stride_sl
     mat_ptrs = mat_ptr + offs_l[:, None] * stride_ml + offs_r[None, :] * stride_mr
     src_step = BLOCK_L * tl.cast(stride_sl, tl.int64)
@@ -57,6 +62,8 @@ def _lora_skinny_kernel(
     for l0 in range(0, L, BLOCK_L):
         mask_l = offs_l < L - l0
         src = tl.load(src_ptrs, mask=mask_m[:, None] & mask_l[None, :], other=0.0)
+        if DROPOUT:
+            src = src * keep_mask(seed, offs_m, l0 + offs_l, L, dropout_p).to(src.dtype)
         mat = tl.load(mat_ptrs, mask=mask_l[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(src, mat, acc, input_precision=INPUT_PRECISION)
         if WITH_PARTIAL:
@@ -71,11 +78,12 @@ def _lora_skinny_kernel(
              mask=mask_m[:, None] & mask_r[None, :])
 
 
-def skinny(src, mat, scale, input_precision, side=None):
+def skinny(src, mat, scale, input_precision, side=None, dropout_p=0.0, seed=None):
     """Return (scale · src @ mat in src.dtype, part or None).
 
     src (M, L) and mat (L, r) may be any strided views. With side (M, r), also returns
-    part (grid_m, L, r) fp32 with part.sum(0) == srcᵀ @ side.
+    part (grid_m, L, r) fp32 with part.sum(0) == srcᵀ @ side. With dropout_p > 0 the dropped
+    elements of src (dropout.keep_mask of `seed`) count as zero.
     """
     M, L = src.shape
     R = mat.shape[1]
@@ -88,13 +96,15 @@ def skinny(src, mat, scale, input_precision, side=None):
         part = torch.empty((grid_m, L, R), device=src.device, dtype=torch.float32)
     _lora_skinny_kernel[(grid_m, triton.cdiv(R, block_r))](
         src, mat, out, side if side is not None else out, part if part is not None else out,
+        seed if dropout_p > 0 else out,
         M, L, R, configs.m_bucket(M),
         src.stride(0), src.stride(1),
         mat.stride(0), mat.stride(1),
         out.stride(0), out.stride(1),
         *((side.stride(0), side.stride(1)) if side is not None else (0, 0)),
-        scale,
+        scale, dropout_p,
         WITH_PARTIAL=side is not None,
+        DROPOUT=dropout_p > 0,
         INPUT_PRECISION=input_precision,
         BLOCK_M=block_m, BLOCK_R=block_r,
     )

@@ -32,7 +32,7 @@ from lora_fast.kernels import backward, configs, forward, skinny
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DTYPE = {name: dtype for dtype, name in _TYPE.items()}
 _FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr"}
-_SCALARS = {"scaling", "scale"}
+_SCALARS = {"scaling", "scale", "dropout_p"}
 # Pointer tensors over the large operands (x, W0, dY, src of the skinny pass, ...): their offsets
 # must be 64-bit, since row * stride (or k * stride on a transposed view) can pass 2**31.
 _OPERAND_ADDPTR = re.compile(r"%(x_ptrs|w_ptrs|dy_ptrs|src_ptrs|mat_ptrs|a_ptrs|part_ptrs|da_ptrs|db_ptrs)"
@@ -56,24 +56,32 @@ def _variants():
                    "stride_gr", "stride_dxk")
     sk = skinny._lora_skinny_kernel
     both = {"COMPUTE_DX": True, "COMPUTE_DA": True}
-    return [
-        Variant("forward_in_loop", fwd, {"HAS_BIAS": True, "XS_IN_LOOP": True, "STORE_XS": True},
-                fwd_strides, True),
-        Variant("forward_first_pass", fwd, {"HAS_BIAS": True, "XS_IN_LOOP": False, "STORE_XS": False},
-                fwd_strides, True),
-        Variant("backward_fused", bwd, {"G_IN_LOOP": True, "COMPUTE_DB": True, **both},
-                bwd_strides, True),
-        Variant("backward_split", bwd, {"G_IN_LOOP": False, "COMPUTE_DB": False, **both},
-                bwd_strides, True),
-        Variant("backward_da_only", bwd, {"G_IN_LOOP": False, "COMPUTE_DB": False,
-                                          "COMPUTE_DX": False, "COMPUTE_DA": True},
-                bwd_strides, False),
-        # forward first pass: src = x (M, K), mat = Aᵀ (K, r) so its L-stride is 1
-        Variant("skinny_xa", sk, {"WITH_PARTIAL": False}, ("stride_sl", "stride_ml", "stride_or"), False),
-        # backward first pass: src = dY (M, N), mat = B (N, r), side = xs (M, r)
-        Variant("skinny_dy", sk, {"WITH_PARTIAL": True},
+    variants = []
+    for dropout in (False, True):
+        tag = "_dropout" if dropout else ""
+        variants += [
+            Variant("forward_in_loop" + tag, fwd,
+                    {"HAS_BIAS": True, "XS_IN_LOOP": True, "STORE_XS": True, "DROPOUT": dropout},
+                    fwd_strides, True),
+            Variant("backward_fused" + tag, bwd, {"G_IN_LOOP": True, "COMPUTE_DB": True, "DROPOUT": dropout, **both},
+                    bwd_strides, True),
+            Variant("backward_split" + tag, bwd, {"G_IN_LOOP": False, "COMPUTE_DB": False, "DROPOUT": dropout, **both},
+                    bwd_strides, True),
+            Variant("backward_da_only" + tag, bwd, {"G_IN_LOOP": False, "COMPUTE_DB": False, "DROPOUT": dropout,
+                                                    "COMPUTE_DX": False, "COMPUTE_DA": True},
+                    bwd_strides, False),
+            # forward first pass: src = x (M, K), mat = Aᵀ (K, r) so its L-stride is 1
+            Variant("skinny_xa" + tag, sk, {"WITH_PARTIAL": False, "DROPOUT": dropout},
+                    ("stride_sl", "stride_ml", "stride_or"), False),
+        ]
+    # the first-pass forward GEMM reads xs and never sees the mask; the dY pass has no dropout
+    variants += [
+        Variant("forward_first_pass", fwd, {"HAS_BIAS": True, "XS_IN_LOOP": False, "STORE_XS": False,
+                                            "DROPOUT": False}, fwd_strides, True),
+        Variant("skinny_dy", sk, {"WITH_PARTIAL": True, "DROPOUT": False},
                 ("stride_sl", "stride_mr", "stride_or", "stride_dr"), False),
     ]
+    return variants
 
 
 VARIANTS = {v.name: v for v in _variants()}
@@ -85,11 +93,16 @@ def main_config(variant, rank=16):
     kernel = VARIANTS[variant].kernel
     if kernel is skinny._lora_skinny_kernel:
         return {"BLOCK_M": 128, "BLOCK_L": 64, "BLOCK_R": configs.block_r(rank),
-                "num_warps": 4, "num_stages": 3}
+                "num_warps": 8 if VARIANTS[variant].constexprs["DROPOUT"] else 4, "num_stages": 3}
+    dropout = VARIANTS[variant].constexprs["DROPOUT"]
     if kernel is backward._lora_backward_kernel:
         fused = VARIANTS[variant].constexprs["G_IN_LOOP"]
-        return {"BLOCK_M": configs.partial_block_m(1 << 20, fused), "BLOCK_N": 64, "BLOCK_K": 128,
+        return {"BLOCK_M": configs.partial_block_m(1 << 20, fused), "BLOCK_N": 64,
+                "BLOCK_K": 64 if dropout else 128,     # the dropout draws need half the tile
                 "BLOCK_R": configs.block_r(rank), "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    if VARIANTS[variant].constexprs["DROPOUT"]:   # in-loop only, i.e. M <= 256
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": configs.block_r(rank),
+                "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": configs.block_r(rank),
             "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
@@ -110,6 +123,8 @@ def compile_variant(variant, dtype, arch, config, strided=False):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "seed_ptr":
+            signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{_TYPE[dtype]}"
             attrs[(i,)] = [["tt.divisibility", 16]]

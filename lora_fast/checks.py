@@ -11,7 +11,7 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling):
+def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, training=False):
     """Raise TypeError/ValueError naming the argument, what was expected and what was given."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
@@ -24,6 +24,12 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling):
                             f"float64), got {t.dtype}")
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
         raise TypeError(f"scaling: expected a finite real number, got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training: expected a bool, got {training!r}")
 
     if weight.dim() != 2:
         raise ValueError(f"weight: expected 2-D (out_features, in_features), got shape {_shape(weight)}")
@@ -48,5 +54,5 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling):
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
     for name, t in named.items():
         if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}; "
-                            "cast the adapter or the input so all tensors share one dtype")
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x; adapters may also be "
+                            f"float32 on a float16/bfloat16 input), got {t.dtype}")

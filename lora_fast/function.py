@@ -1,10 +1,17 @@
 """The autograd Function of the LoRA linear and its functional entry point `lora_linear`.
 
 Saved for backward (W0 frozen): x itself (no copy: the caller's tensor, which autograd usually
-keeps alive anyway) and xs = s·x@Aᵀ, an (M, r) tensor in x.dtype, i.e. M·r·itemsize new bytes
+keeps alive anyway) and xs = s·d(x)@Aᵀ, an (M, r) tensor in x.dtype, i.e. M·r·itemsize new bytes
 (M·16·2 = 32 bytes per token at r=16 in bf16, against 8 KB per token for x at in=4096).
 weight, lora_A and lora_B are parameters already held by the module: saving them costs nothing.
-Keeping xs saves backward a full pass over x for dB = dYᵀ @ xs.
+Keeping xs saves backward a full pass over x for dB = dYᵀ @ xs. With dropout, the same and nothing
+more: the keep-mask is regenerated from an 8-byte seed (kept on ctx), never stored, and no dropped
+copy of x exists (PEFT keeps dropout(x), a second M·K tensor).
+
+dtypes: x, weight and bias share one dtype; lora_A/lora_B either that dtype or float32 master
+weights (cast to x's dtype for the computation; their grads come back in float32). Under
+torch.autocast (cuda bf16/fp16, cpu bf16) every input is cast to the autocast dtype first, as
+nn.Linear does: the output is in the autocast dtype, each gradient in its input's own dtype.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -25,12 +32,13 @@ class LoRALinearFunction(torch.autograd.Function):
     """y = x @ weightᵀ + bias + scaling · (x @ lora_Aᵀ) @ lora_Bᵀ, inputs already checked."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, backend, dropout_p, seed):
         x2d = x.reshape(-1, x.shape[-1])  # a view whenever the strides allow; kernels take strides
-        y, xs = _impl(backend).lora_forward(x2d, weight, lora_A, lora_B, bias, scaling)
+        y, xs = _impl(backend).lora_forward(x2d, weight, lora_A, lora_B, bias, scaling,
+                                            dropout_p=dropout_p, seed=seed)
         ctx.save_for_backward(x, xs, weight, lora_A, lora_B)
-        ctx.scaling = scaling
-        ctx.backend = backend
+        ctx.scaling, ctx.backend, ctx.dropout_p = scaling, backend, dropout_p
+        ctx.seed = seed   # 8 bytes, not an activation: on ctx, not among the saved tensors
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -44,7 +52,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_x or need_a or need_lb:
             dx, da, db = _impl(ctx.backend).lora_backward(
                 dy, x2d, xs, weight, lora_A, lora_B, ctx.scaling,
-                need_dx=need_x, need_da=need_a, need_db=need_lb)
+                need_dx=need_x, need_da=need_a, need_db=need_lb,
+                dropout_p=ctx.dropout_p, seed=ctx.seed)
             if dx is not None:
                 dx = dx.view(x.shape)
         # The base weight and bias are normally frozen; their gradients, when asked, are plain ops.
@@ -52,25 +61,49 @@ class LoRALinearFunction(torch.autograd.Function):
             dw = torch.mm(dy.t(), x2d)
         if need_b:
             dbias = dy.sum(0)
-        return dx, dw, dbias, da, db, None, None
+        return dx, dw, dbias, da, db, None, None, None, None
 
 
-def lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling=1.0, backend="auto"):
-    """LoRA linear: ``x @ weightᵀ + bias + scaling · (x @ lora_Aᵀ) @ lora_Bᵀ``.
+def lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling=1.0, dropout_p=0.0, training=False,
+                backend="auto"):
+    """LoRA linear: ``x @ weightᵀ + bias + scaling · (dropout(x) @ lora_Aᵀ) @ lora_Bᵀ``.
 
     Shapes as in PEFT: x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r), bias (out,).
-    All tensors share one device and one floating dtype; x may be any strided view.
-    backend: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (plain
-    PyTorch ops), "auto" (triton on CUDA, torch elsewhere; LORA_FAST_BACKEND overrides it).
-    Output: x.dtype, shape (..., out). Gradients flow to every input that requires grad.
+    One device; x, weight and bias share a floating dtype, the adapters that dtype or float32
+    (master weights). x may be any strided view. Dropout (p = dropout_p, on the LoRA branch's input
+    only, as PEFT) applies when `training`; its seed is drawn from torch's generator of x's device,
+    so torch.manual_seed makes it reproducible. Under torch.autocast the inputs are cast to the
+    autocast dtype. backend: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1),
+    "torch" (plain PyTorch ops), "auto" (triton on CUDA, torch elsewhere; LORA_FAST_BACKEND
+    overrides it). Output: shape (..., out), dtype of x (or the autocast dtype).
     """
-    check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling)
+    if (isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type in ("cuda", "cpu")
+            and torch.is_autocast_enabled(x.device.type)):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        cast = [None if t is None else t.to(dtype) for t in (x, weight, lora_A, lora_B, bias)]
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(*cast[:4], cast[4], scaling=scaling, dropout_p=dropout_p,
+                               training=training, backend=backend)
+    lora_A, lora_B = cast_master_adapters(x, lora_A, lora_B)
+    check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, training)
     chosen = resolve_backend(backend, x.device, x.dtype)
     scaling = float(scaling)
+    p = float(dropout_p) if training else 0.0
+    seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
     tensors = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, chosen)
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, chosen, p, seed)
     # Inference: no autograd node, and the kernels need not keep xs.
     x2d = x.reshape(-1, x.shape[-1])
-    y, _ = _impl(chosen).lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, save_xs=False)
+    y, _ = _impl(chosen).lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, save_xs=False,
+                                      dropout_p=p, seed=seed)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def cast_master_adapters(x, lora_A, lora_B):
+    """float32 adapters (master weights) on a float16/bfloat16 input are cast to the input's dtype,
+    with autograd, so their gradients come back in float32. Other dtypes are left to the checks."""
+    low = (torch.float16, torch.bfloat16)
+    if not all(isinstance(t, torch.Tensor) for t in (x, lora_A, lora_B)) or x.dtype not in low:
+        return lora_A, lora_B
+    return tuple(t.to(x.dtype) if t.dtype == torch.float32 else t for t in (lora_A, lora_B))

@@ -27,10 +27,10 @@ class LoRALinear(nn.Linear):
     ``lora_B`` (out, r; zeros, so a new layer computes exactly its base linear), as in PEFT.
     ``scaling = lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora``.
 
-    The forward runs the fused kernels through ``lora_linear`` (backend "auto"). Dropout:
-    ``lora_dropout > 0`` in training mode runs the plain-torch path (``F.dropout`` on the LoRA
-    branch's input, which keeps a dropped copy of x for backward) until in-kernel dropout lands;
-    in eval mode, or with p = 0, dropout is the identity and the fused path runs.
+    The forward runs the fused kernels through ``lora_linear`` (backend "auto"). Dropout
+    (``lora_dropout``, training mode only) is applied inside the kernels to the LoRA branch's input
+    and regenerated in backward from a seed: no mask and no dropped copy of x is kept, so a training
+    step saves the same bytes at p = 0.1 as at p = 0. In eval mode dropout is the identity.
 
     ``merge()`` folds ``scaling · lora_B @ lora_A`` into ``weight`` (computed in fp32, rounded
     once) so forward is a plain linear; ``unmerge()`` restores the original weight bit for bit.
@@ -106,11 +106,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        if self.training and self.lora_dropout > 0:
-            base = F.linear(x, self.weight, self.bias)
-            dropped = F.dropout(x, p=self.lora_dropout, training=True)
-            return base + self.scaling * F.linear(F.linear(dropped, self.lora_A), self.lora_B)
-        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling)
+        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
+                           dropout_p=self.lora_dropout, training=self.training)
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "

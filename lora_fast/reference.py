@@ -1,12 +1,13 @@
 """Float64 reference of the LoRA linear, written plainly from the formula.
 
-    y  = x @ W0ᵀ + b + s · (x @ Aᵀ) @ Bᵀ
-    dX = dY @ W0 + s · (dY @ B) @ A      dA = s · (dY @ B)ᵀ @ x      dB = s · dYᵀ @ (x @ Aᵀ)
-    dW0 = dYᵀ @ x                         db = Σ_rows dY
+    y  = x @ W0ᵀ + b + s · (d(x) @ Aᵀ) @ Bᵀ          d(x) = keep ⊙ x / (1 - p)  (LoRA dropout)
+    dX = dY @ W0 + s · (keep / (1 - p)) ⊙ ((dY @ B) @ A)
+    dA = s · (dY @ B)ᵀ @ d(x)      dB = s · dYᵀ @ (d(x) @ Aᵀ)      dW0 = dYᵀ @ x      db = Σ_rows dY
 
 Everything is computed in float64 on the CPU whatever the inputs' dtype and device, so it is
-the yardstick for every kernel and backend (tests, users' own checks). x may have any
-leading shape (..., in); results come back as float64 CPU tensors.
+the yardstick for every kernel and backend (tests, users' own checks). x may have any leading
+shape (..., in); `dropout_mask` (bool, x's shape) with `dropout_p` gives the dropout case, without
+it there is none. Results come back as float64 CPU tensors.
 """
 import torch
 
@@ -15,27 +16,38 @@ def _f64(t):
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float64)
 
 
-def lora_linear_ref(x, weight, lora_A, lora_B, bias=None, scaling=1.0):
+def _dropped(x, dropout_mask, dropout_p):
+    if dropout_mask is None:
+        return x
+    return x * _f64(dropout_mask).reshape(x.shape) / (1.0 - dropout_p)
+
+
+def lora_linear_ref(x, weight, lora_A, lora_B, bias=None, scaling=1.0, dropout_mask=None, dropout_p=0.0):
     """Forward in float64: returns y of shape (..., out)."""
     x, weight, lora_A, lora_B, bias = map(_f64, (x, weight, lora_A, lora_B, bias))
-    y = x @ weight.T + scaling * ((x @ lora_A.T) @ lora_B.T)
+    y = x @ weight.T + scaling * ((_dropped(x, dropout_mask, dropout_p) @ lora_A.T) @ lora_B.T)
     if bias is not None:
         y = y + bias
     return y
 
 
-def lora_linear_backward_ref(grad_out, x, weight, lora_A, lora_B, scaling=1.0):
+def lora_linear_backward_ref(grad_out, x, weight, lora_A, lora_B, scaling=1.0, dropout_mask=None,
+                             dropout_p=0.0):
     """Backward in float64: returns dict with grads 'x', 'weight', 'bias', 'lora_A', 'lora_B'
     (the base weight and bias gradients are given even though LoRA training freezes them)."""
     in_shape = x.shape
     dy, x, weight, lora_A, lora_B = map(_f64, (grad_out, x, weight, lora_A, lora_B))
     dy = dy.reshape(-1, weight.shape[0])
     x = x.reshape(-1, weight.shape[1])
+    xd = _dropped(x, dropout_mask, dropout_p)
     dy_b = dy @ lora_B
+    dx_lora = scaling * dy_b @ lora_A
+    if dropout_mask is not None:
+        dx_lora = dx_lora * _f64(dropout_mask).reshape(x.shape) / (1.0 - dropout_p)
     return {
-        "x": (dy @ weight + scaling * dy_b @ lora_A).reshape(in_shape),
+        "x": (dy @ weight + dx_lora).reshape(in_shape),
         "weight": dy.T @ x,
         "bias": dy.sum(0),
-        "lora_A": scaling * dy_b.T @ x,
-        "lora_B": scaling * dy.T @ (x @ lora_A.T),
+        "lora_A": scaling * dy_b.T @ xd,
+        "lora_B": scaling * dy.T @ (xd @ lora_A.T),
     }

@@ -1,18 +1,33 @@
 """The "torch" backend: the same passes as the kernels, in plain PyTorch ops (the CPU path and the
-fallback). Same saved tensors and same intermediates as the Triton path (xs = s·x@Aᵀ, gs = s·dY@B).
+fallback). Same saved tensors and same intermediates as the Triton path (xs = s'·d(x)@Aᵀ,
+gs = s'·dY@B with s' = s/(1-p)).
 
 Order matters on memory traffic: the skinny product is written first and the big GEMM then
 accumulates into it in place (addmm_ with beta=1 reads C inside a compute-bound GEMM), instead of
 the big GEMM first and an extra read-modify-write pass over the (M, N) output for the low-rank
 term, as `base(x) + lora_B(lora_A(x)) * s` does.
+
+Dropout: the keep-mask comes from a torch.Generator seeded with the call's seed and is drawn again
+in backward, so it is not stored either (it is a different stream from the kernels' Philox draw:
+the two backends drop different elements for the same seed).
 """
 import torch
 
 
-def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True):
-    """(y, xs) for 2-D x (M, K); xs = scaling · x @ lora_Aᵀ (M, r) for backward (None unless
-    save_xs)."""
-    xs = torch.mm(x, lora_A.t()).mul_(scaling)
+def keep_mask(seed, shape, p, device):
+    """The torch path's keep-mask for `seed` (a 1-element int64 tensor)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed.item()))
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
+    """(y, xs) for 2-D x (M, K); xs = scaling/(1-p) · (keep ⊙ x) @ lora_Aᵀ (M, r) for backward (None
+    unless save_xs)."""
+    x_lora = x
+    if dropout_p > 0:
+        x_lora = x * keep_mask(seed, x.shape, dropout_p, x.device)
+    xs = torch.mm(x_lora, lora_A.t()).mul_(scaling / (1.0 - dropout_p))
     if bias is None:
         y = torch.mm(xs, lora_B.t())
     else:
@@ -22,15 +37,19 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True):
 
 
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
-                  need_dx=True, need_da=True, need_db=True):
-    """(dX, dA, dB) with W0 frozen, None for those not asked; reuses gs = s·dY@B for dX and dA."""
+                  need_dx=True, need_da=True, need_db=True, dropout_p=0.0, seed=None):
+    """(dX, dA, dB) with W0 frozen, None for those not asked; reuses gs = s'·dY@B for dX and dA."""
     dx = da = db = None
+    keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 and (need_dx or need_da) else None
     if need_dx or need_da:
-        gs = torch.mm(dy, lora_B).mul_(scaling)
+        gs = torch.mm(dy, lora_B).mul_(scaling / (1.0 - dropout_p))
         if need_dx:
-            dx = torch.mm(gs, lora_A).addmm_(dy, weight)
+            dx = torch.mm(gs, lora_A)
+            if keep is not None:
+                dx.mul_(keep)
+            dx.addmm_(dy, weight)
         if need_da:
-            da = torch.mm(gs.t(), x)
+            da = torch.mm(gs.t(), x if keep is None else x * keep)
     if need_db:
         db = torch.mm(dy.t(), xs)
     return dx, da, db

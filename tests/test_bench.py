@@ -65,9 +65,9 @@ def test_layer_rows(layer_csv):
 
 
 def test_saved_bytes_measured_not_computed(layer_csv):
-    """Saved for backward, as the hooks see it: x plus M·r values for the fused layer and the
-    in-place-addmm one; nothing for nn.Linear with a frozen weight; PEFT with dropout keeps a
-    second copy of x."""
+    """Saved for backward, as the hooks see it: x plus M·r values for the fused layer (with or
+    without dropout) and the in-place-addmm one; nothing for nn.Linear with a frozen weight; PEFT
+    with dropout keeps a second copy of x."""
     saved = {(r["M"], r["dropout"], r["impl"]): float(r["p50"])
              for r in common.read_rows(layer_csv) if r["metric"] == "saved_bytes"}
     K, r, itemsize = 48, 4, 4     # the CPU grid's tiny shape, fp32
@@ -78,6 +78,8 @@ def test_saved_bytes_measured_not_computed(layer_csv):
         assert saved[(str(M), "0.0", "addmm")] == x_bytes + M * r * itemsize
         assert saved[(str(M), "0.0", "linear")] == 0
     assert saved[("33", "0.05", "peft")] == 2 * 33 * K * itemsize + 33 * r * itemsize
+    # in-kernel dropout: the mask is regenerated, nothing more is saved at p = 0.05 than at p = 0
+    assert saved[("33", "0.05", "lora_fast")] == saved[("33", "0.0", "lora_fast")]
 
 
 def test_report(layer_csv):

@@ -85,7 +85,7 @@ def test_merge_unmerge_round_trip_is_bit_exact(dtype):
         layer.merge()
 
 
-def test_dropout_training_uses_torch_path_eval_is_identity():
+def test_dropout_training_reproducible_eval_is_identity():
     torch.manual_seed(5)
     layer = LoRALinear(16, 8, r=4, lora_dropout=0.5)
     _randomize_adapter(layer, 6)

@@ -16,7 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernels_import_inside_namespace():
     assert Path(lora_fast.kernels.__file__).parent == ROOT / "kernels"
     assert lora_fast.kernels.lora_forward.__module__ == "lora_fast.kernels.forward"
-    assert "kernels" not in sys.modules
+
+
+def test_top_level_kernels_probe_sees_nothing():
+    """From a checkout's root (on sys.path under `python -m`), transformers' probe for the PyPI
+    package `kernels` imports our directory; it must find an inert stub, not our kernels, and
+    conclude that package is absent."""
+    code = ("import sys; sys.path.insert(0, '.');"
+            "from transformers.utils.import_utils import _is_package_available;"
+            "print(_is_package_available('kernels', return_version=True)[0]);"
+            "m = sys.modules.get('kernels'); print(m is None or not hasattr(m, 'lora_forward'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
 
 
 def test_wheel_without_extension(tmp_path):
