@@ -114,11 +114,14 @@ def test_eval_has_no_dropout(backend):
                                                           layer.bias, layer.scaling), torch.float32)
 
 
-def _saved(step):
+def _saved_bytes(step, module):
+    """Bytes autograd saves for backward during step() (unique storages, module parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     sizes = {}
 
     def pack(t):
-        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -131,21 +134,12 @@ def test_saved_bytes_do_not_grow_with_dropout(backend):
     """x plus M·r values, p = 0 or 0.1 alike (parameters excluded); PEFT keeps a dropped copy of x."""
     M, K, N, r = 64, 48, 40, 4
     layer = LoRALinear(K, N, r=r, device=DEVICE)
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     x = torch.randn(M, K, device=DEVICE, requires_grad=True)
 
     def step(p):
-        sizes = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.bias, scaling=2.0,
-                        dropout_p=p, training=True, backend=backend)
-        return sum(sizes.values())
+        return _saved_bytes(lambda: lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.bias,
+                                                scaling=2.0, dropout_p=p, training=True, backend=backend),
+                            layer)
 
     assert step(0.0) == step(0.1) == M * K * 4 + M * r * 4
     from peft import LoraConfig
@@ -153,17 +147,7 @@ def test_saved_bytes_do_not_grow_with_dropout(backend):
     base = nn.Linear(K, N, device=DEVICE).requires_grad_(False)
     peft = PeftLinear(base, "default", config=LoraConfig(r=r, lora_dropout=0.1), r=r, lora_alpha=r,
                       lora_dropout=0.1).to(DEVICE)
-    peft_params = {p.untyped_storage().data_ptr() for p in peft.parameters()}
-    sizes = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in peft_params:
-            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        peft(x)
-    assert sum(sizes.values()) == 2 * M * K * 4 + M * r * 4
+    assert _saved_bytes(lambda: peft(x), peft) == 2 * M * K * 4 + M * r * 4
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
