@@ -1,12 +1,16 @@
 """Test set-up: without a CUDA device the Triton kernels run under the interpreter, which must be
 switched on before triton is first imported; every test runs with torch's deterministic mode, whose
 fill_uninitialized_memory makes torch.empty return NaN-filled tensors, so any output element a
-kernel fails to write shows up as NaN."""
+kernel fails to write shows up as NaN. The repository root goes on sys.path so tests can use the
+bench package's measurement helpers (bench/ is not installed)."""
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the mode below
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")

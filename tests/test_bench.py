@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import common
+from bench.model import check_loss_curves
 
-from bench import common  # noqa: E402
-from bench.model import check_loss_curves  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # the fused kernels' own row: compiled on a GPU, interpreted on CPU (not a timing there)
 KERNEL_IMPL = "lora_fast_torch" if torch.cuda.is_available() else "lora_fast_interp"

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.common import saved_bytes
 from helpers import DEVICE, KERNEL_DTYPES, assert_close, make_inputs
 from lora_fast import LoRALinear, lora_linear
 from lora_fast.kernels import lora_backward, lora_forward
@@ -114,21 +115,6 @@ def test_eval_has_no_dropout(backend):
                                                           layer.bias, layer.scaling), torch.float32)
 
 
-def _saved_bytes(step, module):
-    """Bytes autograd saves for backward during step() (unique storages, module parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    sizes = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(sizes.values())
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_saved_bytes_do_not_grow_with_dropout(backend):
     """x plus M·r values, p = 0 or 0.1 alike (parameters excluded); PEFT keeps a dropped copy of x."""
@@ -137,9 +123,9 @@ def test_saved_bytes_do_not_grow_with_dropout(backend):
     x = torch.randn(M, K, device=DEVICE, requires_grad=True)
 
     def step(p):
-        return _saved_bytes(lambda: lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.bias,
-                                                scaling=2.0, dropout_p=p, training=True, backend=backend),
-                            layer)
+        return saved_bytes(lambda: lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.bias,
+                                               scaling=2.0, dropout_p=p, training=True, backend=backend),
+                           exclude=list(layer.parameters()))
 
     assert step(0.0) == step(0.1) == M * K * 4 + M * r * 4
     from peft import LoraConfig
@@ -147,7 +133,7 @@ def test_saved_bytes_do_not_grow_with_dropout(backend):
     base = nn.Linear(K, N, device=DEVICE).requires_grad_(False)
     peft = PeftLinear(base, "default", config=LoraConfig(r=r, lora_dropout=0.1), r=r, lora_alpha=r,
                       lora_dropout=0.1).to(DEVICE)
-    assert _saved_bytes(lambda: peft(x), peft) == 2 * M * K * 4 + M * r * 4
+    assert saved_bytes(lambda: peft(x), exclude=list(peft.parameters())) == 2 * M * K * 4 + M * r * 4
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
