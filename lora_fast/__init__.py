@@ -4,10 +4,19 @@ reference and a plain-PyTorch path. Public API:
     lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling=1.0, backend="auto")
     LoRALinear(in_features, out_features, r=8, lora_alpha=8, ...), LoRALinear.from_linear(...)
     reference.lora_linear_ref / reference.lora_linear_backward_ref (float64)
+    inject(model, r, lora_alpha, target_modules, ...) and merge / unmerge / merge_and_unload /
+    disable_adapters / trainable_parameters / mark_only_lora_as_trainable on a whole model
+    save_adapter / load_adapter / lora_state_dict: adapters in PEFT's format
 """
 from . import reference
 from .function import LoRALinearFunction, lora_linear
 from .module import LoRALinear
+from .inject import (disable_adapters, inject, lora_layers, mark_only_lora_as_trainable, merge,
+                     merge_and_unload, trainable_parameters, unmerge)
+from .adapters import load_adapter, lora_state_dict, save_adapter
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "__version__"]
+__all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "inject", "merge",
+           "unmerge", "merge_and_unload", "lora_layers", "lora_state_dict",
+           "mark_only_lora_as_trainable", "trainable_parameters", "disable_adapters",
+           "save_adapter", "load_adapter", "__version__"]
