@@ -59,7 +59,8 @@ def save_adapter(model, path, base_model_name_or_path=None):
 def load_adapter(model, path):
     """Load the adapter in directory `path` (written by `save_adapter` or by PEFT) into `model`,
     injecting LoRALinear layers as its config says if the model has none yet; returns the names
-    of the layers loaded. Every layer must find its two tensors with the right shapes, and every
+    of the layers loaded. A model already sharded by FSDP2 gets each rank's shard (every rank
+    calls this). Every layer must find its two tensors with the right shapes, and every
     tensor a layer: anything else raises, naming the key."""
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
@@ -98,7 +99,11 @@ def load_adapter(model, path):
                              f"expects {tuple(param.shape)} (r={config['r']} in the adapter)")
     with torch.no_grad():
         for key, param in expected.items():
-            param.copy_(tensors[key])
+            value = tensors[key].to(param.dtype)
+            if hasattr(param, "device_mesh"):   # sharded by FSDP2: copy in this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+            param.copy_(value)
     module.lora_fast_config = {key: config[key] for key in
                                ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
                                 "fan_in_fan_out") if key in config}
