@@ -226,19 +226,16 @@ def test_documented_fsdp2_command_runs(tmp_path):
 
 
 def _snippets():
-    """(document, example path, code) for every fenced block under a `<!-- examples/NAME -->`
-    marker, in the notes and, once merged, in README.md."""
-    found = []
-    for doc in (ROOT / "notes_distributed_readme.md", ROOT / "README.md"):
-        if doc.is_file():
-            for path, code in re.findall(r"<!-- (examples/\S+) -->\n```\w*\n(.*?)```", doc.read_text(), re.S):
-                found.append((doc.name, path, code))
-    return found
+    """(document, example path, code) for every fenced block of README.md under a
+    `<!-- examples/NAME -->` marker."""
+    doc = ROOT / "README.md"
+    return [(doc.name, path, code) for path, code in
+            re.findall(r"<!-- (examples/\S+) -->\n```\w*\n(.*?)```", doc.read_text(), re.S)]
 
 
 def test_readme_snippets_are_the_examples_code():
     snippets = _snippets()
-    assert snippets, "no marked snippets in notes_distributed_readme.md or README.md"
+    assert snippets, "no marked snippets in README.md"
     for doc, path, code in snippets:
         source = [line.rstrip() for line in (ROOT / path).read_text().splitlines()]
         lines = code.rstrip("\n").split("\n")
