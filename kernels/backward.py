@@ -20,6 +20,7 @@ import triton.language as tl
 from . import configs
 from .forward import input_precision
 from .dropout import keep_mask
+from .launch import launch
 from .skinny import skinny
 from .tiling import grouped_tile
 
@@ -199,7 +200,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
         dx_arg = dx if dx is not None else dummy
         gs_arg = gs if gs is not None else dummy
         grid = lambda meta: (grid_m * triton.cdiv(K, meta["BLOCK_K"]),)
-        _lora_backward_kernel[grid](
+        launch(_lora_backward_kernel, grid, dy)(
             dy, weight, lora_A, lora_B, x, xs, gs_arg, dx_arg,
             da_part if da_part is not None else dummy,
             db_part if db_part is not None else dummy,

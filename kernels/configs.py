@@ -34,7 +34,12 @@ def block_r(r):
 
 
 def m_bucket(m):
-    """Autotune key for M: one tuning per power of two, not one per sequence length."""
+    """Autotune key for M: one tuning per power of two, not one per sequence length. A symbolic M
+    (torch.compile with dynamic shapes) is returned as it is: a traced launch has no key (inductor
+    tunes once per compiled graph), and the kernel gets a size, not an expression of bit operations
+    on one; keep_forward_config's `M_BUCKET <= 32` holds exactly when M <= 32 all the same."""
+    if not isinstance(m, int):
+        return m
     return triton.next_power_of_2(max(m, 1))
 
 
@@ -119,10 +124,11 @@ def keep_forward_config(configs, named_args, capability=None, **kwargs):
     itemsize = _launch_arg("x_ptr", named_args, kwargs).element_size()
     rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("XS_IN_LOOP", named_args, kwargs) else 0
     dropout = _launch_arg("DROPOUT", named_args, kwargs)
+    decode = bool(m <= 32)   # a plain bool: on a symbolic M, bool == SymBool would fail in sympy
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if ((bm < 64) == (m <= 32) and fits_registers(bm, bn, c.num_warps, cap, dropout)
+        if ((bm < 64) == decode and fits_registers(bm, bn, c.num_warps, cap, dropout)
                 and fits_shared_memory(c.num_stages, bk * (bm + bn + rank), itemsize, cap)):
             kept.append(c)
     return kept

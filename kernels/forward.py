@@ -16,6 +16,7 @@ import triton.language as tl
 
 from . import configs
 from .dropout import keep_mask
+from .launch import launch
 from .skinny import skinny
 from .tiling import grouped_tile
 
@@ -152,7 +153,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, in_l
         xs, _ = skinny(x, lora_A.t(), scaling, precision, dropout_p=dropout_p, seed=seed)
     xs_arg = xs if xs is not None else y
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_forward_kernel[grid](
+    launch(_lora_forward_kernel, grid, x)(
         x, weight, bias if bias is not None else y, lora_A, lora_B, xs_arg, y,
         seed if dropout else y,
         M, N, K, R, configs.m_bucket(M),

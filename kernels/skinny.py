@@ -13,6 +13,7 @@ import triton.language as tl
 
 from . import configs
 from .dropout import keep_mask
+from .launch import launch
 
 
 @triton.autotune(configs=configs.skinny_configs(), key=["M_BUCKET", "L", "R"],
@@ -94,7 +95,7 @@ def skinny(src, mat, scale, input_precision, side=None, dropout_p=0.0, seed=None
     part = None
     if side is not None:
         part = torch.empty((grid_m, L, R), device=src.device, dtype=torch.float32)
-    _lora_skinny_kernel[(grid_m, triton.cdiv(R, block_r))](
+    launch(_lora_skinny_kernel, (grid_m, triton.cdiv(R, block_r)), src)(
         src, mat, out, side if side is not None else out, part if part is not None else out,
         seed if dropout_p > 0 else out,
         M, L, R, configs.m_bucket(M),

@@ -1,4 +1,6 @@
-"""The autograd Function of the LoRA linear and its functional entry point `lora_linear`.
+"""The functional entry point `lora_linear` (checks, backend choice, dropout seed, then one call of
+the lora_fast.ops operators, whose autograd formula torch.compile traces) and LoRALinearFunction,
+the same operators as an autograd.Function.
 
 Saved for backward (W0 frozen): x itself (no copy: the caller's tensor, which autograd usually
 keeps alive anyway) and xs = s·d(x)@Aᵀ, an (M, r) tensor in x.dtype, i.e. M·r·itemsize new bytes
@@ -16,26 +18,19 @@ nn.Linear does: the output is in the autocast dtype, each gradient in its input'
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import torch_path
 from .backend import resolve_backend
 from .checks import check_lora_inputs
-
-
-def _impl(backend):
-    if backend == "triton":
-        from lora_fast import kernels  # imports triton; only paid for when the kernels run
-        return kernels
-    return torch_path
+from .ops import OPS, input_grads
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """y = x @ weightᵀ + bias + scaling · (x @ lora_Aᵀ) @ lora_Bᵀ, inputs already checked."""
+    """y = x @ weightᵀ + bias + scaling · (x @ lora_Aᵀ) @ lora_Bᵀ, inputs already checked: the same
+    operators (lora_fast.ops) and saved tensors as lora_linear, as an autograd.Function. lora_linear
+    itself calls the operators, whose autograd formula torch.compile traces without a break."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, backend, dropout_p, seed):
-        x2d = x.reshape(-1, x.shape[-1])  # a view whenever the strides allow; kernels take strides
-        y, xs = _impl(backend).lora_forward(x2d, weight, lora_A, lora_B, bias, scaling,
-                                            dropout_p=dropout_p, seed=seed)
+        y, xs = OPS[backend].forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
         ctx.save_for_backward(x, xs, weight, lora_A, lora_B)
         ctx.scaling, ctx.backend, ctx.dropout_p = scaling, backend, dropout_p
         ctx.seed = seed   # 8 bytes, not an activation: on ctx, not among the saved tensors
@@ -44,23 +39,11 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, xs, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        x2d = x.reshape(-1, x.shape[-1])
-        dy = grad_out.reshape(-1, weight.shape[0])
-        dx = da = db = dw = dbias = None
-        if need_x or need_a or need_lb:
-            dx, da, db = _impl(ctx.backend).lora_backward(
-                dy, x2d, xs, weight, lora_A, lora_B, ctx.scaling,
-                need_dx=need_x, need_da=need_a, need_db=need_lb,
-                dropout_p=ctx.dropout_p, seed=ctx.seed)
-            if dx is not None:
-                dx = dx.view(x.shape)
-        # The base weight and bias are normally frozen; their gradients, when asked, are plain ops.
-        if need_w:
-            dw = torch.mm(dy.t(), x2d)
-        if need_b:
-            dbias = dy.sum(0)
+        x, xs, weight, lora_A, lora_B = ctx.saved_tensors
+        dx, dw, da, db, dbias = input_grads(
+            OPS[ctx.backend].backward, grad_out.reshape(-1, weight.shape[0]), x, xs, weight, lora_A,
+            lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_x, need_w, need_a, need_lb, need_b)
         return dx, dw, dbias, da, db, None, None, None, None
 
 
@@ -90,13 +73,13 @@ def lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling=1.0, dropout_p=
     scaling = float(scaling)
     p = float(dropout_p) if training else 0.0
     seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
+    ops = OPS[chosen]
     tensors = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, chosen, p, seed)
-    # Inference: no autograd node, and the kernels need not keep xs.
-    x2d = x.reshape(-1, x.shape[-1])
-    y, _ = _impl(chosen).lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, save_xs=False,
-                                      dropout_p=p, seed=seed)
+        y, _ = ops.forward(x, weight, lora_A, lora_B, bias, scaling, p, seed)
+    else:   # no autograd node, and the kernels need not keep xs
+        y = ops.inference(x, weight, lora_A, lora_B, bias, scaling, p, seed)
+    # Viewed outside the op: in-place ops on the output (y += residual) must see an ordinary view.
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
