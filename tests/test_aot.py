@@ -1,7 +1,8 @@
 """Every kernel config the launchers can run (every variant, every autotune config left by the
 kernels' own pruning, each dtype) compiles ahead of time for sm_80 and sm_90, with no GPU: uses
-tensor-core MMA, fits the architecture's shared memory; on the main path (the GEMM tiles, BLOCK_M >=
-64, of the forward and dX kernels) it does not spill, and on Hopper it uses warpgroup MMA (wgmma).
+tensor-core MMA, fits the architecture's shared memory and does not spill; on the main path (the GEMM
+tiles, BLOCK_M >= 64, of the forward and dX kernels) it uses warpgroup MMA (wgmma) on Hopper, and
+the only sm_90 builds without it are those whose MMA is too small for a warpgroup.
 Runs `python -m lora_fast.aot --all-configs --json` once, in a subprocess, because this test session
 may have the Triton interpreter switched on."""
 import json
@@ -43,9 +44,11 @@ def _main_path(rows):
     return [r for r in rows if r["main_path"] and r["config"]["BLOCK_M"] >= 64]
 
 
-def test_main_path_does_not_spill(rows):
+def test_no_launchable_config_spills(rows):
+    """Every config the pruners leave, decode tiles and partial kernels included (issue 8: configs
+    that spill are pruned, not left to the autotuner)."""
     assert _main_path(rows)
-    for r in _main_path(rows):
+    for r in rows:
         assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, f"{_where(r)}: spills {r['stack_bytes']} B"
 
 
@@ -56,6 +59,17 @@ def test_hopper_main_path_uses_wgmma(rows):
         assert r["wgmma"], f"{_where(r)}: main GEMM without wgmma on sm_90"
     # the check is not vacuous: the same kernels built for Ampere have none
     assert not any(r["wgmma"] for r in rows if r["arch"] == "sm_80")
+
+
+def test_hopper_builds_without_wgmma_are_the_small_mma_ones(rows):
+    """wgmma takes 64 rows per warpgroup. Without it on sm_90 (mma.sync instead) are only: decode
+    tiles (BLOCK_M 16/32: memory-bound, a 64-row MMA would be mostly padding), the skinny pass (its
+    MMA is r columns wide) and the dA-only backward (gsᵀ·x: an r-row MMA) — none a main GEMM."""
+    for r in rows:
+        if r["arch"] == "sm_90" and not r["wgmma"]:
+            small = (r["config"].get("BLOCK_M", 64) < 64 or r["variant"].startswith("skinny")
+                     or r["variant"].startswith("backward_da_only"))
+            assert small, f"{_where(r)}: no wgmma"
 
 
 def test_operand_offsets_are_64_bit_for_any_strides():
