@@ -125,15 +125,15 @@ def keep_forward_config(configs, named_args, capability=None, **kwargs):
     rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("XS_IN_LOOP", named_args, kwargs) else 0
     dropout = _launch_arg("DROPOUT", named_args, kwargs)
     decode = bool(m <= 32)   # a plain bool: on a symbolic M, bool == SymBool would fail in sympy
-    # fp32 (tf32) operands with the in-loop dropout draw: 32 accumulator values per thread spilled
-    # (32x128 with 4 warps: 24 B of stack on sm_80, 88 B on sm_90, `python -m lora_fast.aot
-    # --all-configs`); 16 did not.
+    # Decode tiles with fp32 (tf32) operands and the in-loop dropout draw: 32 accumulator values
+    # per thread spilled (32x128 with 4 warps: 24 B of stack on sm_80, 88 B on sm_90, `python -m
+    # lora_fast.aot --all-configs`), 16 did not; the 64x64 GEMM tile at 32 did not spill either.
     tight = dropout and itemsize == 4
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if ((bm < 64) == decode and fits_registers(bm, bn, c.num_warps, cap, dropout)
-                and not (tight and bm * bn // (32 * c.num_warps) > 16)
+                and not (tight and bm < 64 and bm * bn // (32 * c.num_warps) > 16)
                 and fits_shared_memory(c.num_stages, bk * (bm + bn + rank), itemsize, cap)):
             kept.append(c)
     return kept

@@ -183,8 +183,10 @@ def autotune_configs(variant, arch, dtype, rank=16):
         kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank)}
         if kernel is not forward._lora_forward_kernel:
             kwargs["BLOCK_M"] = block_m
-        prune = kernel.early_config_prune
-        for c in prune(kernel.configs, named_args, capability=arch // 10, **kwargs):
+        kept = kernel.early_config_prune(kernel.configs, named_args, capability=arch // 10, **kwargs)
+        if not kept:   # the autotuner would launch with no config at all: a pruning bug
+            raise RuntimeError(f"{variant} {dtype} sm_{arch}: the pruner leaves no config at M_BUCKET={m}")
+        for c in kept:
             cfg = {"BLOCK_M": block_m, **kwargs, **c.kwargs, "num_warps": c.num_warps,
                    "num_stages": c.num_stages}
             cfg = {k: v for k, v in cfg.items() if k not in spec.constexprs}
