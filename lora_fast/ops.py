@@ -48,6 +48,21 @@ def _kernels():
     return kernels
 
 
+def passes(backend):
+    """The module whose lora_forward / lora_backward run `backend`'s passes."""
+    return _kernels() if backend == "triton" else torch_path
+
+
+def direct_backward(backend):
+    """`backend`'s backward pass called directly, with the backward op's signature and result."""
+    def backward(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db):
+        grads = passes(backend).lora_backward(dy, _rows(x), xs, weight, lora_A, lora_B, scaling,
+                                              need_dx=need_dx, need_da=need_da, need_db=need_db,
+                                              dropout_p=dropout_p, seed=seed)
+        return [g for g in grads if g is not None]
+    return backward
+
+
 def _rows(x):
     return x.reshape(-1, x.shape[-1])   # a view whenever the strides allow; the kernels take strides
 
@@ -112,7 +127,8 @@ def _define(backend, impl, traceable):
 
 def input_grads(backward_op, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
                 need_x, need_w, need_a, need_lb, need_b):
-    """(dx in x's shape, dW, dA, dB, dbias) for the 2-D dy, None where not asked."""
+    """(dx in x's shape, dW, dA, dB, dbias) for the 2-D dy, None where not asked; `backward_op` is
+    the backward op, or direct_backward(backend) in eager mode."""
     lora = need_x or need_a or need_lb
     asked = iter(backward_op(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
                              need_x, need_a, need_lb) if lora else ())
