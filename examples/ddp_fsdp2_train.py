@@ -145,4 +145,5 @@ if __name__ == "__main__":
     _, losses = main(args.strategy, args.out, device, args.steps, args.lora_dropout, args.checkpointing)
     if dist.get_rank() == 0:
         print("loss per step:", " ".join(f"{loss:.4f}" for loss in losses), "| adapter in", args.out)
+    dist.barrier()   # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()

@@ -280,6 +280,7 @@ def _worker(out):
     lora_fast.load_adapter(sharded, out / "fsdp2_p0.0")
     record["fsdp2_loaded"] = {key: _full(t) for key, t in sharded.named_parameters()}
     torch.save(record, out / f"rank{rank}.pt")
+    dist.barrier()   # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
 
 
