@@ -93,9 +93,10 @@ def lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling=1.0, dropout_p=
     else:   # no autograd node, and the kernels need not keep xs
         y, _ = passes(chosen).lora_forward(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias,
                                            scaling, save_xs=False, dropout_p=p, seed=seed)
-    # Viewed here, outside the op or Function: in-place ops on the output (y += residual) must
-    # see an ordinary view.
-    return y.view(*x.shape[:-1], weight.shape[0])
+    # Reshaped here, outside the op or Function, and as F.linear does for 3-D inputs (_unsafe_view:
+    # same storage, but not a view to autograd): in-place ops on the output (y += residual) are
+    # allowed, and FSDP2's pre-backward hook on a module output is not dropped by them.
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def cast_master_adapters(x, lora_A, lora_B):
