@@ -93,9 +93,9 @@ def lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling=1.0, dropout_p=
     else:   # no autograd node, and the kernels need not keep xs
         y, _ = passes(chosen).lora_forward(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias,
                                            scaling, save_xs=False, dropout_p=p, seed=seed)
-    # Reshaped here, outside the op or Function, and as F.linear does for 3-D inputs (_unsafe_view:
-    # same storage, but not a view to autograd): in-place ops on the output (y += residual) are
-    # allowed, and FSDP2's pre-backward hook on a module output is not dropped by them.
+    # Reshaped here, outside the op or Function, with _unsafe_view as torch.matmul does (same
+    # storage, not a view to autograd): in-place ops on the output (y += residual) are allowed, and
+    # FSDP2 does not warn that they would drop its pre-backward hook on a module's output.
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
 

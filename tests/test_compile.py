@@ -122,7 +122,7 @@ def test_in_place_on_the_output_keeps_gradients(backend):
     x3 = t["x"].view(3, 4, 10)
     res = torch.randn(3, 4, 8, device=DEVICE)
     y = lora_linear(x3, t["weight"], t["lora_A"], t["lora_B"], t["bias"], scaling=0.5, backend=backend)
-    assert not y._is_view(), "nn.Linear's output is no view; FSDP2 warns about module outputs that are"
+    assert not y._is_view(), "a view as a module's output: FSDP2 warns that in-place ops drop its hook"
     y += res
     y.square().sum().backward()
     ref = {k: v.detach().clone().requires_grad_(True) for k, v in t.items()}
