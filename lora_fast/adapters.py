@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .inject import inject, lora_layers, unwrap
+from .inject import inject, lora_layers, require_lora_layers, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,8 +27,12 @@ def lora_state_dict(model):
     """{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)} — the model's own state-dict names for
     its adapter weights, detached. Weights sharded by FSDP2 (DTensor) are gathered whole: that is
     a collective, so every rank must call this."""
+    return _gathered(require_lora_layers(model, "lora_state_dict"))
+
+
+def _gathered(layers):
     out = {}
-    for name, layer in _unwrap(model, "lora_state_dict").items():
+    for name, layer in layers.items():
         for part in ("lora_A", "lora_B"):
             tensor = getattr(layer, part).detach()
             if hasattr(tensor, "full_tensor"):   # a DTensor shard (FSDP2)
@@ -43,9 +47,9 @@ def save_adapter(model, path, base_model_name_or_path=None):
     weights are gathered) and rank 0 writes."""
     from safetensors.torch import save_file
 
-    layers = _unwrap(model, "save_adapter")
+    layers = require_lora_layers(model, "save_adapter")
     config = _adapter_config(model, layers, base_model_name_or_path)
-    tensors = {f"{PREFIX}{key}.weight": t.cpu().contiguous() for key, t in lora_state_dict(model).items()}
+    tensors = {f"{PREFIX}{key}.weight": t.cpu().contiguous() for key, t in _gathered(layers).items()}
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_rank() != 0:
         return Path(path)
@@ -119,14 +123,6 @@ def _saved_dtype_if_usable(model, tensors):
     (dtype,) = dtypes
     base = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return dtype if dtype == torch.float32 or base == {dtype} else None
-
-
-def _unwrap(model, what):
-    """LoRA layers of `model` (through DDP and torch.compile wrappers: names as the bare model's)."""
-    layers = lora_layers(unwrap(model))
-    if not layers:
-        raise ValueError(f"{what}: model has no LoRALinear layers; call lora_fast.inject first")
-    return layers
 
 
 def _adapter_config(model, layers, base_model_name_or_path):

@@ -21,23 +21,24 @@ weights (cast to x's dtype for the computation; their grads come back in float32
 torch.autocast (cuda bf16/fp16, cpu bf16) every input is cast to the autocast dtype first, as
 nn.Linear does: the output is in the autocast dtype, each gradient in its input's own dtype.
 """
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from .backend import resolve_backend
 from .checks import check_lora_inputs
-from .ops import OPS, direct_backward, input_grads, passes
+from .ops import OPS, input_grads, run_backward, run_forward
 
 
 class LoRALinearFunction(torch.autograd.Function):
     """y = x @ weightᵀ + bias + scaling · (x @ lora_Aᵀ) @ lora_Bᵀ, inputs already checked, returned
-    as 2-D rows (M, out) for x (..., in): lora_linear views it to (..., out) outside the Function,
+    as 2-D rows (M, out) for x (..., in): lora_linear reshapes it to (..., out) outside the Function,
     so in-place ops on the result (y += residual) are allowed, as on nn.Linear's output."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, backend, dropout_p, seed):
-        y, xs = passes(backend).lora_forward(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias,
-                                             scaling, dropout_p=dropout_p, seed=seed)
+        y, xs = run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
         ctx.save_for_backward(x, xs, weight, lora_A, lora_B)
         ctx.scaling, ctx.backend, ctx.dropout_p = scaling, backend, dropout_p
         ctx.seed = seed   # 8 bytes, not an activation: on ctx, not among the saved tensors
@@ -49,7 +50,7 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         x, xs, weight, lora_A, lora_B = ctx.saved_tensors
         dx, dw, da, db, dbias = input_grads(
-            direct_backward(ctx.backend), grad_out, x, xs, weight, lora_A, lora_B, ctx.scaling,
+            functools.partial(run_backward, ctx.backend), grad_out, x, xs, weight, lora_A, lora_B, ctx.scaling,
             ctx.dropout_p, ctx.seed, need_x, need_w, need_a, need_lb, need_b)
         return dx, dw, dbias, da, db, None, None, None, None
 
@@ -91,8 +92,7 @@ def lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling=1.0, dropout_p=
     elif training_step:
         y = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, chosen, p, seed)
     else:   # no autograd node, and the kernels need not keep xs
-        y, _ = passes(chosen).lora_forward(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias,
-                                           scaling, save_xs=False, dropout_p=p, seed=seed)
+        y, _ = run_forward(chosen, x, weight, lora_A, lora_B, bias, scaling, p, seed, save_xs=False)
     # Reshaped here, outside the op or Function, with _unsafe_view as torch.matmul does (same
     # storage, not a view to autograd): in-place ops on the output (y += residual) are allowed, and
     # FSDP2 does not warn that they would drop its pre-backward hook on a module's output.

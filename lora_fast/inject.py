@@ -113,7 +113,9 @@ def unwrap(model):
             return model
 
 
-def _require_lora_layers(model, what):
+def require_lora_layers(model, what):
+    """{name: LoRALinear} of the model inside any wrapper (see unwrap); raises, naming `what`, if
+    there are none."""
     layers = lora_layers(unwrap(model))
     if not layers:
         raise ValueError(f"{what}: model has no LoRALinear layers; call lora_fast.inject first")
@@ -122,14 +124,14 @@ def _require_lora_layers(model, what):
 
 def merge(model):
     """Merge every adapter into its base weight (see LoRALinear.merge); unmerge undoes it exactly."""
-    for layer in _require_lora_layers(model, "merge").values():
+    for layer in require_lora_layers(model, "merge").values():
         layer.merge()
     return model
 
 
 def unmerge(model):
     """Restore every merged base weight bit for bit."""
-    for layer in _require_lora_layers(model, "unmerge").values():
+    for layer in require_lora_layers(model, "unmerge").values():
         layer.unmerge()
     return model
 
@@ -137,7 +139,7 @@ def unmerge(model):
 def merge_and_unload(model):
     """Merge every adapter and put the plain layers back (nn.Linear, or Conv1D where inject found
     one), in place; returns `model`. The base weights are updated in place, no copy is kept."""
-    layers = _require_lora_layers(model, "merge_and_unload")
+    layers = require_lora_layers(model, "merge_and_unload")
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.to_base())
@@ -175,7 +177,7 @@ def trainable_parameters(model):
 def disable_adapters(model):
     """Within the block every LoRALinear computes its base linear alone (as PEFT's
     ``disable_adapter()``); the previous state is restored on exit, also on error."""
-    layers = list(_require_lora_layers(model, "disable_adapters").values())
+    layers = list(require_lora_layers(model, "disable_adapters").values())
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:
         layer.adapter_enabled = False

@@ -117,6 +117,9 @@ class LoRALinear(nn.Linear):
         if self.merged:
             raise RuntimeError("merge: the adapter is already merged; call unmerge() first")
         self._original_weight = self.weight.detach().clone()
+        self._fold_adapter_into_weight()
+
+    def _fold_adapter_into_weight(self):
         delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
         self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
 
@@ -134,8 +137,7 @@ class LoRALinear(nn.Linear):
         in fp32, rounded once; in place, no copy kept): an nn.Linear, or a Conv1D for one made
         from a Conv1D. Sharing the weight storage, so do not use this LoRALinear afterwards."""
         if not self.merged:
-            delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
-            self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+            self._fold_adapter_into_weight()
         self._original_weight = None
         weight = self.weight.detach()
         if self.from_conv1d:

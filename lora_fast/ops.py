@@ -9,8 +9,8 @@ tensor; y, xs and the gradients are 2-D (M = rows of x):
     lora_fast::{backend}_backward(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed?,
                                   need_dx, need_da, need_db) -> [dx, dA, dB], only the asked ones
 
-y is returned 2-D and lora_linear views it as (..., out) outside the op: autograd forbids in-place
-ops (``y += residual``) on an op output that is itself a view.
+y is returned 2-D and lora_linear reshapes it to (..., out) outside the op: autograd forbids
+in-place ops (``y += residual``) on an op output that is itself a view.
 
 `{backend}_forward` carries the autograd formula (register_autograd). It saves x and xs (M·r values
 in x's dtype) as tensors, plus weight, lora_A and lora_B (held by the module anyway), and keeps the
@@ -18,14 +18,18 @@ dropout seed (8 bytes, drawn by lora_linear) on ctx: saved_tensors_hooks see exa
 with LoRALinearFunction. The backward regenerates the dropout mask from that seed.
 
 Registration. ``torch``: custom_op + register_fake, opaque to the compiler (its dropout mask is a
-torch.Generator seeded from seed.item(), a host read that cannot be traced; with dropout it is
-not for CUDA graphs). ``triton``: triton_op, whose launchers start their kernels through wrap_triton while they
-are traced (kernels/launch.py), so inductor sees the kernels themselves. @triton.autotune with
-prune_configs_by is supported there (torch 2.11 and 2.13 alike): the tracer runs early_config_prune
-on the fake arguments and records an autotuner of the kept configs, tuned once per compiled graph;
-the autotune key (M_BUCKET, N, K, R) plays no part there. Without a GPU the triton ops are custom_ops with fakes, like the torch ones: under
-the Triton interpreter the kernels are no JIT functions, which wrap_triton cannot trace (torch 2.11
-refuses them, 2.13 launches them untraced); torch < 2.6 has no triton_op either.
+torch.Generator seeded from seed.item(), a host read that cannot be traced; with dropout it is not
+for CUDA graphs). ``triton``: triton_op, whose launchers start their kernels through wrap_triton
+while they are traced (kernels/launch.py), so inductor sees the kernels themselves.
+@triton.autotune with prune_configs_by is supported there (torch 2.11 and 2.13 alike): the tracer
+runs early_config_prune on the fake arguments and records an autotuner of the kept configs, tuned
+once per compiled graph; the autotune key (M_BUCKET, N, K, R) plays no part there. Without a GPU
+the triton ops are custom_ops with fakes, like the torch ones: under the Triton interpreter the
+kernels are no JIT functions, which wrap_triton cannot trace (torch 2.11 refuses them, 2.13
+launches them untraced); torch < 2.6 has no triton_op either.
+
+Eagerly, lora_linear does not call these operators (their Python dispatch costs ~30 us a call):
+LoRALinearFunction calls run_forward / run_backward itself.
 """
 import math
 from typing import NamedTuple, Optional
@@ -53,14 +57,19 @@ def passes(backend):
     return _kernels() if backend == "triton" else torch_path
 
 
-def direct_backward(backend):
-    """`backend`'s backward pass called directly, with the backward op's signature and result."""
-    def backward(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db):
-        grads = passes(backend).lora_backward(dy, _rows(x), xs, weight, lora_A, lora_B, scaling,
-                                              need_dx=need_dx, need_da=need_da, need_db=need_db,
-                                              dropout_p=dropout_p, seed=seed)
-        return [g for g in grads if g is not None]
-    return backward
+def run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_xs=True):
+    """(y (M, out), xs (M, r) or None) of `backend`'s forward pass, for x of any leading shape."""
+    return passes(backend).lora_forward(_rows(x), weight, lora_A, lora_B, bias, scaling,
+                                        save_xs=save_xs, dropout_p=dropout_p, seed=seed)
+
+
+def run_backward(backend, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
+                 need_dx, need_da, need_db):
+    """The asked gradients among [dx (M, in), dA, dB] of `backend`'s backward pass, in that order."""
+    grads = passes(backend).lora_backward(dy, _rows(x), xs, weight, lora_A, lora_B, scaling,
+                                          need_dx=need_dx, need_da=need_da, need_db=need_db,
+                                          dropout_p=dropout_p, seed=seed)
+    return [g for g in grads if g is not None]
 
 
 def _rows(x):
@@ -75,34 +84,32 @@ def _kernels_traceable():
             and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"))
 
 
-def _define(backend, impl, traceable):
-    """Register the three ops of `backend`, whose passes are impl().lora_forward / lora_backward."""
+def _define(backend, traceable, prefix=None):
+    """Register the three ops of `backend` (named lora_fast::{prefix}_*, prefix = backend by
+    default): run_forward / run_backward as operators."""
     def define(name):
+        qualname = f"lora_fast::{prefix or backend}_{name}"
         if traceable:
-            return torch.library.triton_op(f"lora_fast::{backend}_{name}", mutates_args=())
-        return torch.library.custom_op(f"lora_fast::{backend}_{name}", mutates_args=())
+            return torch.library.triton_op(qualname, mutates_args=())
+        return torch.library.custom_op(qualname, mutates_args=())
 
     @define("forward")
     def forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                 scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        return impl().lora_forward(_rows(x), weight, lora_A, lora_B, bias, scaling,
-                                   dropout_p=dropout_p, seed=seed)
+        return run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
     @define("inference")
     def inference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                   scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
-        y, _ = impl().lora_forward(_rows(x), weight, lora_A, lora_B, bias, scaling, save_xs=False,
-                                   dropout_p=dropout_p, seed=seed)
-        return y
+        return run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
+                           save_xs=False)[0]
 
     @define("backward")
     def backward(dy: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                  scaling: float, dropout_p: float, seed: Optional[Tensor],
                  need_dx: bool, need_da: bool, need_db: bool) -> list[Tensor]:
-        grads = impl().lora_backward(dy, _rows(x), xs, weight, lora_A, lora_B, scaling,
-                                     need_dx=need_dx, need_da=need_da, need_db=need_db,
-                                     dropout_p=dropout_p, seed=seed)
-        return [g for g in grads if g is not None]
+        return run_backward(backend, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
+                            need_dx, need_da, need_db)
 
     def setup_context(ctx, inputs, output):
         x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed = inputs
@@ -128,7 +135,7 @@ def _define(backend, impl, traceable):
 def input_grads(backward_op, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
                 need_x, need_w, need_a, need_lb, need_b):
     """(dx in x's shape, dW, dA, dB, dbias) for the 2-D dy, None where not asked; `backward_op` is
-    the backward op, or direct_backward(backend) in eager mode."""
+    the backward op, or run_backward bound to a backend in eager mode."""
     lora = need_x or need_a or need_lb
     asked = iter(backward_op(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
                              need_x, need_a, need_lb) if lora else ())
@@ -152,5 +159,5 @@ def _backward_fake(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed, 
     return [g for need, g in grads if need]
 
 
-OPS = {"torch": _define("torch", lambda: torch_path, traceable=False),
-       "triton": _define("triton", _kernels, traceable=_kernels_traceable())}
+OPS = {"torch": _define("torch", traceable=False),
+       "triton": _define("triton", traceable=_kernels_traceable())}

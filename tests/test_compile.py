@@ -232,7 +232,7 @@ def _trace_triton_ops(groups):
         pass
 
     triton.runtime.driver.set_active(TraceOnlyDriver())
-    traced_ops = ops._define("triton_traced", ops._kernels, traceable=True)   # what a GPU registers
+    traced_ops = ops._define("triton", traceable=True, prefix="triton_traced")   # what a GPU registers
 
     def step(x, weight, lora_A, lora_B, bias):
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
