@@ -139,11 +139,11 @@ def unmerge(model):
 def merge_and_unload(model):
     """Merge every adapter and put the plain layers back (nn.Linear, or Conv1D where inject found
     one), in place; returns `model`. The base weights are updated in place, no copy is kept."""
-    layers = require_lora_layers(model, "merge_and_unload")
-    for name, layer in layers.items():
+    inner = unwrap(model)   # the layer names are the bare model's
+    for name, layer in require_lora_layers(inner, "merge_and_unload").items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.to_base())
-    model.__dict__.pop("lora_fast_config", None)
+        setattr(inner.get_submodule(parent_name), child, layer.to_base())
+    inner.__dict__.pop("lora_fast_config", None)
     return model
 
 

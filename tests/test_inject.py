@@ -174,6 +174,16 @@ def test_merge_and_unload_gives_plain_linears_sharing_storage():
         assert_close("unloaded", unloaded(x), expected, torch.float32)
 
 
+def test_merge_and_unload_through_a_wrapper():
+    """The layer names are the bare model's: a DataParallel (or DDP, torch.compile) wrapper is
+    looked through, not given new attributes."""
+    model = Net()
+    lora_fast.inject(model, target_modules=["q_proj"])
+    wrapped = nn.DataParallel(model)
+    assert lora_fast.merge_and_unload(wrapped) is wrapped
+    assert not lora_fast.lora_layers(model) and type(model.blocks[0].q_proj) is nn.Linear
+
+
 def test_lora_state_dict_and_trainable_flags():
     model = Net()
     names = lora_fast.inject(model, target_modules=["v_proj"])
