@@ -106,11 +106,7 @@ def plots(rows, stem):
             ax.set_xlabel("tokens M")
             ax.set_ylabel(f"speed-up over PEFT ({mode})")
             ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = Path(f"{stem}-speedup-{mode}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, Path(f"{stem}-speedup-{mode}.png")))
 
     train_mode = "fwd_bwd" if "fwd_bwd" in present else "step"
     largest = max(cases, key=lambda c: c[1] * (c[2] + c[3]))
@@ -124,12 +120,16 @@ def plots(rows, stem):
     ax.set_ylabel(f"MiB ({train_mode}; peak_mem is CUDA only)")
     ax.set_title(f"{largest[0]} M={largest[1]} r={largest[4]} {largest[5]} dropout={largest[6]:g}", fontsize=9)
     ax.legend(fontsize=8)
+    written.append(_save(fig, Path(f"{stem}-memory.png")))
+    return written
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    path = Path(f"{stem}-memory.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
 
 
 def main(argv=None):
