@@ -3,12 +3,13 @@
 # fits the 10-minute limit):
 #   bash bench/gpu_run.sh tests     install, GPU facts, the whole test suite on the GPU, lora-fast-check
 #   bash bench/gpu_run.sh quick     bench.layer --quick and its report
+#   bash bench/gpu_run.sh targets   bench.layer --grid targets (issue 8's cases) and its report
 #   bash bench/gpu_run.sh layer     the default bench.layer grid and its report
 #   bash bench/gpu_run.sh model     bench.model (PEFT vs lora_fast, ~0.9B Llama) and its report
 # Results are appended under bench/results/ and copied to $OUT (the device tool brings $OUT back);
 # commit them with the notes in bench/NOTES.md.
 set -euo pipefail
-stage=${1:?usage: bash bench/gpu_run.sh tests|quick|layer|model}
+stage=${1:?usage: bash bench/gpu_run.sh tests|quick|targets|layer|model}
 out=${OUT:-bench/results/out}
 mkdir -p "$out"
 if ! python -c "import pybind11" 2>/dev/null; then
@@ -30,6 +31,9 @@ case "$stage" in
     csv=bench/results/layer-cuda.csv
     if [ "$stage" = quick ]; then python -m bench.layer --quick --out "$csv"; else python -m bench.layer --out "$csv"; fi
     python -m bench.report "$csv" && cp bench/results/layer-cuda* "$out"/ ;;
+  targets)
+    csv=bench/results/targets-cuda.csv
+    python -m bench.layer --grid targets --out "$csv" && python -m bench.report "$csv" && cp bench/results/targets-cuda* "$out"/ ;;
   model)
     csv=bench/results/model-cuda.csv
     python -m bench.model --out "$csv" && python -m bench.report "$csv" && cp bench/results/model-cuda* "$out"/ ;;

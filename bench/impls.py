@@ -6,20 +6,26 @@ adapter (the same non-zero A and B) per case:
   addmm            the fastest hand-written style: out = x@W0ᵀ; out.addmm_(x@Aᵀ, Bᵀ, alpha=s), and a
                    custom backward reusing dY@B with in-place addmm_ (dropout 0 only)
   compile          torch.compile of the plain PEFT-style formula
-  lora_fast        LoRALinear (backend "auto": the Triton kernels on CUDA, the torch path on CPU)
+  lora_fast        LoRALinear (backend "auto": the Triton kernels on CUDA, the torch path on CPU),
+                   each pass's path picked by lora_fast.dispatch (measured on the GPU)
+  lorafusion_style LoRAFusion's design in our kernels: a shrink pass (dropout, x·Aᵀ) then the GEMM
+                   with xs·Bᵀ in its epilogue; backward one pass over dY (dY·B, dB) then the dX GEMM
+                   with (dY·B)·A and dA in its epilogue — the dispatcher's "split" path, forced
   lora_fast_torch  lora_linear(backend="torch") on CUDA (dropout 0 only)
   lora_fast_interp lora_linear(backend="triton") on CPU under TRITON_INTERPRET=1 (not a timing)
 """
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_fast import LoRALinear, lora_linear
+from lora_fast import LoRALinear, dispatch, lora_linear
 from lora_fast.backend import interpreter_enabled
 
-IMPLS = ("linear", "peft", "addmm", "compile", "lora_fast", "lora_fast_torch", "lora_fast_interp")
+IMPLS = ("linear", "peft", "addmm", "compile", "lora_fast", "lorafusion_style", "lora_fast_torch",
+         "lora_fast_interp")
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Impl:
     params: list                           # the trainable tensors (grads cleared between steps)
     modules: list = field(default_factory=list)   # toggled by train()/eval()
     lora: bool = True                      # carries an adapter (else: the floor)
+    context: callable = contextlib.nullcontext    # entered around every forward and backward
 
     def train(self, mode):
         for m in self.modules:
@@ -135,6 +142,14 @@ def make_impls(names, K, N, r, dtype, dropout, device, seed=0):
                 layer.lora_A.copy_(lora_A)
                 layer.lora_B.copy_(lora_B)
             out[name] = Impl(name, layer, [layer.lora_A, layer.lora_B], [layer])
+        elif name == "lorafusion_style" and (device.type == "cuda" or interpreter_enabled()):
+            a, b = adapter()
+            state = {"training": True}
+            impl = Impl(name, lambda x, a=a, b=b: lora_linear(
+                x, weight, a, b, bias, scaling=scaling, dropout_p=dropout, training=state["training"],
+                backend="triton"), [a, b], context=lambda: dispatch.forced(forward="split", backward="split"))
+            impl.train = lambda mode, state=state: state.update(training=mode)
+            out[name] = impl
         elif name in ("lora_fast_torch", "lora_fast_interp") and dropout == 0:
             backend = "torch" if name == "lora_fast_torch" else "triton"
             if (name == "lora_fast_torch") != (device.type == "cuda"):

@@ -16,13 +16,16 @@ interpreter when TRITON_INTERPRET=1), which test the harness and are not kernel 
 """
 import argparse
 import itertools
+import json
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from bench import common
 from bench.impls import IMPLS, make_impls
+from lora_fast import dispatch
 
 SHAPES = {  # name: (in_features K, out_features N)
     "llama3-8b-qo": (4096, 4096), "llama3-8b-kv": (4096, 1024),
@@ -36,11 +39,21 @@ TOKENS = (1, 8, 64, 512, 4096, 16384)
 MODES = ("fwd", "fwd_bwd", "bwd")
 
 
-def default_grid(device, quick):
+LLAMA3_8B = ("llama3-8b-qo", "llama3-8b-kv", "llama3-8b-up", "llama3-8b-down")
+
+
+def default_grid(device, quick, grid="default"):
     """(shape, M, r, dtype, dropout) cases. GPU default: every shape × every M at r=16 bf16, an r
-    sweep and fp16/fp32 on one shape; --quick: two shapes at decode and training sizes."""
+    sweep and fp16/fp32 on one shape; --quick: two shapes at decode and training sizes; --grid
+    targets: issue 8's cases (the M=8192 4096→4096 r=16 headline at dropout 0.1 and 0, the
+    Llama-3-8B shapes at r = 8, 16, 64, decode M = 1, 8, 64)."""
     if device.type != "cuda":
         return [("tiny", m, 4, "fp32", p) for m in (1, 33) for p in (0.0, 0.05)][: 2 if quick else 4]
+    if grid == "targets":
+        cases = [("llama3-8b-qo", 8192, 16, "bf16", 0.1)]
+        cases += [(s, 8192, r, "bf16", 0.0) for s in LLAMA3_8B for r in (8, 16, 64)]
+        cases += [(s, m, 16, "bf16", 0.0) for s in LLAMA3_8B for m in (1, 8, 64)]
+        return cases
     if quick:
         return [(s, m, 16, "bf16", p) for s in ("llama3-8b-qo", "llama3-8b-up") for m in (1, 4096)
                 for p in (0.0, 0.05)]
@@ -84,6 +97,10 @@ def bench_case(case, impl_names, rounds, warmup, device, ceilings, meta, modes=M
         clear(impl)
         impl.train(mode != "fwd")
         flush()
+        with impl.context():
+            return _timed_run(impl, mode)
+
+    def _timed_run(impl, mode):
         if mode == "fwd":
             with torch.no_grad(), common.Timer(device) as t:
                 impl.forward(x)
@@ -133,7 +150,8 @@ def bench_case(case, impl_names, rounds, warmup, device, ceilings, meta, modes=M
         if mode == "fwd_bwd":
             clear(impl)
             impl.train(True)
-            saved = common.saved_bytes(lambda: impl.forward(x), exclude=[*base, *impl.params])
+            with impl.context():
+                saved = common.saved_bytes(lambda: impl.forward(x), exclude=[*base, *impl.params])
             rows.append({**row, "metric": "saved_bytes", "p50": saved, "p20": saved, "p80": saved,
                          "unit": "B"})
     return rows
@@ -148,7 +166,8 @@ def check_same_function(impls, x, dtype):
         for name, impl in impls.items():
             impl.train(False)
             if impl.lora:
-                outs[name] = impl.forward(x).float()
+                with impl.context():
+                    outs[name] = impl.forward(x).float()
     ref = outs.get("peft", outs.get("lora_fast"))
     for name, out in outs.items():
         err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if ref.numel() else 0.0
@@ -156,10 +175,22 @@ def check_same_function(impls, x, dtype):
             raise RuntimeError(f"{name} disagrees with the reference implementation: relative error {err:.2e}")
 
 
+def write_dispatch_choices(csv_path, meta):
+    """What lora_fast.dispatch chose for each key this run met, with the times it measured, in a JSON
+    file beside the CSV (one entry per run: its metadata and the choices)."""
+    path = csv_path.with_name(csv_path.stem + "-dispatch.json")
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append({**meta, "choices": dispatch.choices()})
+    path.write_text(json.dumps(runs, indent=1))
+    print(f"dispatch choices written to {path}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small grid (a minute on a GPU)")
+    parser.add_argument("--grid", choices=("default", "targets"), default="default",
+                        help="targets: issue 8's cases only (headline, Llama-3-8B shapes × r, decode)")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="cross product with --M/--r")
     parser.add_argument("--M", type=int, nargs="+", default=None, help="tokens (with --shapes)")
     parser.add_argument("--r", type=int, nargs="+", default=[16], help="ranks (with --shapes)")
@@ -176,7 +207,7 @@ def main(argv=None):
         dtypes = args.dtype or ["bf16" if device.type == "cuda" else "fp32"]
         cases = list(itertools.product(args.shapes, args.M or TOKENS, args.r, dtypes, args.dropout))
     else:
-        cases = default_grid(device, args.quick)
+        cases = default_grid(device, args.quick, args.grid)
         if args.dtype:
             cases = [c for c in cases if c[3] in args.dtype]
     rounds = args.rounds or (30 if device.type == "cuda" else 5)
@@ -203,6 +234,8 @@ def main(argv=None):
         common.append_rows(out, rows)
         n_rows += len(rows)
     print(f"{n_rows} rows appended to {out}")
+    if device.type == "cuda":
+        write_dispatch_choices(Path(out), meta)
     return out
 
 

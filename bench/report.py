@@ -3,7 +3,9 @@
     python -m bench.report bench/results/layer-cuda.csv   (or a bench.model file)
 
 Table: per case and mode, each implementation's median time and its ratios: speed-up over PEFT
-(PEFT's time / its time, dropout matched) and cost over the floor (its time / nn.Linear's).
+(PEFT's time / its time, dropout matched), over the fastest baseline (PEFT, in-place addmm,
+torch.compile, LoRAFusion-style; its time / this one's) and cost over the floor (its time /
+nn.Linear's).
 Plots: speed-up over PEFT against M, one panel per shape (training and inference); peak memory
 and saved-for-backward bars for the largest case. Rows of several runs in one file are reported
 per run (device, commit, date), the newest last.
@@ -16,7 +18,10 @@ from pathlib import Path
 from bench import common
 
 MODES = ("fwd", "fwd_bwd", "bwd", "step")
-IMPL_ORDER = ["linear", "peft", "addmm", "compile", "lora_fast", "lora_fast_torch", "lora_fast_interp"]
+IMPL_ORDER = ["linear", "peft", "addmm", "compile", "lorafusion_style", "lora_fast", "lora_fast_torch",
+              "lora_fast_interp"]
+# What lora_fast must never be slower than (issue 8): the fastest of these in the same run.
+BASELINES = ("peft", "addmm", "compile", "lorafusion_style")
 
 
 def _index(rows):
@@ -49,29 +54,87 @@ def markdown(rows):
         out += [f"## {device} — commit {commit}, {date}", "", f"`{command}`", ""]
         if ceilings:
             out += ["Measured ceilings (the roofline's two numbers): " + "; ".join(ceilings), ""]
+        checked = targets(cases)
+        if checked:
+            out += ["Issue 8's targets (lora_fast):", "", *checked, ""]
         out += [
                 "time = median ms; ×PEFT = PEFT's time / this one's (> 1: faster than PEFT); "
+                "×best = the fastest baseline's time / this one's (≥ 1: no baseline is faster); "
                 "×floor = this time / nn.Linear's (the floor; 1.00 is the target)", "",
-                "| case | M | r | dtype | dropout | mode | impl | time ms | ×PEFT | ×floor | roofline % | saved B |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| case | M | r | dtype | dropout | mode | impl | time ms | ×PEFT | ×best | ×floor | roofline % | saved B |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for case in sorted(cases, key=lambda c: (c[0], c[5], c[4], c[6], c[1])):
             name, M, K, N, r, dtype, dropout = case
             by_impl = cases[case]
             for mode in MODES:
                 peft = by_impl.get(("peft", mode), {}).get("time")
                 floor = _floor_time(cases, case, mode)
+                best = min((by_impl[(b, mode)]["time"] for b in BASELINES if (b, mode) in by_impl), default=None)
                 for impl in IMPL_ORDER:
                     m = by_impl.get((impl, mode))
                     if not m:
                         continue
                     t = m["time"]
                     vs_peft = f"{peft / t:.2f}" if peft and impl != "linear" else ""
+                    vs_best = f"{best / t:.2f}" if best and impl not in BASELINES and impl != "linear" else ""
                     vs_floor = f"{t / floor:.2f}" if floor else ""
                     saved = f"{m['saved_bytes']:.0f}" if "saved_bytes" in m else ""
                     out.append(f"| {name} ({K}→{N}) | {M} | {r} | {dtype} | {dropout:g} | {mode} | {impl} | "
-                               f"{t:.4g} | {vs_peft} | {vs_floor} | {m.get('roofline_pct', float('nan')):.1f} | {saved} |")
+                               f"{t:.4g} | {vs_peft} | {vs_best} | {vs_floor} | {m.get('roofline_pct', float('nan')):.1f} | {saved} |")
         out.append("")
     return "\n".join(out)
+
+
+def _ratio(cases, case, mode, impl, against):
+    """(against's time / impl's time) for one case and mode, or None when either is missing."""
+    by_impl = cases.get(case, {})
+    t = by_impl.get((impl, mode), {}).get("time")
+    if against == "floor":
+        other = _floor_time(cases, case, mode)
+        return t / other if t and other else None     # cost over the floor: impl / floor
+    if against == "best":
+        other = min((by_impl[(b, mode)]["time"] for b in BASELINES if (b, mode) in by_impl), default=None)
+    else:
+        other = by_impl.get((against, mode), {}).get("time")
+    return other / t if t and other else None
+
+
+def targets(cases):
+    """Issue 8's targets, checked on the cases this run has (bench.layer --grid targets has them
+    all): one Markdown bullet each, with the measured value and met/missed."""
+    out = []
+
+    def check(label, value, ok, where=""):
+        out.append(f"- {label}: {value:.2f}{where} — {'met' if ok else 'MISSED'}")
+
+    for p in (0.1, 0.0):
+        head = ("llama3-8b-qo", 8192, 4096, 4096, 16, "bf16", p)
+        peft, floor = _ratio(cases, head, "fwd_bwd", "lora_fast", "peft"), _ratio(cases, head, "fwd_bwd", "lora_fast", "floor")
+        if peft is not None:
+            check(f"training M=8192 4096→4096 r=16 bf16 dropout {p:g}: ×PEFT (≥ 1.45)", peft, peft >= 1.45)
+        if floor is not None:
+            check(f"training M=8192 4096→4096 r=16 bf16 dropout {p:g}: ×floor (≤ 1.10)", floor, floor <= 1.10)
+    worst = {}
+    for case in cases:
+        if case[0].startswith("llama3-8b") and case[5] == "bf16" and case[1] >= 512:
+            for mode in ("fwd_bwd", "fwd"):
+                value = _ratio(cases, case, mode, "lora_fast", "best")
+                if value is not None and (mode not in worst or value < worst[mode][0]):
+                    worst[mode] = (value, case)
+        if case[0].startswith("llama3-8b") and case[5] == "bf16" and case[1] <= 64:
+            value = _ratio(cases, case, "fwd", "lora_fast", "floor")
+            if value is not None and ("decode" not in worst or value > worst["decode"][0]):
+                worst["decode"] = (value, case)
+    for mode in ("fwd_bwd", "fwd"):
+        if mode in worst:
+            value, c = worst[mode]
+            check(f"{mode}, Llama-3-8B shapes, M ≥ 512: worst ×best baseline (≥ 1.00)", value, value >= 1.0,
+                  f" at {c[0]} M={c[1]} r={c[4]} dropout {c[6]:g}")
+    if "decode" in worst:
+        value, c = worst["decode"]
+        check("inference, unmerged adapter, M ≤ 64: worst ×floor (≤ 1.10)", value, value <= 1.10,
+              f" at {c[0]} M={c[1]} r={c[4]}")
+    return out
 
 
 def plots(rows, stem):

@@ -7,8 +7,9 @@ reference and a plain-PyTorch path. Public API:
     inject(model, r, lora_alpha, target_modules, ...) and merge / unmerge / merge_and_unload /
     disable_adapters / trainable_parameters / mark_only_lora_as_trainable on a whole model
     save_adapter / load_adapter / lora_state_dict: adapters in PEFT's format
+    dispatch: which kernel path each pass runs on a GPU, measured per shape and cached
 """
-from . import reference
+from . import dispatch, reference
 from .function import LoRALinearFunction, lora_linear
 from .module import LoRALinear
 from .inject import (disable_adapters, inject, lora_layers, mark_only_lora_as_trainable, merge,

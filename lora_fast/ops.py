@@ -47,14 +47,13 @@ class Ops(NamedTuple):
     backward: object
 
 
-def _kernels():
-    from lora_fast import kernels  # imports triton: only paid for when the kernels run
-    return kernels
-
-
 def passes(backend):
-    """The module whose lora_forward / lora_backward run `backend`'s passes."""
-    return _kernels() if backend == "triton" else torch_path
+    """The module whose lora_forward / lora_backward run `backend`'s passes: for "triton", the
+    dispatcher, which picks the kernels' path (or cuBLAS) per shape by measurement."""
+    if backend == "triton":
+        from . import dispatch  # imports triton: only paid for when the kernels run
+        return dispatch
+    return torch_path
 
 
 def run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_xs=True):

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the mode below
+# The dispatcher's measured choices stay in the test process (no ~/.cache/lora_fast file).
+os.environ.setdefault("LORA_FAST_DISPATCH_CACHE", "")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

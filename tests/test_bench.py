@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # the fused kernels' own row: compiled on a GPU, interpreted on CPU (not a timing there)
 KERNEL_IMPL = "lora_fast_torch" if torch.cuda.is_available() else "lora_fast_interp"
-IMPLS = ["linear", "peft", "addmm", "lora_fast", KERNEL_IMPL]
+IMPLS = ["linear", "peft", "addmm", "lora_fast", "lorafusion_style", KERNEL_IMPL]
 UNITS = {"time": "ms", "tflops": "TFLOP/s", "gbps": "GB/s", "roofline_pct": "%", "peak_mem": "B",
          "saved_bytes": "B", "tokens_per_s": "tok/s"}
 
@@ -60,6 +60,7 @@ def test_layer_rows(layer_csv):
                     assert (M, "0.0", impl, mode, metric) in have
     # lora_fast applies at dropout 0.05 too (addmm and the interpreter path only at 0)
     assert ("33", "0.05", "lora_fast", "fwd_bwd", "time") in have
+    assert ("33", "0.05", "lorafusion_style", "fwd_bwd", "time") in have
     assert ("33", "0.05", "addmm", "fwd_bwd", "time") not in have
 
 
@@ -79,13 +80,18 @@ def test_saved_bytes_measured_not_computed(layer_csv):
     assert saved[("33", "0.05", "peft")] == 2 * 33 * K * itemsize + 33 * r * itemsize
     # in-kernel dropout: the mask is regenerated, nothing more is saved at p = 0.05 than at p = 0
     assert saved[("33", "0.05", "lora_fast")] == saved[("33", "0.0", "lora_fast")]
+    assert saved[("33", "0.05", "lorafusion_style")] == saved[("33", "0.0", "lora_fast")]
 
 
 def test_report(layer_csv):
     from bench.report import main
     written = main([str(layer_csv)])
     md = layer_csv.with_suffix(".md").read_text()
-    assert "| tiny (48→40) | 33 | 4 | fp32 | 0 | fwd_bwd | lora_fast |" in md
+    row = next(line for line in md.splitlines()
+               if line.startswith("| tiny (48→40) | 33 | 4 | fp32 | 0 | fwd_bwd | lora_fast |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    vs_peft, vs_best, vs_floor = (float(c) for c in cells[8:11])   # every ratio filled in
+    assert vs_best <= vs_peft and vs_floor > 0
     assert "Measured ceilings (the roofline's two numbers): fp32: matmul" in md
     pngs = [p for p in written if p.suffix == ".png"]
     assert len(pngs) == 3
@@ -106,3 +112,25 @@ def test_loss_curve_check_can_fail():
     check_loss_curves({"peft": [2.0, 1.9], "lora_fast": [2.0, 1.9 * (1 + 1e-6)]}, "fp32")
     with pytest.raises(RuntimeError, match="diverge at step 1"):
         check_loss_curves({"peft": [2.0, 1.9], "lora_fast": [2.0, 1.95]}, "fp32")
+
+
+def test_report_checks_the_issue_8_targets():
+    """The report's target lines come from the rows' times: made-up times where lora_fast beats PEFT
+    by 1.5x but costs 1.2x the floor on the headline case, and one baseline beats it on another."""
+    from bench.report import markdown
+    meta = {"device": "GPU", "torch": "t", "triton": "t", "commit": "c", "date": "d", "command": "x"}
+    times = {("llama3-8b-qo", 8192, 4096, 4096, 0.1): {"linear": 10.0, "peft": 18.0, "lora_fast": 12.0},
+             ("llama3-8b-up", 8192, 4096, 14336, 0.0): {"linear": 30.0, "addmm": 33.0, "lora_fast": 34.0},
+             ("llama3-8b-kv", 8, 4096, 1024, 0.0): {"linear": 1.0, "peft": 3.0, "lora_fast": 1.05}}
+    rows = [{**meta, "case": name, "M": M, "K": K, "N": N, "r": 16, "dtype": "bf16", "dropout": p,
+             "impl": impl, "mode": mode, "metric": "time", "p50": t, "p20": t, "p80": t, "unit": "ms"}
+            for (name, M, K, N, p), by_impl in times.items() for impl, t in by_impl.items()
+            for mode in ("fwd", "fwd_bwd")]
+    lines = [line for line in markdown(rows).splitlines() if line.startswith("- ")]
+    assert lines == [
+        "- training M=8192 4096→4096 r=16 bf16 dropout 0.1: ×PEFT (≥ 1.45): 1.50 — met",
+        "- training M=8192 4096→4096 r=16 bf16 dropout 0.1: ×floor (≤ 1.10): 1.20 — MISSED",
+        "- fwd_bwd, Llama-3-8B shapes, M ≥ 512: worst ×best baseline (≥ 1.00): 0.97 at llama3-8b-up M=8192 r=16 dropout 0 — MISSED",
+        "- fwd, Llama-3-8B shapes, M ≥ 512: worst ×best baseline (≥ 1.00): 0.97 at llama3-8b-up M=8192 r=16 dropout 0 — MISSED",
+        "- inference, unmerged adapter, M ≤ 64: worst ×floor (≤ 1.10): 1.05 at llama3-8b-kv M=8 r=16 — met",
+    ], lines

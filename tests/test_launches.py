@@ -43,6 +43,8 @@ def triton_launches(monkeypatch):
     for module in (forward_mod, backward_mod, skinny_mod):
         monkeypatch.setattr(module, "launch", recording)
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
+    # The small-M path itself (on a GPU the dispatcher would time these no-op launches and pick any).
+    monkeypatch.setenv("LORA_FAST_DISPATCH", "heuristic")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(False)
     yield launched

@@ -1,0 +1,255 @@
+"""Which path runs a pass of the "triton" backend, per (device, dtype, shape): measured, not guessed.
+
+Forward paths                                    Backward paths (W0 frozen)
+  in_loop  one kernel, x·Aᵀ in the GEMM's K-loop   fused  one kernel, dY·B in the dX GEMM's N-loop
+  split    shrink pass (xs), then the GEMM with    split  one pass over dY (gs, dB partials), then
+           xs·Bᵀ in its epilogue                          the dX GEMM with gs·A and dA in its epilogue
+  cublas   torch path: xs, then cuBLAS addmm_     cublas torch path: cuBLAS GEMMs, gs reused
+           into xs·Bᵀ (dropout 0 only)                    (dropout 0 only)
+in_loop/fused need the whole rank in one tile (r <= 64), fused needs dX; cublas runs only at
+dropout 0, because the torch path's keep-mask is a different random stream from the kernels' and
+the forward and backward choices are made separately. Every path computes the same function with
+the same saved tensors (x, and xs = s'·d(x)·Aᵀ), so any forward pairs with any backward.
+
+LORA_FAST_DISPATCH picks how a choice is made:
+  measure (default)  the first call of a key on a CUDA device runs every applicable path on the
+                     call's own inputs — one warm-up run (it also compiles and autotunes), then the
+                     median of REPS runs timed with CUDA events, L2 flushed before each — and keeps
+                     the fastest for the process and in the cache file. Where timing cannot run
+                     (CUDA-graph capture, torch.compile tracing, the interpreter), a cached choice
+                     is used if there is one, else the heuristic.
+  heuristic          the static rule (kernels.configs.IN_LOOP_MAX_M): in_loop/fused for
+                     M <= 256, split above; never times, never reads the cache (the same choice on
+                     every machine).
+Key: device, dtype, pass, M rounded up to a power of two, N, K, r, dropout on, bias, what is saved
+or asked. The cache file (LORA_FAST_DISPATCH_CACHE, default ~/.cache/lora_fast/dispatch.json; an
+empty value keeps choices in the process only) has one section per device name and torch / triton /
+lora_fast version, and the measured times beside each choice.
+"""
+import contextlib
+import json
+import os
+import statistics
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import torch_path
+
+FORWARD_PATHS = ("in_loop", "split", "cublas")
+BACKWARD_PATHS = ("fused", "split", "cublas")
+MODES = ("measure", "heuristic")
+REPS = 5
+
+_choices = {}        # key -> path: measured here or loaded from the cache file
+_times = {}          # key -> {path: ms}, for the measured and loaded keys
+_file_sections = {}  # device -> its section of the cache file, read on the first miss
+_forced = {}         # pass -> path, while a `forced` block runs
+
+
+def _kernels():
+    from lora_fast import kernels
+    return kernels
+
+
+def mode():
+    value = os.environ.get("LORA_FAST_DISPATCH", "measure")
+    if value not in MODES:
+        raise ValueError(f"LORA_FAST_DISPATCH: expected one of {MODES}, got {value!r}")
+    return value
+
+
+def forward_paths(R, dropout_p):
+    """The forward paths that apply to rank R and dropout_p, in the heuristic's order of preference."""
+    return (("in_loop",) if R <= _kernels().configs.IN_LOOP_MAX_R else ()) + ("split",) + \
+        (("cublas",) if dropout_p == 0 else ())
+
+
+def backward_paths(R, dropout_p, need_dx):
+    return (("fused",) if need_dx and R <= _kernels().configs.IN_LOOP_MAX_R else ()) + ("split",) + \
+        (("cublas",) if dropout_p == 0 else ())
+
+
+def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
+    """kernels.lora_forward or the torch path, whichever this (device, dtype, shape) runs fastest."""
+    M, K = x.shape
+    N, R = lora_B.shape
+
+    def run(path):
+        if path == "cublas":
+            return torch_path.lora_forward(x, weight, lora_A, lora_B, bias, scaling, save_xs=save_xs)
+        return _kernels().lora_forward(x, weight, lora_A, lora_B, bias, scaling, save_xs=save_xs,
+                                       in_loop=path == "in_loop", dropout_p=dropout_p, seed=seed)
+
+    def heuristic():
+        return "in_loop" if _kernels().forward.xs_in_loop(M, R) else "split"
+
+    shape = (M, N, K, R, dropout_p > 0, bias is not None, save_xs)
+    return run(choose("forward", x, shape, forward_paths(R, dropout_p), heuristic, run))
+
+
+def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
+                  need_dx=True, need_da=True, need_db=True, dropout_p=0.0, seed=None):
+    """kernels.lora_backward or the torch path, whichever this (device, dtype, shape) runs fastest."""
+    M, N = dy.shape
+    K, R = x.shape[1], lora_A.shape[0]
+
+    def run(path):
+        if path == "cublas":
+            return torch_path.lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling,
+                                            need_dx=need_dx, need_da=need_da, need_db=need_db)
+        return _kernels().lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, need_dx=need_dx,
+                                        need_da=need_da, need_db=need_db, fused=path == "fused",
+                                        dropout_p=dropout_p, seed=seed)
+
+    def heuristic():
+        return "fused" if need_dx and _kernels().backward.g_in_loop(M, R) else "split"
+
+    shape = (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db)
+    return run(choose("backward", dy, shape, backward_paths(R, dropout_p, need_dx), heuristic, run))
+
+
+def choose(pass_name, t, shape, candidates, heuristic, run):
+    """The path for one call: forced, the only candidate, cached, measured, or the heuristic."""
+    forced = _forced.get(pass_name)
+    if forced is not None:
+        if forced not in candidates:
+            raise ValueError(f"forced {pass_name} path {forced!r} does not apply to this call "
+                             f"(M, N, K, r = {shape[:4]}, dropout {shape[4]}): expected one of {candidates}")
+        return forced
+    if len(candidates) == 1 or mode() == "heuristic" or not isinstance(shape[0], int):
+        return candidates[0] if len(candidates) == 1 else heuristic()   # a symbolic M: no key
+    key = (t.device, t.dtype, pass_name, _kernels().configs.m_bucket(shape[0])) + shape[1:]
+    path = _choices.get(key)
+    if path is None:
+        path = _from_cache_file(key)
+    if path in candidates:
+        return path
+    if not can_measure(t):
+        return heuristic()
+    times = {p: timer(lambda p=p: run(p), t.device) for p in candidates}
+    path = min(times, key=times.get)
+    _choices[key], _times[key] = path, times
+    _save(t.device, key)
+    return path
+
+
+def can_measure(t):
+    """Timing runs on CUDA tensors, eagerly, outside a CUDA-graph capture."""
+    from lora_fast.kernels.launch import _traced
+    return (t.device.type == "cuda" and not _kernels().configs.INTERPRET
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+            and not _traced(t))
+
+
+def timer(fn, device):
+    """Median time (ms) of fn over REPS runs after one warm-up run, CUDA events around each, L2
+    flushed before each (the layer's weight is not in L2 when a model runs it)."""
+    fn()
+    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8,
+                        device=device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(REPS)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+@contextlib.contextmanager
+def forced(forward=None, backward=None):
+    """Run the block with the given paths (a benchmark's fixed design, a test): neither measured nor
+    cached. A forced path that does not apply to a call raises ValueError."""
+    for name, value, allowed in (("forward", forward, FORWARD_PATHS), ("backward", backward, BACKWARD_PATHS)):
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed} or None, got {value!r}")
+    previous = dict(_forced)
+    _forced.update({k: v for k, v in (("forward", forward), ("backward", backward)) if v is not None})
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(previous)
+
+
+def choices():
+    """{key string: {"path": ..., "ms": {path: time}}} for every key decided by measurement or the
+    cache in this process, under each device's section name."""
+    out = {}
+    for key, path in _choices.items():
+        out.setdefault(_section(key[0]), {})[_key_string(key)] = {"path": path, "ms": _times.get(key, {})}
+    return out
+
+
+def clear():
+    """Forget every choice of this process (the cache file is left as it is)."""
+    _choices.clear()
+    _times.clear()
+    _file_sections.clear()
+
+
+def cache_path():
+    value = os.environ.get("LORA_FAST_DISPATCH_CACHE")
+    if value is None:
+        root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(root) / "lora_fast" / "dispatch.json"
+    return Path(value) if value else None
+
+
+def _section(device):
+    import triton
+    from lora_fast import __version__
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name} | torch {torch.__version__} | triton {triton.__version__} | lora_fast {__version__}"
+
+
+def _key_string(key):
+    _, dtype, pass_name, bucket, *rest = key
+    return "|".join([pass_name, str(dtype).replace("torch.", ""), str(bucket), *map(str, rest)])
+
+
+def _read(path):
+    """The cache file's contents ({} if it does not exist); a file that is not a cache is warned
+    about and treated as empty (it is rewritten by the next measurement)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"LORA_FAST_DISPATCH_CACHE: {path} is not a readable dispatch cache ({e}); "
+                      "measuring again and rewriting it", RuntimeWarning, stacklevel=3)
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        warnings.warn(f"LORA_FAST_DISPATCH_CACHE: {path} is not a dispatch cache (expected an object "
+                      "of sections); measuring again and rewriting it", RuntimeWarning, stacklevel=3)
+        return {}
+    return data
+
+
+def _from_cache_file(key):
+    """The cache file's choice for key (None if it has none), its device section read once."""
+    device = key[0]
+    if device not in _file_sections:
+        path = cache_path()
+        _file_sections[device] = _read(path).get(_section(device), {}) if path is not None else {}
+    entry = _file_sections[device].get(_key_string(key))
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        return None
+    _choices[key], _times[key] = entry["path"], entry.get("ms", {})
+    return entry["path"]
+
+
+def _save(device, key):
+    path = cache_path()
+    if path is None:
+        return
+    data = _read(path)
+    data.setdefault(_section(device), {})[_key_string(key)] = {"path": _choices[key], "ms": _times[key]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)   # atomic: a concurrent reader sees the old file or the new one

@@ -1,0 +1,221 @@
+"""The dispatcher (lora_fast/dispatch.py): which path a "triton"-backend call runs. Measuring is
+checked on CPU with a stand-in timer (the interpreter's times mean nothing) that gives each path a
+time; the paths themselves run for real, and every forward/backward pairing is held to float64."""
+import json
+
+import pytest
+import torch
+
+from helpers import HAS_CUDA, KERNEL_DTYPES, assert_close, make_inputs
+from lora_fast import dispatch, kernels, lora_linear, torch_path
+from lora_fast.reference import lora_linear_backward_ref, lora_linear_ref
+
+SCALING = 1.7
+
+
+@pytest.fixture
+def ran(monkeypatch, tmp_path):
+    """The paths run, in order ("forward:in_loop", "backward:cublas", ...), with a fresh dispatcher
+    whose cache file is under tmp_path."""
+    calls = []
+
+    def spy(pass_name, fn, path_of):
+        def wrapped(*args, **kwargs):
+            calls.append(f"{pass_name}:{path_of(kwargs)}")
+            return fn(*args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(kernels, "lora_forward", spy(
+        "forward", kernels.lora_forward, lambda kw: "in_loop" if kw["in_loop"] else "split"))
+    monkeypatch.setattr(kernels, "lora_backward", spy(
+        "backward", kernels.lora_backward, lambda kw: "fused" if kw["fused"] else "split"))
+    monkeypatch.setattr(torch_path, "lora_forward", spy("forward", torch_path.lora_forward, lambda kw: "cublas"))
+    monkeypatch.setattr(torch_path, "lora_backward", spy("backward", torch_path.lora_backward, lambda kw: "cublas"))
+    monkeypatch.setenv("LORA_FAST_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
+    monkeypatch.delenv("LORA_FAST_DISPATCH", raising=False)
+    dispatch.clear()
+    yield calls
+    dispatch.clear()
+
+
+@pytest.fixture
+def timed(monkeypatch, ran):
+    """Measuring switched on, with a timer that runs the path and returns the time set for it in
+    the returned dict (ms by "pass:path"); the timed paths are appended to its "timed" list."""
+    speeds = {"timed": []}
+
+    def timer(fn, device):
+        before = len(ran)
+        fn()
+        path = ran[before]
+        del ran[before:]          # what the timer ran is not what the call ran
+        speeds["timed"].append(path)
+        return speeds[path]
+    monkeypatch.setattr(dispatch, "can_measure", lambda t: True)
+    monkeypatch.setattr(dispatch, "timer", timer)
+    return speeds
+
+
+def _step(M, K=40, N=36, r=8, dtype=torch.float32, dropout_p=0.0, seed=0):
+    """A training step through lora_linear (triton backend); returns the inputs, y and the grads."""
+    t = make_inputs(M, K, N, r, dtype, seed=seed)
+    leaves = {k: t[k].clone().requires_grad_() for k in ("x", "lora_A", "lora_B")}
+    y = lora_linear(leaves["x"], t["weight"], leaves["lora_A"], leaves["lora_B"], t["bias"],
+                    scaling=SCALING, dropout_p=dropout_p, training=dropout_p > 0, backend="triton")
+    dy = make_inputs(M, N, 1, 1, dtype, seed=seed + 1)["x"]
+    y.backward(dy)
+    return t, dy, y, {k: v.grad for k, v in leaves.items()}
+
+
+def _assert_matches_reference(t, dy, y, grads, dtype):
+    assert_close("y", y, lora_linear_ref(**t, scaling=SCALING), dtype)
+    ref = lora_linear_backward_ref(dy, t["x"], t["weight"], t["lora_A"], t["lora_B"], SCALING)
+    for name in ("x", "lora_A", "lora_B"):
+        assert_close(name, grads[name], ref[name], dtype)
+
+
+@pytest.mark.parametrize("M,expected", [(1, ["forward:in_loop", "backward:fused"]),
+                                        (300, ["forward:split", "backward:split"])])
+def test_without_measuring_the_static_rule_decides(M, expected, ran, monkeypatch):
+    """On CPU nothing is timed (no CUDA events): in_loop/fused up to IN_LOOP_MAX_M rows, split above;
+    LORA_FAST_DISPATCH=heuristic gives the same even where timing could run."""
+    assert kernels.configs.IN_LOOP_MAX_M < 300
+    monkeypatch.setattr(dispatch, "timer", lambda fn, device: pytest.fail("timed without a GPU"))
+    _step(M)
+    assert ran == expected
+    monkeypatch.setenv("LORA_FAST_DISPATCH", "heuristic")
+    monkeypatch.setattr(dispatch, "can_measure", lambda t: True)
+    ran.clear()
+    _step(M)
+    assert ran == expected
+    assert dispatch.choices() == {}, "the heuristic must not be recorded as a measured choice"
+
+
+@pytest.mark.parametrize("fastest", [("in_loop", "split"), ("split", "cublas"), ("cublas", "fused")])
+def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path, monkeypatch):
+    fwd, bwd = fastest
+    timed.update({f"forward:{p}": 1.0 if p == fwd else 2.0 for p in dispatch.FORWARD_PATHS})
+    timed.update({f"backward:{p}": 1.0 if p == bwd else 3.0 for p in dispatch.BACKWARD_PATHS})
+    t, dy, y, grads = _step(37)
+    assert sorted(timed["timed"]) == sorted([f"forward:{p}" for p in dispatch.FORWARD_PATHS] +
+                                            [f"backward:{p}" for p in dispatch.BACKWARD_PATHS])
+    assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
+    _assert_matches_reference(t, dy, y, grads, torch.float32)
+
+    # Another M in the same power-of-two bucket (33..64): the kept choice, not timed again.
+    timed["timed"].clear()
+    ran.clear()
+    _step(60, seed=5)
+    assert timed["timed"] == [] and ran == [f"forward:{fwd}", f"backward:{bwd}"]
+
+    # The cache file holds both choices with their times, under this device's section.
+    data = json.loads((tmp_path / "dispatch.json").read_text())
+    (section, entries), = data.items()
+    assert section.startswith("cpu | torch ") and "| lora_fast " in section
+    assert sorted(e["path"] for e in entries.values()) == sorted([fwd, bwd])
+    fwd_entry = next(e for k, e in entries.items() if k.startswith("forward|float32|64|36|40|8|"))
+    assert fwd_entry["ms"][fwd] == 1.0 and len(fwd_entry["ms"]) == 3
+    assert dispatch.choices() == data
+
+    # A new process (clear): the file's choices are used without timing.
+    dispatch.clear()
+    monkeypatch.setattr(dispatch, "timer", lambda fn, device: pytest.fail("timed despite the cache file"))
+    ran.clear()
+    _step(50, seed=9)
+    assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
+
+
+def test_only_applicable_paths_are_timed(timed, ran):
+    """dropout > 0: no cublas (the torch path's mask is another random stream); r > 64: no
+    in_loop/fused (one rank tile); inference keys apart from training ones."""
+    timed.update({"forward:in_loop": 2.0, "forward:split": 1.0, "forward:cublas": 0.5,
+                  "backward:fused": 1.0, "backward:split": 2.0, "backward:cublas": 0.5})
+    _step(20, dropout_p=0.25)
+    assert sorted(timed["timed"]) == ["backward:fused", "backward:split", "forward:in_loop", "forward:split"]
+    assert ran == ["forward:split", "backward:fused"]
+    timed["timed"].clear()
+    _step(20, r=100)
+    assert sorted(timed["timed"]) == ["backward:cublas", "backward:split", "forward:cublas", "forward:split"]
+    timed["timed"].clear()
+    t = make_inputs(20, 40, 36, 8, torch.float32)
+    with torch.no_grad():
+        lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], backend="triton")
+    assert sorted(timed["timed"]) == ["forward:cublas", "forward:in_loop", "forward:split"]
+    assert dispatch.backward_paths(8, 0.0, need_dx=False) == ("split", "cublas")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("fwd", dispatch.FORWARD_PATHS)
+@pytest.mark.parametrize("bwd", dispatch.BACKWARD_PATHS)
+def test_every_pairing_computes_the_function(fwd, bwd, dtype, ran):
+    """Forward and backward are chosen apart: every pair (their saved xs is the same quantity)
+    matches float64, on a 3-D input with odd sizes."""
+    with dispatch.forced(forward=fwd, backward=bwd):
+        t, dy, y, grads = _step(29, K=45, N=23, r=5, dtype=dtype)
+    assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
+    _assert_matches_reference(t, dy, y, grads, dtype)
+
+
+def test_forced_paths_are_checked(ran):
+    with pytest.raises(ValueError, match="forward: expected one of"):
+        with dispatch.forced(forward="fused"):
+            pass
+    with pytest.raises(ValueError, match="forced forward path 'in_loop' does not apply"):
+        with dispatch.forced(forward="in_loop"):
+            _step(4, r=100)
+    with pytest.raises(ValueError, match="forced backward path 'cublas' does not apply"):
+        with dispatch.forced(backward="cublas"):
+            _step(4, dropout_p=0.5)
+    assert dispatch._forced == {}, "a failed forced block must restore the dispatcher"
+
+
+def test_bad_mode_is_refused(ran, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_DISPATCH", "fastest")
+    with pytest.raises(ValueError, match="LORA_FAST_DISPATCH: expected one of"):
+        _step(4)
+
+
+def test_unreadable_cache_is_warned_about_and_rewritten(timed, ran, tmp_path):
+    (tmp_path / "dispatch.json").write_text("{not json")
+    timed.update({f"forward:{p}": 1.0 for p in dispatch.FORWARD_PATHS})
+    timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
+    with pytest.warns(RuntimeWarning, match="not a readable dispatch cache"):
+        _step(8)
+    assert len(json.loads((tmp_path / "dispatch.json").read_text())) == 1
+
+
+def test_empty_cache_setting_keeps_choices_in_the_process(timed, ran, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_FAST_DISPATCH_CACHE", "")
+    timed.update({f"forward:{p}": 1.0 for p in dispatch.FORWARD_PATHS})
+    timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
+    _step(8)
+    assert dispatch.choices() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_measuring_on_the_gpu(ran):
+    """The real timer: positive times for every applicable path, the fastest kept, correct results;
+    inside a CUDA-graph capture a new key is not timed (the heuristic runs) and capture succeeds."""
+    t, dy, y, grads = _step(512, K=1024, N=1024, r=16, dtype=torch.bfloat16)
+    _assert_matches_reference(t, dy, y, grads, torch.bfloat16)
+    (entries,) = dispatch.choices().values()
+    assert len(entries) == 2
+    for entry in entries.values():
+        assert all(ms > 0 for ms in entry["ms"].values()) and entry["path"] == min(entry["ms"], key=entry["ms"].get)
+    s = make_inputs(8, 1024, 1024, 16, torch.bfloat16)
+    args = (s["x"], s["weight"], s["lora_A"], s["lora_B"], s["bias"])
+    dispatch.clear()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    # Warm-up on a side stream compiles the kernel the heuristic picks (forced: nothing timed or kept).
+    with torch.cuda.stream(side), torch.no_grad(), dispatch.forced(forward="in_loop"):
+        lora_linear(*args, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = lora_linear(*args, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert dispatch.choices() == {}, "a key was timed inside a CUDA-graph capture"
+    assert ran[-1] == "forward:in_loop"
+    assert_close("y", out, lora_linear_ref(**s), torch.bfloat16)
