@@ -1,7 +1,8 @@
 """Triton kernels of lora_fast, installed as ``lora_fast.kernels`` (never as a top-level ``kernels``).
 
 One file per pass: forward.py (fused forward GEMM), backward.py (fused dX/dA/dB GEMM),
-skinny.py (the x @ Aᵀ / dY @ B first pass of the split path), dropout.py (the in-kernel mask);
+skinny.py (the x @ Aᵀ / dY @ B first pass of the split path), splitk.py (the split-K decode
+forward), dropout.py (the in-kernel mask);
 configs.py holds every block size, autotune list and path heuristic.
 """
 if __name__ == "kernels":
@@ -13,5 +14,6 @@ if __name__ == "kernels":
 else:
     from .backward import lora_backward
     from .forward import lora_forward
+    from .splitk import lora_forward_split_k
 
-    __all__ = ["lora_forward", "lora_backward"]
+    __all__ = ["lora_forward", "lora_backward", "lora_forward_split_k"]

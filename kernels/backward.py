@@ -185,7 +185,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
         raise ValueError(f"fused backward holds the whole rank in one tile: r={R} > {block_r}")
     precision = input_precision(dy.dtype)
     block_m = configs.partial_block_m(M, fused)
-    grid_m = triton.cdiv(M, block_m)
+    grid_m = configs.cdiv(M, block_m)
 
     gs = db_part = None
     if not fused and (need_dx or need_da or need_db):
@@ -199,7 +199,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
         dummy = dy
         dx_arg = dx if dx is not None else dummy
         gs_arg = gs if gs is not None else dummy
-        grid = lambda meta: (grid_m * triton.cdiv(K, meta["BLOCK_K"]),)
+        grid = lambda meta: (grid_m * configs.cdiv(K, meta["BLOCK_K"]),)
         launch(_lora_backward_kernel, grid, dy)(
             dy, weight, lora_A, lora_B, x, xs, gs_arg, dx_arg,
             da_part if da_part is not None else dummy,

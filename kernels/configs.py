@@ -28,9 +28,24 @@ IN_LOOP_MAX_R = 64
 MAX_BLOCK_R = 64
 
 
+def next_power_of_2(n):
+    """triton.next_power_of_2 for an int n >= 1 without its call overhead (~6 us a call in Triton
+    3.9, a few of them per launch: the whole budget of a decode step); a symbolic size (torch.compile
+    with dynamic shapes) goes to Triton's."""
+    if type(n) is int:
+        return 1 << (n - 1).bit_length()
+    return triton.next_power_of_2(n)
+
+
+def cdiv(a, b):
+    """Ceiling division, for ints and symbolic sizes alike, written as triton.cdiv is (whose call
+    costs as much as next_power_of_2's)."""
+    return (a + b - 1) // b
+
+
 def block_r(r):
     """Rank tile: tl.dot needs every dimension >= 16, so r < 16 is padded (masked) to 16."""
-    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+    return min(MAX_BLOCK_R, max(16, next_power_of_2(r)))
 
 
 def m_bucket(m):
@@ -40,7 +55,7 @@ def m_bucket(m):
     on one; keep_forward_config's `M_BUCKET <= 32` holds exactly when M <= 32 all the same."""
     if not isinstance(m, int):
         return m
-    return triton.next_power_of_2(max(m, 1))
+    return next_power_of_2(max(m, 1))
 
 
 def partial_block_m(m, fused=False):
@@ -54,7 +69,7 @@ def partial_block_m(m, fused=False):
     """
     if INTERPRET:
         return 16
-    return min(64 if fused else 128, max(16, triton.next_power_of_2(m)))
+    return min(64 if fused else 128, max(16, next_power_of_2(m)))
 
 
 def _config(bm, bn, bk, stages, warps, group_m=8):
@@ -187,3 +202,63 @@ def keep_skinny_config(configs, named_args, capability=None, **kwargs):
     return [c for c in configs
             if fits_shared_memory(c.num_stages, c.kwargs["BLOCK_L"] * (bm + rank), itemsize, cap)
             and (not (partial or dropout) or bm * c.kwargs["BLOCK_L"] // (32 * c.num_warps) <= per_thread)]
+
+
+# Split-K decode forward (splitk.py): M up to this, the rank in one tile.
+SPLIT_K_MAX_M = 64
+# Column tile of y; fixed (not tuned) because the number of splits is chosen from the tile count.
+SPLIT_K_BLOCK_N = 16 if INTERPRET else 64
+# Each split covers a multiple of this many K (a multiple of every tuned BLOCK_K), at least once.
+SPLIT_K_GRANULE = 32 if INTERPRET else 256
+_SM_COUNT = {}
+
+
+def split_k_target_programs(device):
+    """About two programs per SM on a GPU; 8 under the interpreter, so small test shapes split too."""
+    if device.type != "cuda" or INTERPRET:
+        return 8
+    index = device.index if device.index is not None else 0
+    if index not in _SM_COUNT:
+        import torch
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * _SM_COUNT[index]
+
+
+def split_k_plan(m, n, k, programs, block_n=SPLIT_K_BLOCK_N, granule=SPLIT_K_GRANULE):
+    """(BLOCK_M, BLOCK_N, splits, K per split) of the split-K forward: enough splits for `programs`
+    programs, none of them empty, each a whole number (>= 1) of `granule`s of K."""
+    block_m = max(16, next_power_of_2(m))
+    tiles = cdiv(m, block_m) * cdiv(n, block_n)
+    splits = max(1, min(cdiv(programs, tiles), cdiv(k, granule)))
+    k_per_split = cdiv(cdiv(k, splits), granule) * granule
+    return block_m, block_n, cdiv(k, k_per_split), k_per_split
+
+
+def split_k_configs():
+    """The partial kernel's K step and pipeline (its tile is split_k_plan's): memory-bound, so deep
+    pipelines of wide K steps."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_K": 16}, num_stages=1, num_warps=4)]
+    return [triton.Config({"BLOCK_K": bk}, num_stages=s, num_warps=w)
+            for bk in (64, 128) for s in (3, 4, 5) for w in (4, 8)]
+
+
+def keep_split_k_config(configs, named_args, capability=None, **kwargs):
+    """Pipelines that fit shared memory, accumulators that fit registers (the fp32 + dropout cap of
+    the decode tiles, keep_forward_config's, included). With dropout the x tile is drawn too: at
+    64x128 it used 254-255 registers everywhere and spilled 16-32 B with 8 warps on sm_80 (and fp32
+    on sm_90); at 64x64 at most 238, no spill (AOT report) — so at most 64x64 with dropout."""
+    if INTERPRET:
+        return configs
+    cap = device_capability() if capability is None else capability
+    bm = _launch_arg("BLOCK_M", named_args, kwargs)
+    bn = _launch_arg("BLOCK_N", named_args, kwargs)
+    rank = _launch_arg("BLOCK_R", named_args, kwargs)
+    itemsize = _launch_arg("x_ptr", named_args, kwargs).element_size()
+    dropout = _launch_arg("DROPOUT", named_args, kwargs)
+    tight = dropout and itemsize == 4
+    return [c for c in configs
+            if fits_registers(bm, bn, c.num_warps, cap, dropout)
+            and not (tight and bm * bn // (32 * c.num_warps) > 16)
+            and not (dropout and bm * c.kwargs["BLOCK_K"] > 64 * 64)
+            and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (bm + bn + rank), itemsize, cap)]

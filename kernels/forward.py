@@ -152,7 +152,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, in_l
     else:
         xs, _ = skinny(x, lora_A.t(), scaling, precision, dropout_p=dropout_p, seed=seed)
     xs_arg = xs if xs is not None else y
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (configs.cdiv(M, meta["BLOCK_M"]) * configs.cdiv(N, meta["BLOCK_N"]),)
     launch(_lora_forward_kernel, grid, x)(
         x, weight, bias if bias is not None else y, lora_A, lora_B, xs_arg, y,
         seed if dropout else y,

@@ -18,6 +18,8 @@ def launch(kernel, grid, like):
 
 
 def _traced(t):
+    if type(t) is torch.Tensor:   # fake and functional tensors are subclasses: a plain one is real
+        return False
     from torch._subclasses.fake_tensor import is_fake
     from torch._subclasses.functional_tensor import FunctionalTensor
     return is_fake(t) or isinstance(t, FunctionalTensor)

@@ -27,11 +27,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lora_fast.kernels import backward, configs, forward, skinny
+from triton.runtime.jit import JITFunction
+
+from lora_fast.kernels import backward, configs, forward, skinny, splitk
 
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DTYPE = {name: dtype for dtype, name in _TYPE.items()}
-_FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr"}
+_FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr", "xa_part_ptr"}
 _SCALARS = {"scaling", "scale", "dropout_p"}
 # Pointer tensors over the large operands (x, W0, dY, src of the skinny pass, ...): their offsets
 # must be 64-bit, since row * stride (or k * stride on a transposed view) can pass 2**31.
@@ -42,7 +44,7 @@ _OPERAND_ADDPTR = re.compile(r"%(x_ptrs|w_ptrs|dy_ptrs|src_ptrs|mat_ptrs|a_ptrs|
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kernel: object                   # the autotuned kernel (its .fn is the JITFunction)
+    kernel: object                   # the autotuned kernel (its .fn is the JITFunction), or a JITFunction
     constexprs: dict                 # launcher-chosen meta-parameters besides the config's
     unit_strides: tuple              # stride arguments that are 1 for contiguous inputs
     main_path: bool                  # carries a large GEMM: must use wgmma on sm_90
@@ -80,7 +82,14 @@ def _variants():
                                             "DROPOUT": False}, fwd_strides, True),
         Variant("skinny_dy", sk, {"WITH_PARTIAL": True, "DROPOUT": False},
                 ("stride_sl", "stride_mr", "stride_or", "stride_dr"), False),
+        # the decode split-K forward (M <= 64): memory-bound, not a main GEMM
+        Variant("split_k_reduce", splitk._lora_split_k_reduce_kernel,
+                {"HAS_BIAS": True, "STORE_XS": True}, ("stride_br", "stride_sr", "stride_yn"), False),
     ]
+    for dropout in (False, True):
+        variants.append(Variant("split_k_partial" + ("_dropout" if dropout else ""),
+                                splitk._lora_split_k_partial_kernel, {"DROPOUT": dropout},
+                                ("stride_xk", "stride_wk", "stride_ak"), False))
     return variants
 
 
@@ -91,6 +100,11 @@ def main_config(variant, rank=16):
     """The tile a large-M launch would use most: 128-row GEMM tiles (64 for the fused backward,
     which only runs for small M), 8 warps."""
     kernel = VARIANTS[variant].kernel
+    if kernel is splitk._lora_split_k_partial_kernel:
+        return {"BLOCK_M": 16, "BLOCK_N": configs.SPLIT_K_BLOCK_N, "BLOCK_K": 128,
+                "BLOCK_R": configs.block_r(rank), "num_warps": 4, "num_stages": 4}
+    if kernel is splitk._lora_split_k_reduce_kernel:
+        return _split_k_reduce_config(16, rank)
     if kernel is skinny._lora_skinny_kernel:
         return {"BLOCK_M": 128, "BLOCK_L": 64, "BLOCK_R": configs.block_r(rank),
                 "num_warps": 8 if VARIANTS[variant].constexprs["DROPOUT"] else 4, "num_stages": 3}
@@ -107,11 +121,17 @@ def main_config(variant, rank=16):
             "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
+def _split_k_reduce_config(block_m, rank):
+    """The reduce kernel is not autotuned: its launcher's tile, 4 warps, Triton's default stages."""
+    return {"BLOCK_M": block_m, "BLOCK_N": configs.SPLIT_K_BLOCK_N, "BLOCK_R": configs.block_r(rank),
+            "num_warps": 4, "num_stages": 3}
+
+
 def compile_variant(variant, dtype, arch, config, strided=False):
     """Compile one variant; returns a dict of what the compiler reports. strided=True compiles it
     for arbitrary strides (no stride specialised to 1, as for transposed or sliced views)."""
     spec = VARIANTS[variant]
-    fn = spec.kernel.fn
+    fn = spec.kernel if isinstance(spec.kernel, JITFunction) else spec.kernel.fn
     config = dict(config)
     options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
     # fp32 is compiled as tf32 (its tensor-core path); with torch's default "highest" fp32 matmul
@@ -132,7 +152,8 @@ def compile_variant(variant, dtype, arch, config, strided=False):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name.startswith("stride_") or name in ("N", "K", "L"):
+            # as Triton's launcher specialises them at run time (K_PER_SPLIT: a multiple of 256)
+            if name.startswith("stride_") or name in ("N", "K", "L", "K_PER_SPLIT"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     missing = set(fn.arg_names) - set(signature)
     if missing:
@@ -174,9 +195,23 @@ def autotune_configs(variant, arch, dtype, rank=16):
     (decode and GEMM tiles); BLOCK_M set as the launchers set it where it is not tuned."""
     spec = VARIANTS[variant]
     kernel = spec.kernel
+    if kernel is splitk._lora_split_k_reduce_kernel:
+        return [_split_k_reduce_config(bm, rank) for bm in (16, 64)]
     fused = spec.constexprs.get("G_IN_LOOP", False)
     pointer = torch.empty(0, dtype=dtype)
     out = []
+    if kernel is splitk._lora_split_k_partial_kernel:   # its tile is the launcher's: M = 1 and 64
+        for m in (1, configs.SPLIT_K_MAX_M):
+            block_m = max(16, configs.next_power_of_2(m))
+            kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank), "BLOCK_M": block_m,
+                      "BLOCK_N": configs.SPLIT_K_BLOCK_N}
+            kept = kernel.early_config_prune(kernel.configs, {"M_BUCKET": m, "x_ptr": pointer},
+                                             capability=arch // 10, **kwargs)
+            if not kept:
+                raise RuntimeError(f"{variant} {dtype} sm_{arch}: the pruner leaves no config at M={m}")
+            out += [{**{k: v for k, v in kwargs.items() if k not in spec.constexprs}, **c.kwargs,
+                     "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
+        return out
     for m in (16, 1 << 20):
         block_m = configs.partial_block_m(m, fused)
         named_args = {"M_BUCKET": m, "x_ptr": pointer, "dy_ptr": pointer, "src_ptr": pointer}

@@ -4,9 +4,12 @@ Forward paths                                    Backward paths (W0 frozen)
   in_loop  one kernel, x·Aᵀ in the GEMM's K-loop   fused  one kernel, dY·B in the dX GEMM's N-loop
   split    shrink pass (xs), then the GEMM with    split  one pass over dY (gs, dB partials), then
            xs·Bᵀ in its epilogue                          the dX GEMM with gs·A and dA in its epilogue
-  cublas   torch path: xs, then cuBLAS addmm_     cublas torch path: cuBLAS GEMMs, gs reused
-           into xs·Bᵀ (dropout 0 only)                    (dropout 0 only)
-in_loop/fused need the whole rank in one tile (r <= 64), fused needs dX; cublas runs only at
+  split_k  decode (M <= 64): K split across       cublas torch path: cuBLAS GEMMs, gs reused
+           programs, then a fixed-order reduce            (dropout 0 only)
+           adding xs·Bᵀ (kernels/splitk.py)
+  cublas   torch path: xs, then cuBLAS addmm_
+           into xs·Bᵀ (dropout 0 only)
+in_loop/fused/split_k need the whole rank in one tile (r <= 64), fused needs dX; cublas runs only at
 dropout 0, because the torch path's keep-mask is a different random stream from the kernels' and
 the forward and backward choices are made separately. Every path computes the same function with
 the same saved tensors (x, and xs = s'·d(x)·Aᵀ), so any forward pairs with any backward.
@@ -19,8 +22,9 @@ LORA_FAST_DISPATCH picks how a choice is made:
                      (CUDA-graph capture, torch.compile tracing, the interpreter), a cached choice
                      is used if there is one, else the heuristic.
   heuristic          the static rule (kernels.configs.IN_LOOP_MAX_M): in_loop/fused for
-                     M <= 256, split above; never times, never reads the cache (the same choice on
-                     every machine).
+                     M <= 256, split above; never times, never reads the cache file (the same
+                     choice on every machine). Read when a key is first met: set it before the
+                     first call (choices already kept in the process stay).
 Key: device, dtype, pass, M rounded up to a power of two, N, K, r, dropout on, bias, what is saved
 or asked. The cache file (LORA_FAST_DISPATCH_CACHE, default ~/.cache/lora_fast/dispatch.json; an
 empty value keeps choices in the process only) has one section per device name and torch / triton /
@@ -37,7 +41,7 @@ import torch
 
 from . import torch_path
 
-FORWARD_PATHS = ("in_loop", "split", "cublas")
+FORWARD_PATHS = ("in_loop", "split", "split_k", "cublas")
 BACKWARD_PATHS = ("fused", "split", "cublas")
 MODES = ("measure", "heuristic")
 REPS = 5
@@ -46,11 +50,17 @@ _choices = {}        # key -> path: measured here or loaded from the cache file
 _times = {}          # key -> {path: ms}, for the measured and loaded keys
 _file_sections = {}  # device -> its section of the cache file, read on the first miss
 _forced = {}         # pass -> path, while a `forced` block runs
+_settled = {}        # key -> path decided without timing for good: one candidate, or a device never timed
 
 
 def _kernels():
-    from lora_fast import kernels
+    from lora_fast import kernels   # imports triton: only when a triton-backend call runs
     return kernels
+
+
+def _configs():
+    from lora_fast.kernels import configs
+    return configs
 
 
 def mode():
@@ -60,9 +70,13 @@ def mode():
     return value
 
 
-def forward_paths(R, dropout_p):
-    """The forward paths that apply to rank R and dropout_p, in the heuristic's order of preference."""
-    return (("in_loop",) if R <= _kernels().configs.IN_LOOP_MAX_R else ()) + ("split",) + \
+def forward_paths(M, R, dropout_p):
+    """The forward paths that apply to M rows, rank R and dropout_p. A symbolic M (torch.compile,
+    dynamic shapes) is not compared with anything, which would guard on it: no split_k then."""
+    configs = _configs()
+    one_tile = R <= configs.IN_LOOP_MAX_R
+    decode = type(M) is int and 1 <= M <= configs.SPLIT_K_MAX_M
+    return (("in_loop",) if one_tile else ()) + ("split",) + (("split_k",) if one_tile and decode else ()) + \
         (("cublas",) if dropout_p == 0 else ())
 
 
@@ -79,6 +93,9 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
     def run(path):
         if path == "cublas":
             return torch_path.lora_forward(x, weight, lora_A, lora_B, bias, scaling, save_xs=save_xs)
+        if path == "split_k":
+            return _kernels().lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling,
+                                                   save_xs=save_xs, dropout_p=dropout_p, seed=seed)
         return _kernels().lora_forward(x, weight, lora_A, lora_B, bias, scaling, save_xs=save_xs,
                                        in_loop=path == "in_loop", dropout_p=dropout_p, seed=seed)
 
@@ -86,7 +103,11 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
         return "in_loop" if _kernels().forward.xs_in_loop(M, R) else "split"
 
     shape = (M, N, K, R, dropout_p > 0, bias is not None, save_xs)
-    return run(choose("forward", x, shape, forward_paths(R, dropout_p), heuristic, run))
+    key = _key("forward", x, shape) if M != 0 else None   # M = 0 shares no key with M = 1
+    path = None if _forced else _choices.get(key) or _settled.get(key)
+    if path is None:
+        path = choose("forward", key, x, shape, forward_paths(M, R, dropout_p), heuristic, run)
+    return run(path)
 
 
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
@@ -107,27 +128,47 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
         return "fused" if need_dx and _kernels().backward.g_in_loop(M, R) else "split"
 
     shape = (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db)
-    return run(choose("backward", dy, shape, backward_paths(R, dropout_p, need_dx), heuristic, run))
+    key = _key("backward", dy, shape) if M != 0 else None
+    path = None if _forced else _choices.get(key) or _settled.get(key)
+    if path is None:
+        path = choose("backward", key, dy, shape, backward_paths(R, dropout_p, need_dx), heuristic, run)
+    return run(path)
 
 
-def choose(pass_name, t, shape, candidates, heuristic, run):
-    """The path for one call: forced, the only candidate, cached, measured, or the heuristic."""
+def _key(pass_name, t, shape):
+    """(device, dtype, pass, M rounded up to a power of two, the rest of shape); None for a
+    symbolic M (torch.compile with dynamic shapes), which has no key."""
+    M = shape[0]
+    if type(M) is not int:
+        return None
+    return (t.device, t.dtype, pass_name, 1 << (max(M, 1) - 1).bit_length()) + shape[1:]
+
+
+def choose(pass_name, key, t, shape, candidates, heuristic, run):
+    """The path for a call whose key has no kept choice (the callers look there first: a dict
+    lookup, as decode sizes have a few µs to spare): forced, the only candidate, the cache file's,
+    measured, or the heuristic."""
     forced = _forced.get(pass_name)
     if forced is not None:
         if forced not in candidates:
             raise ValueError(f"forced {pass_name} path {forced!r} does not apply to this call "
                              f"(M, N, K, r = {shape[:4]}, dropout {shape[4]}): expected one of {candidates}")
         return forced
-    if len(candidates) == 1 or mode() == "heuristic" or not isinstance(shape[0], int):
-        return candidates[0] if len(candidates) == 1 else heuristic()   # a symbolic M: no key
-    key = (t.device, t.dtype, pass_name, _kernels().configs.m_bucket(shape[0])) + shape[1:]
-    path = _choices.get(key)
-    if path is None:
-        path = _from_cache_file(key)
-    if path in candidates:
+    if key is None:
+        return heuristic()
+    if len(candidates) == 1:
+        _settled[key] = candidates[0]
+        return candidates[0]
+    if mode() == "heuristic":
+        return heuristic()
+    path = _from_cache_file(key, candidates)
+    if path is not None:
         return path
     if not can_measure(t):
-        return heuristic()
+        path = heuristic()
+        if t.device.type != "cuda":     # never timed on this device (CPU, the interpreter): decide once
+            _settled[key] = path
+        return path
     times = {p: timer(lambda p=p: run(p), t.device) for p in candidates}
     path = min(times, key=times.get)
     _choices[key], _times[key] = path, times
@@ -138,7 +179,7 @@ def choose(pass_name, t, shape, candidates, heuristic, run):
 def can_measure(t):
     """Timing runs on CUDA tensors, eagerly, outside a CUDA-graph capture."""
     from lora_fast.kernels.launch import _traced
-    return (t.device.type == "cuda" and not _kernels().configs.INTERPRET
+    return (t.device.type == "cuda" and not _configs().INTERPRET
             and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
             and not _traced(t))
 
@@ -190,6 +231,7 @@ def clear():
     _choices.clear()
     _times.clear()
     _file_sections.clear()
+    _settled.clear()
 
 
 def cache_path():
@@ -230,14 +272,18 @@ def _read(path):
     return data
 
 
-def _from_cache_file(key):
-    """The cache file's choice for key (None if it has none), its device section read once."""
+def _from_cache_file(key, candidates):
+    """The cache file's choice for key if it names one of candidates (else None); the device's
+    section is read once, on its first miss."""
     device = key[0]
-    if device not in _file_sections:
+    section = _file_sections.get(device)
+    if section is None:
         path = cache_path()
-        _file_sections[device] = _read(path).get(_section(device), {}) if path is not None else {}
-    entry = _file_sections[device].get(_key_string(key))
-    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        section = _file_sections[device] = _read(path).get(_section(device), {}) if path is not None else {}
+    if not section:
+        return None
+    entry = section.get(_key_string(key))
+    if not isinstance(entry, dict) or entry.get("path") not in candidates:
         return None
     _choices[key], _times[key] = entry["path"], entry.get("ms", {})
     return entry["path"]

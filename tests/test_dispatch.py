@@ -28,6 +28,8 @@ def ran(monkeypatch, tmp_path):
         "forward", kernels.lora_forward, lambda kw: "in_loop" if kw["in_loop"] else "split"))
     monkeypatch.setattr(kernels, "lora_backward", spy(
         "backward", kernels.lora_backward, lambda kw: "fused" if kw["fused"] else "split"))
+    monkeypatch.setattr(kernels, "lora_forward_split_k", spy(
+        "forward", kernels.lora_forward_split_k, lambda kw: "split_k"))
     monkeypatch.setattr(torch_path, "lora_forward", spy("forward", torch_path.lora_forward, lambda kw: "cublas"))
     monkeypatch.setattr(torch_path, "lora_backward", spy("backward", torch_path.lora_backward, lambda kw: "cublas"))
     monkeypatch.setenv("LORA_FAST_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
@@ -90,7 +92,8 @@ def test_without_measuring_the_static_rule_decides(M, expected, ran, monkeypatch
     assert dispatch.choices() == {}, "the heuristic must not be recorded as a measured choice"
 
 
-@pytest.mark.parametrize("fastest", [("in_loop", "split"), ("split", "cublas"), ("cublas", "fused")])
+@pytest.mark.parametrize("fastest", [("in_loop", "split"), ("split", "cublas"), ("split_k", "fused"),
+                                     ("cublas", "fused")])
 def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path, monkeypatch):
     fwd, bwd = fastest
     timed.update({f"forward:{p}": 1.0 if p == fwd else 2.0 for p in dispatch.FORWARD_PATHS})
@@ -113,7 +116,7 @@ def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path
     assert section.startswith("cpu | torch ") and "| lora_fast " in section
     assert sorted(e["path"] for e in entries.values()) == sorted([fwd, bwd])
     fwd_entry = next(e for k, e in entries.items() if k.startswith("forward|float32|64|36|40|8|"))
-    assert fwd_entry["ms"][fwd] == 1.0 and len(fwd_entry["ms"]) == 3
+    assert fwd_entry["ms"][fwd] == 1.0 and sorted(fwd_entry["ms"]) == sorted(dispatch.FORWARD_PATHS)
     assert dispatch.choices() == data
 
     # A new process (clear): the file's choices are used without timing.
@@ -126,21 +129,29 @@ def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path
 
 def test_only_applicable_paths_are_timed(timed, ran):
     """dropout > 0: no cublas (the torch path's mask is another random stream); r > 64: no
-    in_loop/fused (one rank tile); inference keys apart from training ones."""
-    timed.update({"forward:in_loop": 2.0, "forward:split": 1.0, "forward:cublas": 0.5,
+    in_loop/fused/split_k (one rank tile); M > 64: no split_k; inference keys apart from training ones."""
+    timed.update({"forward:in_loop": 2.0, "forward:split": 1.0, "forward:split_k": 1.5, "forward:cublas": 0.5,
                   "backward:fused": 1.0, "backward:split": 2.0, "backward:cublas": 0.5})
     _step(20, dropout_p=0.25)
-    assert sorted(timed["timed"]) == ["backward:fused", "backward:split", "forward:in_loop", "forward:split"]
+    assert sorted(timed["timed"]) == ["backward:fused", "backward:split",
+                                      "forward:in_loop", "forward:split", "forward:split_k"]
     assert ran == ["forward:split", "backward:fused"]
     timed["timed"].clear()
     _step(20, r=100)
     assert sorted(timed["timed"]) == ["backward:cublas", "backward:split", "forward:cublas", "forward:split"]
     timed["timed"].clear()
+    _step(65)     # past split-K's decode sizes
+    assert sorted(timed["timed"]) == ["backward:cublas", "backward:fused", "backward:split",
+                                      "forward:cublas", "forward:in_loop", "forward:split"]
+    timed["timed"].clear()
     t = make_inputs(20, 40, 36, 8, torch.float32)
     with torch.no_grad():
         lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], backend="triton")
-    assert sorted(timed["timed"]) == ["forward:cublas", "forward:in_loop", "forward:split"]
+    assert sorted(timed["timed"]) == ["forward:cublas", "forward:in_loop", "forward:split", "forward:split_k"]
     assert dispatch.backward_paths(8, 0.0, need_dx=False) == ("split", "cublas")
+    timed["timed"].clear()
+    _step(0)      # an empty batch: nothing to time, and no key shared with M = 1
+    assert timed["timed"] == []
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)

@@ -15,6 +15,8 @@ from lora_fast.function import lora_linear
 import lora_fast.kernels.backward as backward_mod
 import lora_fast.kernels.forward as forward_mod
 import lora_fast.kernels.skinny as skinny_mod
+import lora_fast.kernels.splitk as splitk_mod
+from lora_fast import dispatch
 
 _FREE = {"empty", "empty_strided", "view", "_unsafe_view", "reshape", "t", "transpose", "alias",
          "detach", "as_strided", "expand", "permute", "select", "slice", "unsqueeze", "squeeze",
@@ -40,7 +42,7 @@ def triton_launches(monkeypatch):
     def recording(kernel, grid, like):
         launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
         return lambda *args, **kwargs: None
-    for module in (forward_mod, backward_mod, skinny_mod):
+    for module in (forward_mod, backward_mod, skinny_mod, splitk_mod):
         monkeypatch.setattr(module, "launch", recording)
     monkeypatch.setenv("LORA_FAST_BACKEND", "triton")
     # The small-M path itself (on a GPU the dispatcher would time these no-op launches and pick any).
@@ -59,6 +61,18 @@ def test_decode_inference_is_one_launch(M, triton_launches):
     assert y.shape == (M, 80)
     assert triton_launches == ["_lora_forward_kernel"]
     assert torch_ops == [], f"torch kernels around the fused launch: {torch_ops}"
+
+
+@pytest.mark.parametrize("M", [1, 64])
+def test_split_k_inference_is_two_launches(M, triton_launches):
+    """The split-K decode path (the dispatcher's alternative at M <= 64): the partial launch and
+    the fixed-order reduce, no torch kernel (its partial buffers are allocations, not launches)."""
+    t = make_inputs(M, 96, 80, 16, torch.float32)
+    with torch.no_grad(), torch_kernels() as torch_ops, dispatch.forced(forward="split_k"):
+        y = lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], scaling=2.0)
+    assert y.shape == (M, 80)
+    assert triton_launches == ["_lora_split_k_partial_kernel", "_lora_split_k_reduce_kernel"]
+    assert torch_ops == [], f"torch kernels around the split-K launches: {torch_ops}"
 
 
 def test_small_m_training_step_launches(triton_launches):
