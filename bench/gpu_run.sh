@@ -26,7 +26,8 @@ PY
 case "$stage" in
   tests)
     python -m pytest -q tests 2>&1 | tee "$out/pytest-gpu.log" | tail -25
-    lora-fast-check 2>&1 | tee "$out/check-gpu.log" | tail -5 ;;
+    lora-fast-check 2>&1 | tee "$out/check-gpu.log" | tail -5
+    lora-fast-check --all-paths 2>&1 | tee "$out/check-all-paths-gpu.log" | tail -3 ;;
   quick|layer)
     csv=bench/results/layer-cuda.csv
     if [ "$stage" = quick ]; then python -m bench.layer --quick --out "$csv"; else python -m bench.layer --out "$csv"; fi

@@ -11,6 +11,10 @@ when the package was built without it). Prints one row per output: relative erro
 against each reference and the bound (lora_fast.tolerances: the dtype's bound, or twice plain
 PyTorch's error in the same dtype if larger). Exits 1 if any output is out of bounds or non-finite.
 
+--all-paths checks every path the GPU dispatcher can pick (lora_fast.dispatch: in_loop / split /
+split_k / cublas forward × fused / split / cublas backward, those that apply to the shape), one row
+group per pair, instead of the launchers' default path.
+
 --impl MODULE names any module with the launchers' interface:
     lora_forward(x, weight, lora_A, lora_B, bias, scaling) -> (y, xs)
     lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling) -> (dx, dA, dB)
@@ -83,6 +87,17 @@ def check_case(impl, M, K, N, r, dtype, device, seed):
     return rows
 
 
+def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed):
+    """(paths label, rows) for one case: the impl's own choice, or every dispatcher path pair."""
+    if not all_paths:
+        yield "default", check_case(impl, M, K, N, r, dtype, device, seed)
+        return
+    for forward in impl.forward_paths(M, r, 0.0):
+        for backward in impl.backward_paths(r, 0.0, need_dx=True):
+            with impl.forced(forward=forward, backward=backward):
+                yield f"{forward}/{backward}", check_case(impl, M, K, N, r, dtype, device, seed)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="lora-fast-check", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two shapes, two ranks, fp32 (and bf16 on a GPU)")
@@ -91,6 +106,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES,
                         help="default fp32 fp16, plus bf16 on a GPU (the interpreter does no bf16)")
     parser.add_argument("--impl", default="lora_fast.kernels", help="module under test (see above)")
+    parser.add_argument("--all-paths", action="store_true",
+                        help="every forward x backward path the dispatcher can pick (lora_fast.dispatch)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -115,7 +132,9 @@ def main(argv=None):
             parser.error(f"--ranks: expected r >= 1, got {r}")
     shapes = args.shapes or [_parse_shape(s) for s in (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)]
     ranks = args.ranks or ([3, 16] if args.quick else [1, 3, 16, 64, 100])
-    impl = importlib.import_module(args.impl)
+    if args.all_paths and args.impl != "lora_fast.kernels":
+        parser.error("--all-paths checks lora_fast.dispatch's paths: it cannot be combined with --impl")
+    impl = importlib.import_module("lora_fast.dispatch" if args.all_paths else args.impl)
 
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
     print(f"lora_fast.check: {args.impl} on {where}; torch {torch.__version__}")
@@ -123,18 +142,19 @@ def main(argv=None):
         print(f"C++ reference: built ({'OpenMP' if cref.has_openmp() else 'no OpenMP'})")
     else:
         print(f"C++ reference: MISSING ({cref.missing_reason()}); checking against float64 PyTorch only")
-    print(f"{'M':>5} {'K':>5} {'N':>5} {'r':>4} {'dtype':>5} {'out':>3}  {'err vs f64':>10} "
+    print(f"{'M':>5} {'K':>5} {'N':>5} {'r':>4} {'dtype':>5} {'paths':>14} {'out':>3}  {'err vs f64':>10} "
           f"{'err vs C++':>10}  {'bound':>8}  result")
     failures, worst = 0, 0.0
     cases = [(s, r, n) for s in shapes for r in ranks for n in names]
     for i, ((M, K, N), r, name) in enumerate(cases):
         seed = args.seed * len(cases) + i
-        for out, err, err_cpp, limit, ok in check_case(impl, M, K, N, r, dtypes[name], device, seed):
-            failures += not ok
-            worst = max(worst, err / limit)
-            cpp_text = "-" if err_cpp is None else f"{err_cpp:.2e}"
-            print(f"{M:>5} {K:>5} {N:>5} {r:>4} {name:>5} {out:>3}  {err:>10.2e} {cpp_text:>10}  "
-                  f"{limit:>8.1e}  {'ok' if ok else 'FAIL'}")
+        for paths, rows in _run_paths(impl, args.all_paths, M, K, N, r, dtypes[name], device, seed):
+            for out, err, err_cpp, limit, ok in rows:
+                failures += not ok
+                worst = max(worst, err / limit)
+                cpp_text = "-" if err_cpp is None else f"{err_cpp:.2e}"
+                print(f"{M:>5} {K:>5} {N:>5} {r:>4} {name:>5} {paths:>14} {out:>3}  {err:>10.2e} "
+                      f"{cpp_text:>10}  {limit:>8.1e}  {'ok' if ok else 'FAIL'}")
     print(f"{'FAILED' if failures else 'passed'}: {failures} output(s) out of bounds; "
           f"worst error at {worst:.2f} of its bound")
     return 1 if failures else 0

@@ -40,6 +40,23 @@ def test_quick_check_passes():
     assert len(ok_rows) == 2 * 2 * dtypes * 4                     # shapes x ranks x dtypes x outputs
 
 
+def test_all_paths_checks_every_pair_the_dispatcher_can_pick():
+    """67x20x30 at r=3: in_loop, split, cublas forward (M > 64: no split_k) x fused, split, cublas
+    backward; 1x64x33: split_k too. Every output within bounds."""
+    res = _check("--all-paths", "--shapes", "67x20x30", "1x64x33", "--dtypes", "fp32", "--ranks", "3")
+    assert res.returncode == 0, res.stdout + res.stderr
+    pairs = {}
+    for line in res.stdout.splitlines():
+        cells = line.split()
+        if cells and cells[-1] == "ok":
+            pairs.setdefault(cells[0], set()).add(cells[5])
+    backward = {"fused", "split", "cublas"}
+    assert pairs["67"] == {f"{f}/{b}" for f in ("in_loop", "split", "cublas") for b in backward}
+    assert pairs["1"] == {f"{f}/{b}" for f in ("in_loop", "split", "split_k", "cublas") for b in backward}
+    refused = _check("--all-paths", "--impl", "lora_fast.kernels.forward")
+    assert refused.returncode == 2 and "cannot be combined with --impl" in refused.stderr
+
+
 def test_check_fails_on_a_wrong_implementation(tmp_path):
     (tmp_path / "broken_lora.py").write_text(BROKEN)
     res = _check("--quick", "--impl", "broken_lora",
@@ -74,4 +91,4 @@ def test_missing_extension_is_reported_not_skipped(monkeypatch, capsys):
     assert check.main(["--shapes", "9x12x10", "--ranks", "3", "--dtypes", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "C++ reference: MISSING (lora_fast._cref is not built (test))" in out
-    assert all(l.split()[7] == "-" for l in out.splitlines() if l.rstrip().endswith(" ok"))
+    assert all(l.split()[8] == "-" for l in out.splitlines() if l.rstrip().endswith(" ok"))
