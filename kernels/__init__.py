@@ -1,6 +1,7 @@
 """Triton kernels of lora_fast, installed as ``lora_fast.kernels`` (never as a top-level ``kernels``).
 
-One file per pass: forward.py (fused forward GEMM), backward.py (fused dX/dA/dB GEMM),
+One file per pass: forward.py (fused forward GEMM), forward_tma.py (its split design with a TMA,
+persistent main loop for Hopper), backward.py (fused dX/dA/dB GEMM),
 skinny.py (the x @ Aᵀ / dY @ B first pass of the split path), splitk.py (the split-K decode
 forward), dropout.py (the in-kernel mask);
 configs.py holds every block size, autotune list and path heuristic.
@@ -14,6 +15,7 @@ if __name__ == "kernels":
 else:
     from .backward import lora_backward
     from .forward import lora_forward
+    from .forward_tma import lora_forward_tma, tma_eligible
     from .splitk import lora_forward_split_k
 
-    __all__ = ["lora_forward", "lora_backward", "lora_forward_split_k"]
+    __all__ = ["lora_forward", "lora_backward", "lora_forward_split_k", "lora_forward_tma", "tma_eligible"]

@@ -240,7 +240,7 @@ def split_k_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_K": 16}, num_stages=1, num_warps=4)]
     return [triton.Config({"BLOCK_K": bk}, num_stages=s, num_warps=w)
-            for bk in (64, 128) for s in (3, 4, 5) for w in (4, 8)]
+            for bk in (64, 128) for s in (3, 4) for w in (4, 8)]
 
 
 def keep_split_k_config(configs, named_args, capability=None, **kwargs):
@@ -262,3 +262,33 @@ def keep_split_k_config(configs, named_args, capability=None, **kwargs):
             and not (tight and bm * bn // (32 * c.num_warps) > 16)
             and not (dropout and bm * c.kwargs["BLOCK_K"] > 64 * 64)
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (bm + bn + rank), itemsize, cap)]
+
+
+def persistent_programs(device):
+    """Programs of a persistent kernel: one per SM (3 under the interpreter, so that test shapes
+    give each program several tiles)."""
+    return split_k_target_programs(device) // 2 if device.type == "cuda" and not INTERPRET else 3
+
+
+def tma_configs(pre_hook):
+    """The TMA forward's tiles: Hopper GEMM tiles (a 64-row warpgroup MMA per warpgroup), 8 warps
+    for the 128-row ones; `pre_hook` gives the descriptors each config's block shape."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
+                              num_stages=1, num_warps=4, pre_hook=pre_hook)]
+    shapes = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (128, 128, 128, 3, 8),
+              (64, 128, 64, 4, 4), (64, 256, 64, 3, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=s, num_warps=w, pre_hook=pre_hook) for bm, bn, bk, s, w in shapes]
+
+
+def keep_tma_config(configs, named_args, capability=None, **kwargs):
+    """Accumulators that fit the registers and pipelines that fit shared memory (the epilogue's xs
+    and B tiles are loaded once per tile, outside the pipelined loop)."""
+    if INTERPRET:
+        return configs
+    cap = device_capability() if capability is None else capability
+    return [c for c in configs
+            if fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, cap)
+            and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]),
+                                   2, cap)]

@@ -29,7 +29,7 @@ from triton.compiler import ASTSource
 
 from triton.runtime.jit import JITFunction
 
-from lora_fast.kernels import backward, configs, forward, skinny, splitk
+from lora_fast.kernels import backward, configs, forward, forward_tma, skinny, splitk
 
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DTYPE = {name: dtype for dtype, name in _TYPE.items()}
@@ -48,6 +48,8 @@ class Variant:
     constexprs: dict                 # launcher-chosen meta-parameters besides the config's
     unit_strides: tuple              # stride arguments that are 1 for contiguous inputs
     main_path: bool                  # carries a large GEMM: must use wgmma on sm_90
+    archs: tuple = (80, 90)          # the targets it is built for
+    dtypes: tuple = ("bf16", "fp16", "fp32")
 
 
 def _variants():
@@ -86,6 +88,9 @@ def _variants():
         Variant("split_k_reduce", splitk._lora_split_k_reduce_kernel,
                 {"HAS_BIAS": True, "STORE_XS": True}, ("stride_br", "stride_sr", "stride_yn"), False),
     ]
+    # TMA descriptors: Hopper and later, 16-bit operands only
+    variants.append(Variant("forward_tma", forward_tma._lora_forward_tma_kernel, {"HAS_BIAS": True},
+                            ("stride_sr", "stride_br", "stride_yn"), True, archs=(90,), dtypes=("bf16", "fp16")))
     for dropout in (False, True):
         variants.append(Variant("split_k_partial" + ("_dropout" if dropout else ""),
                                 splitk._lora_split_k_partial_kernel, {"DROPOUT": dropout},
@@ -105,6 +110,9 @@ def main_config(variant, rank=16):
                 "BLOCK_R": configs.block_r(rank), "num_warps": 4, "num_stages": 4}
     if kernel is splitk._lora_split_k_reduce_kernel:
         return _split_k_reduce_config(16, rank)
+    if kernel is forward_tma._lora_forward_tma_kernel:
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": configs.block_r(rank),
+                "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     if kernel is skinny._lora_skinny_kernel:
         return {"BLOCK_M": 128, "BLOCK_L": 64, "BLOCK_R": configs.block_r(rank),
                 "num_warps": 8 if VARIANTS[variant].constexprs["DROPOUT"] else 4, "num_stages": 3}
@@ -137,12 +145,18 @@ def compile_variant(variant, dtype, arch, config, strided=False):
     # fp32 is compiled as tf32 (its tensor-core path); with torch's default "highest" fp32 matmul
     # precision the launchers pass "ieee" instead, which runs on FMAs like cuBLAS's SGEMM.
     constexprs = {**spec.constexprs, **config, "INPUT_PRECISION": "tf32"}
+    if spec.kernel is forward_tma._lora_forward_tma_kernel:
+        constexprs.pop("INPUT_PRECISION")          # 16-bit operands only: no precision argument
+        constexprs["NUM_PROGRAMS"] = 132           # an H100 SXM's SM count
     if not strided:
         constexprs.update({s: 1 for s in spec.unit_strides})
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name.endswith("_desc"):     # a TMA descriptor of the config's tile (x: M x K, w: N x K)
+            rows = constexprs["BLOCK_M"] if name == "x_desc" else constexprs["BLOCK_N"]
+            signature[name] = f"tensordesc<{_TYPE[dtype]}[{rows}, {constexprs['BLOCK_K']}]>"
         elif name == "seed_ptr":
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
@@ -200,6 +214,10 @@ def autotune_configs(variant, arch, dtype, rank=16):
     fused = spec.constexprs.get("G_IN_LOOP", False)
     pointer = torch.empty(0, dtype=dtype)
     out = []
+    if kernel is forward_tma._lora_forward_tma_kernel:   # tiles in the configs, no M regimes
+        kept = kernel.early_config_prune(kernel.configs, {}, capability=arch // 10)
+        return [{**c.kwargs, "BLOCK_R": configs.block_r(rank), "num_warps": c.num_warps,
+                 "num_stages": c.num_stages} for c in kept]
     if kernel is splitk._lora_split_k_partial_kernel:   # its tile is the launcher's: M = 1 and 64
         for m in (1, configs.SPLIT_K_MAX_M):
             block_m = max(16, configs.next_power_of_2(m))
@@ -241,6 +259,7 @@ def report(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), jobs=None, all_confi
     """Compile every variant for every (dtype, arch) in parallel processes, at its main tile or
     at every autotune config; one dict per build."""
     work = [(v, d, a, c, strided) for v in VARIANTS for d in dtypes for a in archs
+            if a in VARIANTS[v].archs and d in VARIANTS[v].dtypes
             for c in (autotune_configs(v, a, _DTYPE[d]) if all_configs else [main_config(v)])]
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         return list(pool.map(_compile_row, work))

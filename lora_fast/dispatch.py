@@ -7,6 +7,9 @@ Forward paths                                    Backward paths (W0 frozen)
   split_k  decode (M <= 64): K split across       cublas torch path: cuBLAS GEMMs, gs reused
            programs, then a fixed-order reduce            (dropout 0 only)
            adding xs·Bᵀ (kernels/splitk.py)
+  tma      split's design with a TMA, persistent
+           main loop (Hopper+, fp16/bf16, aligned
+           rows; M > 64; kernels/forward_tma.py)
   cublas   torch path: xs, then cuBLAS addmm_
            into xs·Bᵀ (dropout 0 only)
 in_loop/fused/split_k need the whole rank in one tile (r <= 64), fused needs dX; cublas runs only at
@@ -41,7 +44,7 @@ import torch
 
 from . import torch_path
 
-FORWARD_PATHS = ("in_loop", "split", "split_k", "cublas")
+FORWARD_PATHS = ("in_loop", "split", "split_k", "tma", "cublas")
 BACKWARD_PATHS = ("fused", "split", "cublas")
 MODES = ("measure", "heuristic")
 REPS = 5
@@ -70,14 +73,30 @@ def mode():
     return value
 
 
-def forward_paths(M, R, dropout_p):
-    """The forward paths that apply to M rows, rank R and dropout_p. A symbolic M (torch.compile,
-    dynamic shapes) is not compared with anything, which would guard on it: no split_k then."""
+def forward_paths(M, R, dropout_p, tma=False):
+    """The forward paths that apply to M rows, rank R and dropout_p (tma: whether the inputs allow
+    the TMA kernel, `tma_possible`). A symbolic M (torch.compile, dynamic shapes) is not compared
+    with anything, which would guard on it: no split_k or tma then."""
     configs = _configs()
     one_tile = R <= configs.IN_LOOP_MAX_R
-    decode = type(M) is int and 1 <= M <= configs.SPLIT_K_MAX_M
+    known = type(M) is int
+    decode = known and 1 <= M <= configs.SPLIT_K_MAX_M
     return (("in_loop",) if one_tile else ()) + ("split",) + (("split_k",) if one_tile and decode else ()) + \
+        (("tma",) if tma and one_tile and known and M > configs.SPLIT_K_MAX_M else ()) + \
         (("cublas",) if dropout_p == 0 else ())
+
+
+def tma_possible(x, weight):
+    """Whether the TMA forward can run on these tensors here: a Hopper-or-later GPU (or the
+    interpreter, for tests), real tensors (not traced: descriptors are built on the host), and the
+    descriptors' dtype, contiguity and alignment rules."""
+    from lora_fast.kernels.launch import _traced
+    configs = _configs()
+    if configs.INTERPRET:
+        device_ok = True
+    else:
+        device_ok = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return device_ok and not _traced(x) and _kernels().tma_eligible(x, weight)
 
 
 def backward_paths(R, dropout_p, need_dx):
@@ -96,6 +115,11 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
         if path == "split_k":
             return _kernels().lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling,
                                                    save_xs=save_xs, dropout_p=dropout_p, seed=seed)
+        if path == "tma":
+            if tma_possible(x, weight):
+                return _kernels().lora_forward_tma(x, weight, lora_A, lora_B, bias, scaling,
+                                                   save_xs=save_xs, dropout_p=dropout_p, seed=seed)
+            path = "split"  # the key's choice, but these tensors' alignment (or a trace) rules TMA out
         return _kernels().lora_forward(x, weight, lora_A, lora_B, bias, scaling, save_xs=save_xs,
                                        in_loop=path == "in_loop", dropout_p=dropout_p, seed=seed)
 
@@ -106,7 +130,8 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
     key = _key("forward", x, shape) if M != 0 else None   # M = 0 shares no key with M = 1
     path = None if _forced else _choices.get(key) or _settled.get(key)
     if path is None:
-        path = choose("forward", key, x, shape, forward_paths(M, R, dropout_p), heuristic, run)
+        candidates = forward_paths(M, R, dropout_p, tma=key is not None and tma_possible(x, weight))
+        path = choose("forward", key, x, shape, candidates, heuristic, run)
     return run(path)
 
 

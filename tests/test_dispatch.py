@@ -30,6 +30,7 @@ def ran(monkeypatch, tmp_path):
         "backward", kernels.lora_backward, lambda kw: "fused" if kw["fused"] else "split"))
     monkeypatch.setattr(kernels, "lora_forward_split_k", spy(
         "forward", kernels.lora_forward_split_k, lambda kw: "split_k"))
+    monkeypatch.setattr(kernels, "lora_forward_tma", spy("forward", kernels.lora_forward_tma, lambda kw: "tma"))
     monkeypatch.setattr(torch_path, "lora_forward", spy("forward", torch_path.lora_forward, lambda kw: "cublas"))
     monkeypatch.setattr(torch_path, "lora_backward", spy("backward", torch_path.lora_backward, lambda kw: "cublas"))
     monkeypatch.setenv("LORA_FAST_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
@@ -99,7 +100,8 @@ def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path
     timed.update({f"forward:{p}": 1.0 if p == fwd else 2.0 for p in dispatch.FORWARD_PATHS})
     timed.update({f"backward:{p}": 1.0 if p == bwd else 3.0 for p in dispatch.BACKWARD_PATHS})
     t, dy, y, grads = _step(37)
-    assert sorted(timed["timed"]) == sorted([f"forward:{p}" for p in dispatch.FORWARD_PATHS] +
+    forward_paths = dispatch.forward_paths(37, 8, 0.0)     # fp32: no tma
+    assert sorted(timed["timed"]) == sorted([f"forward:{p}" for p in forward_paths] +
                                             [f"backward:{p}" for p in dispatch.BACKWARD_PATHS])
     assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
     _assert_matches_reference(t, dy, y, grads, torch.float32)
@@ -116,7 +118,7 @@ def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path
     assert section.startswith("cpu | torch ") and "| lora_fast " in section
     assert sorted(e["path"] for e in entries.values()) == sorted([fwd, bwd])
     fwd_entry = next(e for k, e in entries.items() if k.startswith("forward|float32|64|36|40|8|"))
-    assert fwd_entry["ms"][fwd] == 1.0 and sorted(fwd_entry["ms"]) == sorted(dispatch.FORWARD_PATHS)
+    assert fwd_entry["ms"][fwd] == 1.0 and sorted(fwd_entry["ms"]) == sorted(forward_paths)
     assert dispatch.choices() == data
 
     # A new process (clear): the file's choices are used without timing.
@@ -159,11 +161,39 @@ def test_only_applicable_paths_are_timed(timed, ran):
 @pytest.mark.parametrize("bwd", dispatch.BACKWARD_PATHS)
 def test_every_pairing_computes_the_function(fwd, bwd, dtype, ran):
     """Forward and backward are chosen apart: every pair (their saved xs is the same quantity)
-    matches float64, on a 3-D input with odd sizes."""
+    matches float64, with odd sizes (tma: fp16/bf16, M > 64 and 16-byte rows, K = 48)."""
+    if fwd == "tma" and dtype == torch.float32:
+        pytest.skip("TMA reads fp16/bf16 only")
+    M, K = (70, 48) if fwd == "tma" else (29, 45)
     with dispatch.forced(forward=fwd, backward=bwd):
-        t, dy, y, grads = _step(29, K=45, N=23, r=5, dtype=dtype)
+        t, dy, y, grads = _step(M, K=K, N=23, r=5, dtype=dtype)
     assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
     _assert_matches_reference(t, dy, y, grads, dtype)
+
+
+def test_tma_is_offered_only_where_it_can_read_the_inputs(timed, ran):
+    """fp16 with 16-byte rows: timed; K = 45 (90-byte rows): not. A key that chose tma, called
+    with an x TMA cannot read (misaligned view), runs split instead of failing."""
+    timed.update({f"forward:{p}": 2.0 for p in dispatch.FORWARD_PATHS})
+    timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
+    timed["forward:tma"] = 1.0
+    _step(70, K=48, dtype=torch.float16)
+    assert "forward:tma" in timed["timed"] and ran[0] == "forward:tma"
+    timed["timed"].clear()
+    _step(70, K=45, dtype=torch.float16)
+    assert timed["timed"] and "forward:tma" not in timed["timed"]
+    t = make_inputs(70, 48, 36, 8, torch.float16)
+    args = (t["weight"], t["lora_A"], t["lora_B"], t["bias"])
+    ran.clear()
+    with torch.no_grad():
+        lora_linear(t["x"], *args, scaling=SCALING, backend="triton")
+        assert ran == ["forward:tma"]
+        storage = torch.empty(70 * 48 + 1, dtype=torch.float16)
+        x = storage[1:].view(70, 48).copy_(t["x"])      # the same key, base address 2 bytes off
+        ran.clear()
+        y = lora_linear(x, *args, scaling=SCALING, backend="triton")
+    assert ran == ["forward:split"]
+    assert_close("y", y, lora_linear_ref(**t, scaling=SCALING), torch.float16)
 
 
 def test_forced_paths_are_checked(ran):
