@@ -18,7 +18,9 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .backward_tma import launch_dx_tma
 from .forward import input_precision
+from .forward_tma import tma_eligible
 from .dropout import keep_mask
 from .launch import launch
 from .skinny import skinny
@@ -157,13 +159,15 @@ def g_in_loop(M, R):
 
 
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
-                  need_dx=True, need_da=True, need_db=True, fused=None, dropout_p=0.0, seed=None):
+                  need_dx=True, need_da=True, need_db=True, fused=None, tma=False, dropout_p=0.0, seed=None):
     """Gradients (dX, dA, dB) of the LoRA linear with W0 frozen; None for those not asked.
 
     dy (M, N), x (M, K), xs (M, r) from the forward (made with the same dropout_p and seed, whose
     keep-mask is regenerated here); any strides.
     dA and dB come back in lora_A.dtype / lora_B.dtype, reduced in fp32 in a fixed order.
     fused=None picks the path by g_in_loop(M, r); without dX the split path is always used.
+    tma=True runs the split path's dX GEMM as backward_tma's TMA, persistent kernel (dX asked,
+    r <= 64, dY and weight TMA-readable: forward_tma.tma_eligible).
     """
     M, N = dy.shape
     K = x.shape[1]
@@ -181,6 +185,12 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
     scaling = scaling / (1.0 - dropout_p)
     fused = fused and need_dx
     block_r = configs.block_r(R)
+    if tma and (fused or not need_dx or R > block_r or not tma_eligible(dy, weight)):
+        raise ValueError("TMA backward: expected the split path with dX asked, r <= "
+                         f"{configs.MAX_BLOCK_R}, and fp16/bf16 dY and weight contiguous along their "
+                         f"last dimension with 16-byte aligned addresses and rows; got fused={fused}, "
+                         f"need_dx={need_dx}, r={R}, dY {dy.dtype} strides {tuple(dy.stride())}, "
+                         f"weight strides {tuple(weight.stride())}")
     if fused and R > block_r:
         raise ValueError(f"fused backward holds the whole rank in one tile: r={R} > {block_r}")
     precision = input_precision(dy.dtype)
@@ -195,7 +205,9 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
     dx = torch.empty((M, K), device=dev, dtype=dy.dtype) if need_dx else None
     da_part = torch.empty((grid_m, R, K), device=dev, dtype=torch.float32) if need_da else None
 
-    if need_dx or need_da:
+    if tma:
+        launch_dx_tma(dy, x, gs, weight, lora_A, dx, da_part, seed, block_m, dropout_p)
+    elif need_dx or need_da:
         dummy = dy
         dx_arg = dx if dx is not None else dummy
         gs_arg = gs if gs is not None else dummy

@@ -292,3 +292,32 @@ def keep_tma_config(configs, named_args, capability=None, **kwargs):
             if fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, cap)
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]),
                                    2, cap)]
+
+
+def backward_tma_configs(pre_hook):
+    """The TMA dX kernel's tiles of dX (BLOCK_M x BLOCK_K, BLOCK_M the launcher's 128) and its
+    reduction step BLOCK_N; `pre_hook` gives the descriptors each config's block shape."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_stages=1, num_warps=4,
+                              pre_hook=pre_hook)]
+    # 128x64 tiles with 8 warps: with dropout (32 accumulator values per thread, fits_registers)
+    # nothing wider is kept
+    shapes = [(64, 128, 3, 8), (64, 128, 4, 8), (128, 128, 3, 8), (64, 64, 4, 4), (64, 64, 4, 8),
+              (128, 64, 3, 8)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w,
+                          pre_hook=pre_hook) for bn, bk, s, w in shapes]
+
+
+def keep_backward_tma_config(configs, named_args, capability=None, **kwargs):
+    """dX accumulators of at most 64 fp32 values per thread (32 with the dropout draw) and pipelines
+    that fit shared memory. Not fits_registers' 128 for 8-warp Hopper tiles: this epilogue holds
+    the gs·A product, the x tile and the dA operands beside the accumulator, and the 128x256 tile
+    spilled 280 B on sm_90 (AOT report); 64 per thread used at most 248 registers, no spill."""
+    if INTERPRET:
+        return configs
+    cap = device_capability() if capability is None else capability
+    bm = _launch_arg("BLOCK_M", named_args, kwargs)
+    dropout = _launch_arg("DROPOUT", named_args, kwargs)
+    return [c for c in configs
+            if bm * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= (32 if dropout else 64)
+            and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_N"] * (bm + c.kwargs["BLOCK_K"]), 2, cap)]

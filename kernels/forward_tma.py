@@ -97,9 +97,9 @@ def lora_forward_tma(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, 
         return y, torch.empty((0, R), device=x.device, dtype=x.dtype)
     xs, _ = skinny(x, lora_A.t(), scaling / (1.0 - dropout_p), input_precision(x.dtype),
                    dropout_p=dropout_p, seed=seed)
-    # Block shapes are placeholders: the autotuner's pre-hook sets each config's.
-    x_desc = TensorDescriptor.from_tensor(x, [16, 16])
-    w_desc = TensorDescriptor.from_tensor(weight, [16, 16])
+    # Placeholder block shapes (no config has them): the autotuner's pre-hook sets each config's.
+    x_desc = TensorDescriptor.from_tensor(x, [8, 8])
+    w_desc = TensorDescriptor.from_tensor(weight, [8, 8])
     programs = configs.persistent_programs(x.device)
     grid = lambda meta: (min(programs, configs.cdiv(M, meta["BLOCK_M"]) * configs.cdiv(N, meta["BLOCK_N"])),)
     launch(_lora_forward_tma_kernel, grid, x)(

@@ -29,7 +29,7 @@ from triton.compiler import ASTSource
 
 from triton.runtime.jit import JITFunction
 
-from lora_fast.kernels import backward, configs, forward, forward_tma, skinny, splitk
+from lora_fast.kernels import backward, backward_tma, configs, forward, forward_tma, skinny, splitk
 
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DTYPE = {name: dtype for dtype, name in _TYPE.items()}
@@ -50,6 +50,7 @@ class Variant:
     main_path: bool                  # carries a large GEMM: must use wgmma on sm_90
     archs: tuple = (80, 90)          # the targets it is built for
     dtypes: tuple = ("bf16", "fp16", "fp32")
+    descs: tuple = ()                # TMA descriptor arguments: (name, (row block, column block))
 
 
 def _variants():
@@ -89,8 +90,15 @@ def _variants():
                 {"HAS_BIAS": True, "STORE_XS": True}, ("stride_br", "stride_sr", "stride_yn"), False),
     ]
     # TMA descriptors: Hopper and later, 16-bit operands only
+    hopper_16bit = {"archs": (90,), "dtypes": ("bf16", "fp16")}
     variants.append(Variant("forward_tma", forward_tma._lora_forward_tma_kernel, {"HAS_BIAS": True},
-                            ("stride_sr", "stride_br", "stride_yn"), True, archs=(90,), dtypes=("bf16", "fp16")))
+                            ("stride_sr", "stride_br", "stride_yn"), True, **hopper_16bit,
+                            descs=(("x_desc", ("BLOCK_M", "BLOCK_K")), ("w_desc", ("BLOCK_N", "BLOCK_K")))))
+    for dropout in (False, True):
+        variants.append(Variant("backward_tma" + ("_dropout" if dropout else ""),
+                                backward_tma._lora_backward_tma_kernel, {"DROPOUT": dropout, "COMPUTE_DA": True},
+                                ("stride_ak", "stride_xk", "stride_gr", "stride_dxk"), True, **hopper_16bit,
+                                descs=(("dy_desc", ("BLOCK_M", "BLOCK_N")), ("w_desc", ("BLOCK_N", "BLOCK_K")))))
     for dropout in (False, True):
         variants.append(Variant("split_k_partial" + ("_dropout" if dropout else ""),
                                 splitk._lora_split_k_partial_kernel, {"DROPOUT": dropout},
@@ -112,6 +120,9 @@ def main_config(variant, rank=16):
         return _split_k_reduce_config(16, rank)
     if kernel is forward_tma._lora_forward_tma_kernel:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": configs.block_r(rank),
+                "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    if kernel is backward_tma._lora_backward_tma_kernel:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": configs.block_r(rank),
                 "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     if kernel is skinny._lora_skinny_kernel:
         return {"BLOCK_M": 128, "BLOCK_L": 64, "BLOCK_R": configs.block_r(rank),
@@ -145,7 +156,7 @@ def compile_variant(variant, dtype, arch, config, strided=False):
     # fp32 is compiled as tf32 (its tensor-core path); with torch's default "highest" fp32 matmul
     # precision the launchers pass "ieee" instead, which runs on FMAs like cuBLAS's SGEMM.
     constexprs = {**spec.constexprs, **config, "INPUT_PRECISION": "tf32"}
-    if spec.kernel is forward_tma._lora_forward_tma_kernel:
+    if spec.descs:
         constexprs.pop("INPUT_PRECISION")          # 16-bit operands only: no precision argument
         constexprs["NUM_PROGRAMS"] = 132           # an H100 SXM's SM count
     if not strided:
@@ -154,9 +165,9 @@ def compile_variant(variant, dtype, arch, config, strided=False):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_desc"):     # a TMA descriptor of the config's tile (x: M x K, w: N x K)
-            rows = constexprs["BLOCK_M"] if name == "x_desc" else constexprs["BLOCK_N"]
-            signature[name] = f"tensordesc<{_TYPE[dtype]}[{rows}, {constexprs['BLOCK_K']}]>"
+        elif name in dict(spec.descs):   # a TMA descriptor of the config's tile
+            rows, cols = (constexprs[b] for b in dict(spec.descs)[name])
+            signature[name] = f"tensordesc<{_TYPE[dtype]}[{rows}, {cols}]>"
         elif name == "seed_ptr":
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
@@ -230,7 +241,9 @@ def autotune_configs(variant, arch, dtype, rank=16):
             out += [{**{k: v for k, v in kwargs.items() if k not in spec.constexprs}, **c.kwargs,
                      "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
         return out
-    for m in (16, 1 << 20):
+    # decode and GEMM-sized M; the TMA backward only runs above SPLIT_K_MAX_M (128-row tiles)
+    regimes = (1 << 20,) if kernel is backward_tma._lora_backward_tma_kernel else (16, 1 << 20)
+    for m in regimes:
         block_m = configs.partial_block_m(m, fused)
         named_args = {"M_BUCKET": m, "x_ptr": pointer, "dy_ptr": pointer, "src_ptr": pointer}
         kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank)}

@@ -12,7 +12,7 @@ against each reference and the bound (lora_fast.tolerances: the dtype's bound, o
 PyTorch's error in the same dtype if larger). Exits 1 if any output is out of bounds or non-finite.
 
 --all-paths checks every path the GPU dispatcher can pick (lora_fast.dispatch: in_loop / split /
-split_k / tma / cublas forward × fused / split / cublas backward, those that apply to the shape), one row
+split_k / tma / cublas forward × fused / split / tma / cublas backward, those that apply to the shape), one row
 group per pair, instead of the launchers' default path.
 
 --impl MODULE names any module with the launchers' interface:
@@ -92,9 +92,9 @@ def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed):
     if not all_paths:
         yield "default", check_case(impl, M, K, N, r, dtype, device, seed)
         return
-    x, w = _inputs(M, K, N, r, dtype, device, seed)[:2]
+    x, w, *_, dy = _inputs(M, K, N, r, dtype, device, seed)
     for forward in impl.forward_paths(M, r, 0.0, tma=impl.tma_possible(x, w)):
-        for backward in impl.backward_paths(r, 0.0, need_dx=True):
+        for backward in impl.backward_paths(r, 0.0, need_dx=True, M=M, tma=impl.tma_possible(dy, w)):
             with impl.forced(forward=forward, backward=backward):
                 yield f"{forward}/{backward}", check_case(impl, M, K, N, r, dtype, device, seed)
 

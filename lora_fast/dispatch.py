@@ -4,8 +4,10 @@ Forward paths                                    Backward paths (W0 frozen)
   in_loop  one kernel, x·Aᵀ in the GEMM's K-loop   fused  one kernel, dY·B in the dX GEMM's N-loop
   split    shrink pass (xs), then the GEMM with    split  one pass over dY (gs, dB partials), then
            xs·Bᵀ in its epilogue                          the dX GEMM with gs·A and dA in its epilogue
-  split_k  decode (M <= 64): K split across       cublas torch path: cuBLAS GEMMs, gs reused
-           programs, then a fixed-order reduce            (dropout 0 only)
+  split_k  decode (M <= 64): K split across       tma    split's design, its dX GEMM on TMA with
+           programs, then a fixed-order reduce            a persistent grid (as forward tma)
+                                                   cublas torch path: cuBLAS GEMMs, gs reused
+                                                          (dropout 0 only)
            adding xs·Bᵀ (kernels/splitk.py)
   tma      split's design with a TMA, persistent
            main loop (Hopper+, fp16/bf16, aligned
@@ -45,7 +47,7 @@ import torch
 from . import torch_path
 
 FORWARD_PATHS = ("in_loop", "split", "split_k", "tma", "cublas")
-BACKWARD_PATHS = ("fused", "split", "cublas")
+BACKWARD_PATHS = ("fused", "split", "tma", "cublas")
 MODES = ("measure", "heuristic")
 REPS = 5
 
@@ -87,7 +89,7 @@ def forward_paths(M, R, dropout_p, tma=False):
 
 
 def tma_possible(x, weight):
-    """Whether the TMA forward can run on these tensors here: a Hopper-or-later GPU (or the
+    """Whether the TMA kernels can read x (the forward's x, or the backward's dY) and weight here: a Hopper-or-later GPU (or the
     interpreter, for tests), real tensors (not traced: descriptors are built on the host), and the
     descriptors' dtype, contiguity and alignment rules."""
     from lora_fast.kernels.launch import _traced
@@ -99,9 +101,14 @@ def tma_possible(x, weight):
     return device_ok and not _traced(x) and _kernels().tma_eligible(x, weight)
 
 
-def backward_paths(R, dropout_p, need_dx):
-    return (("fused",) if need_dx and R <= _kernels().configs.IN_LOOP_MAX_R else ()) + ("split",) + \
-        (("cublas",) if dropout_p == 0 else ())
+def backward_paths(R, dropout_p, need_dx, M=None, tma=False):
+    """The backward paths that apply (tma: whether dY and the weight allow the TMA kernel,
+    `tma_possible`; it also needs a known M > 64)."""
+    configs = _configs()
+    one_tile = R <= configs.IN_LOOP_MAX_R
+    big = type(M) is int and M > configs.SPLIT_K_MAX_M
+    return (("fused",) if need_dx and one_tile else ()) + ("split",) + \
+        (("tma",) if tma and need_dx and one_tile and big else ()) + (("cublas",) if dropout_p == 0 else ())
 
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
@@ -145,9 +152,11 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
         if path == "cublas":
             return torch_path.lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling,
                                             need_dx=need_dx, need_da=need_da, need_db=need_db)
+        # a key that chose tma, on tensors TMA cannot read (or traced), runs split
+        tma = path == "tma" and tma_possible(dy, weight)
         return _kernels().lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, need_dx=need_dx,
                                         need_da=need_da, need_db=need_db, fused=path == "fused",
-                                        dropout_p=dropout_p, seed=seed)
+                                        tma=tma, dropout_p=dropout_p, seed=seed)
 
     def heuristic():
         return "fused" if need_dx and _kernels().backward.g_in_loop(M, R) else "split"
@@ -156,7 +165,8 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
     key = _key("backward", dy, shape) if M != 0 else None
     path = None if _forced else _choices.get(key) or _settled.get(key)
     if path is None:
-        path = choose("backward", key, dy, shape, backward_paths(R, dropout_p, need_dx), heuristic, run)
+        candidates = backward_paths(R, dropout_p, need_dx, M, tma=key is not None and tma_possible(dy, weight))
+        path = choose("backward", key, dy, shape, candidates, heuristic, run)
     return run(path)
 
 

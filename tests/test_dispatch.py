@@ -27,7 +27,8 @@ def ran(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "lora_forward", spy(
         "forward", kernels.lora_forward, lambda kw: "in_loop" if kw["in_loop"] else "split"))
     monkeypatch.setattr(kernels, "lora_backward", spy(
-        "backward", kernels.lora_backward, lambda kw: "fused" if kw["fused"] else "split"))
+        "backward", kernels.lora_backward,
+        lambda kw: "tma" if kw.get("tma") else "fused" if kw["fused"] else "split"))
     monkeypatch.setattr(kernels, "lora_forward_split_k", spy(
         "forward", kernels.lora_forward_split_k, lambda kw: "split_k"))
     monkeypatch.setattr(kernels, "lora_forward_tma", spy("forward", kernels.lora_forward_tma, lambda kw: "tma"))
@@ -101,8 +102,9 @@ def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path
     timed.update({f"backward:{p}": 1.0 if p == bwd else 3.0 for p in dispatch.BACKWARD_PATHS})
     t, dy, y, grads = _step(37)
     forward_paths = dispatch.forward_paths(37, 8, 0.0)     # fp32: no tma
+    backward_paths = dispatch.backward_paths(8, 0.0, True, 37)
     assert sorted(timed["timed"]) == sorted([f"forward:{p}" for p in forward_paths] +
-                                            [f"backward:{p}" for p in dispatch.BACKWARD_PATHS])
+                                            [f"backward:{p}" for p in backward_paths])
     assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
     _assert_matches_reference(t, dy, y, grads, torch.float32)
 
@@ -161,27 +163,30 @@ def test_only_applicable_paths_are_timed(timed, ran):
 @pytest.mark.parametrize("bwd", dispatch.BACKWARD_PATHS)
 def test_every_pairing_computes_the_function(fwd, bwd, dtype, ran):
     """Forward and backward are chosen apart: every pair (their saved xs is the same quantity)
-    matches float64, with odd sizes (tma: fp16/bf16, M > 64 and 16-byte rows, K = 48)."""
-    if fwd == "tma" and dtype == torch.float32:
+    matches float64, with odd sizes (tma: fp16/bf16, M > 64 and 16-byte rows: K = 48, N = 24)."""
+    tma = "tma" in (fwd, bwd)
+    if tma and dtype == torch.float32:
         pytest.skip("TMA reads fp16/bf16 only")
-    M, K = (70, 48) if fwd == "tma" else (29, 45)
+    if fwd == "split_k" and bwd == "tma":
+        pytest.skip("split_k runs for M <= 64, tma for M > 64")
+    M, K, N = (70, 48, 24) if tma else (29, 45, 23)
     with dispatch.forced(forward=fwd, backward=bwd):
-        t, dy, y, grads = _step(M, K=K, N=23, r=5, dtype=dtype)
+        t, dy, y, grads = _step(M, K=K, N=N, r=5, dtype=dtype)
     assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
     _assert_matches_reference(t, dy, y, grads, dtype)
 
 
 def test_tma_is_offered_only_where_it_can_read_the_inputs(timed, ran):
-    """fp16 with 16-byte rows: timed; K = 45 (90-byte rows): not. A key that chose tma, called
-    with an x TMA cannot read (misaligned view), runs split instead of failing."""
+    """fp16 with 16-byte rows: both passes' tma timed; K = 45, N = 26: neither. A key that chose tma,
+    called with an x TMA cannot read (misaligned view), runs split instead of failing."""
     timed.update({f"forward:{p}": 2.0 for p in dispatch.FORWARD_PATHS})
     timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
-    timed["forward:tma"] = 1.0
-    _step(70, K=48, dtype=torch.float16)
-    assert "forward:tma" in timed["timed"] and ran[0] == "forward:tma"
+    timed["forward:tma"] = timed["backward:tma"] = 0.5
+    _step(70, K=48, N=24, dtype=torch.float16)
+    assert {"forward:tma", "backward:tma"} <= set(timed["timed"]) and ran == ["forward:tma", "backward:tma"]
     timed["timed"].clear()
-    _step(70, K=45, dtype=torch.float16)
-    assert timed["timed"] and "forward:tma" not in timed["timed"]
+    _step(70, K=45, N=26, dtype=torch.float16)          # 90- and 52-byte rows
+    assert timed["timed"] and not {"forward:tma", "backward:tma"} & set(timed["timed"])
     t = make_inputs(70, 48, 36, 8, torch.float16)
     args = (t["weight"], t["lora_A"], t["lora_B"], t["bias"])
     ran.clear()
