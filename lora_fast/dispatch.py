@@ -1,23 +1,23 @@
 """Which path runs a pass of the "triton" backend, per (device, dtype, shape): measured, not guessed.
 
-Forward paths                                    Backward paths (W0 frozen)
-  in_loop  one kernel, x·Aᵀ in the GEMM's K-loop   fused  one kernel, dY·B in the dX GEMM's N-loop
-  split    shrink pass (xs), then the GEMM with    split  one pass over dY (gs, dB partials), then
-           xs·Bᵀ in its epilogue                          the dX GEMM with gs·A and dA in its epilogue
-  split_k  decode (M <= 64): K split across       tma    split's design, its dX GEMM on TMA with
-           programs, then a fixed-order reduce            a persistent grid (as forward tma)
-                                                   cublas torch path: cuBLAS GEMMs, gs reused
-                                                          (dropout 0 only)
-           adding xs·Bᵀ (kernels/splitk.py)
-  tma      split's design with a TMA, persistent
-           main loop (Hopper+, fp16/bf16, aligned
-           rows; M > 64; kernels/forward_tma.py)
-  cublas   torch path: xs, then cuBLAS addmm_
-           into xs·Bᵀ (dropout 0 only)
-in_loop/fused/split_k need the whole rank in one tile (r <= 64), fused needs dX; cublas runs only at
-dropout 0, because the torch path's keep-mask is a different random stream from the kernels' and
-the forward and backward choices are made separately. Every path computes the same function with
-the same saved tensors (x, and xs = s'·d(x)·Aᵀ), so any forward pairs with any backward.
+Forward paths
+  in_loop  one kernel, x·Aᵀ in the GEMM's K-loop (kernels/forward.py)
+  split    first pass for xs, then the GEMM with xs·Bᵀ in its epilogue
+  split_k  decode (M <= 64): K split across programs, then a fixed-order reduce adding xs·Bᵀ
+           (kernels/splitk.py)
+  tma      split's design with a TMA, persistent main loop (kernels/forward_tma.py)
+  cublas   torch path: xs, then cuBLAS addmm_ of the base GEMM into xs·Bᵀ (dropout 0 only)
+Backward paths (W0 frozen)
+  fused    one kernel, dY·B in the dX GEMM's N-loop
+  split    one pass over dY (gs, dB partials), then the dX GEMM with gs·A and dA in its epilogue
+  tma      split's design, its dX GEMM on TMA with a persistent grid (kernels/backward_tma.py)
+  cublas   torch path: cuBLAS GEMMs, gs reused (dropout 0 only)
+in_loop/fused/split_k/tma need the whole rank in one tile (r <= 64); fused and tma need dX; tma
+needs a Hopper-or-later GPU, fp16/bf16 and TMA-readable (16-byte-aligned) inputs, and runs for
+M > 64; cublas runs only at dropout 0, because the torch path's keep-mask is a different random
+stream from the kernels' and the forward and backward choices are made separately. Every path
+computes the same function with the same saved tensors (x, and xs = s'·d(x)·Aᵀ), so any forward
+pairs with any backward.
 
 LORA_FAST_DISPATCH picks how a choice is made:
   measure (default)  the first call of a key on a CUDA device runs every applicable path on the
