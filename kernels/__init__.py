@@ -1,10 +1,10 @@
 """Triton kernels of lora_fast, installed as ``lora_fast.kernels`` (never as a top-level ``kernels``).
 
-One file per pass: forward.py (fused forward GEMM), forward_tma.py (its split design with a TMA,
-persistent main loop for Hopper), backward.py (fused dX/dA/dB GEMM),
-skinny.py (the x @ Aᵀ / dY @ B first pass of the split path), splitk.py (the split-K decode
-forward), dropout.py (the in-kernel mask);
-configs.py holds every block size, autotune list and path heuristic.
+One file per pass: forward.py (fused forward GEMM), backward.py (fused dX/dA/dB GEMM), skinny.py
+(the x @ Aᵀ / dY @ B first pass of the split path), forward_tma.py and backward_tma.py (the split
+path's GEMMs with a TMA, persistent main loop, for Hopper), splitk.py (the split-K decode forward),
+dropout.py (the in-kernel mask); configs.py holds every block size, autotune list and path
+heuristic; lora_fast.dispatch chooses among the paths.
 """
 if __name__ == "kernels":
     # Imported as a top-level "kernels": the repository root is on sys.path (`python -m ...` from a
