@@ -44,6 +44,11 @@ def _floor_time(cases, case, mode):
     return None
 
 
+def _best_baseline_time(by_impl, mode):
+    """The fastest baseline's time for one case and mode (None when the run has none)."""
+    return min((by_impl[(b, mode)]["time"] for b in BASELINES if (b, mode) in by_impl), default=None)
+
+
 def markdown(rows):
     out = []
     for (device, commit, date, command), cases in _index(rows).items():
@@ -69,7 +74,7 @@ def markdown(rows):
             for mode in MODES:
                 peft = by_impl.get(("peft", mode), {}).get("time")
                 floor = _floor_time(cases, case, mode)
-                best = min((by_impl[(b, mode)]["time"] for b in BASELINES if (b, mode) in by_impl), default=None)
+                best = _best_baseline_time(by_impl, mode)
                 for impl in IMPL_ORDER:
                     m = by_impl.get((impl, mode))
                     if not m:
@@ -93,7 +98,7 @@ def _ratio(cases, case, mode, impl, against):
         other = _floor_time(cases, case, mode)
         return t / other if t and other else None     # cost over the floor: impl / floor
     if against == "best":
-        other = min((by_impl[(b, mode)]["time"] for b in BASELINES if (b, mode) in by_impl), default=None)
+        other = _best_baseline_time(by_impl, mode)
     else:
         other = by_impl.get((against, mode), {}).get("time")
     return other / t if t and other else None

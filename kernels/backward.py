@@ -188,7 +188,8 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
     if tma and (fused or not need_dx or R > block_r or not tma_eligible(dy, weight)):
         raise ValueError("TMA backward: expected the split path with dX asked, r <= "
                          f"{configs.MAX_BLOCK_R}, and fp16/bf16 dY and weight contiguous along their "
-                         f"last dimension with 16-byte aligned addresses and rows; got fused={fused}, "
+                         "last dimension with 16-byte aligned addresses and rows (and a Triton with host "
+                         f"tensor descriptors); got fused={fused}, "
                          f"need_dx={need_dx}, r={R}, dY {dy.dtype} strides {tuple(dy.stride())}, "
                          f"weight strides {tuple(weight.stride())}")
     if fused and R > block_r:

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from . import configs
 from .dropout import keep_mask
+from .forward_tma import TensorDescriptor
 from .launch import launch
 from .tiling import grouped_tile
 
@@ -83,7 +84,6 @@ def _lora_backward_tma_kernel(
 
 def launch_dx_tma(dy, x, gs, weight, lora_A, dx, da_part, seed, block_m, dropout_p):
     """Launch the TMA dX kernel: dx and da_part (None when dA is not asked) are written."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
     M, N = dy.shape
     K, R = x.shape[1], lora_A.shape[0]
     dropout = dropout_p > 0

@@ -213,15 +213,21 @@ SPLIT_K_GRANULE = 32 if INTERPRET else 256
 _SM_COUNT = {}
 
 
-def split_k_target_programs(device):
-    """About two programs per SM on a GPU; 8 under the interpreter, so small test shapes split too."""
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device (cached); None under the interpreter or on CPU."""
     if device.type != "cuda" or INTERPRET:
-        return 8
+        return None
     index = device.index if device.index is not None else 0
     if index not in _SM_COUNT:
         import torch
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 2 * _SM_COUNT[index]
+    return _SM_COUNT[index]
+
+
+def split_k_target_programs(device):
+    """About two programs per SM on a GPU; 8 under the interpreter, so small test shapes split too."""
+    sms = sm_count(device)
+    return 2 * sms if sms else 8
 
 
 def split_k_plan(m, n, k, programs, block_n=SPLIT_K_BLOCK_N, granule=SPLIT_K_GRANULE):
@@ -267,7 +273,7 @@ def keep_split_k_config(configs, named_args, capability=None, **kwargs):
 def persistent_programs(device):
     """Programs of a persistent kernel: one per SM (3 under the interpreter, so that test shapes
     give each program several tiles)."""
-    return split_k_target_programs(device) // 2 if device.type == "cuda" and not INTERPRET else 3
+    return sm_count(device) or 3
 
 
 def tma_configs(pre_hook):

@@ -18,6 +18,11 @@ from .launch import launch
 from .skinny import skinny
 from .tiling import grouped_tile
 
+try:   # host-side TMA descriptors; with a Triton that has none, the dispatcher runs the other paths
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 
 def _set_block_shapes(nargs):
     """Autotune pre-hook: the descriptors' tile is the config's."""
@@ -69,8 +74,10 @@ def _lora_forward_tma_kernel(
 
 
 def tma_eligible(x, weight):
-    """Whether TMA can read x (M, K) and weight (N, K): fp16/bf16, contiguous along K, 16-byte
-    aligned base addresses and row strides (the descriptors' rules)."""
+    """Whether TMA can read x (M, K) and weight (N, K): a Triton with host descriptors, fp16/bf16,
+    contiguous along K, 16-byte aligned base addresses and row strides (the descriptors' rules)."""
+    if TensorDescriptor is None:
+        return False
     for t in (x, weight):
         if (t.dtype not in (torch.float16, torch.bfloat16) or t.stride(1) != 1
                 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16):
@@ -82,13 +89,13 @@ def lora_forward_tma(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, 
     """The split-design forward with a TMA main loop, for 2-D x (M, K) passing tma_eligible and
     r <= 64; returns (y, xs) as kernels.lora_forward does (xs is always produced: the first pass
     makes it)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
     from .forward import input_precision
     M, K = x.shape
     N, R = lora_B.shape
     if not tma_eligible(x, weight) or R > configs.MAX_BLOCK_R:
         raise ValueError("TMA forward: expected fp16/bf16 x and weight contiguous along K with 16-byte "
-                         f"aligned addresses and rows, and r <= {configs.MAX_BLOCK_R}; got x {x.dtype} "
+                         f"aligned addresses and rows, r <= {configs.MAX_BLOCK_R}, and a Triton with host "
+                         f"tensor descriptors; got x {x.dtype} "
                          f"strides {tuple(x.stride())}, weight strides {tuple(weight.stride())}, r={R}")
     if dropout_p > 0 and seed is None:
         raise ValueError("seed: dropout_p > 0 needs a seed tensor")

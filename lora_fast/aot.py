@@ -155,10 +155,11 @@ def compile_variant(variant, dtype, arch, config, strided=False):
     options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
     # fp32 is compiled as tf32 (its tensor-core path); with torch's default "highest" fp32 matmul
     # precision the launchers pass "ieee" instead, which runs on FMAs like cuBLAS's SGEMM.
-    constexprs = {**spec.constexprs, **config, "INPUT_PRECISION": "tf32"}
-    if spec.descs:
-        constexprs.pop("INPUT_PRECISION")          # 16-bit operands only: no precision argument
-        constexprs["NUM_PROGRAMS"] = 132           # an H100 SXM's SM count
+    constexprs = {**spec.constexprs, **config}
+    if "INPUT_PRECISION" in fn.arg_names:          # the TMA kernels take 16-bit operands only
+        constexprs["INPUT_PRECISION"] = "tf32"
+    if "NUM_PROGRAMS" in fn.arg_names:             # persistent kernels: an H100 SXM's SM count
+        constexprs["NUM_PROGRAMS"] = 132
     if not strided:
         constexprs.update({s: 1 for s in spec.unit_strides})
     signature, attrs = {}, {}

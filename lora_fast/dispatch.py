@@ -89,9 +89,9 @@ def forward_paths(M, R, dropout_p, tma=False):
 
 
 def tma_possible(x, weight):
-    """Whether the TMA kernels can read x (the forward's x, or the backward's dY) and weight here: a Hopper-or-later GPU (or the
-    interpreter, for tests), real tensors (not traced: descriptors are built on the host), and the
-    descriptors' dtype, contiguity and alignment rules."""
+    """Whether the TMA kernels can read x (the forward's x, or the backward's dY) and weight here: a
+    Hopper-or-later GPU (or the interpreter, for tests), real tensors (not traced: descriptors are
+    built on the host), and kernels.tma_eligible's rules."""
     from lora_fast.kernels.launch import _traced
     configs = _configs()
     if configs.INTERPRET:
@@ -176,7 +176,7 @@ def _key(pass_name, t, shape):
     M = shape[0]
     if type(M) is not int:
         return None
-    return (t.device, t.dtype, pass_name, 1 << (max(M, 1) - 1).bit_length()) + shape[1:]
+    return (t.device, t.dtype, pass_name, _configs().m_bucket(M)) + shape[1:]
 
 
 def choose(pass_name, key, t, shape, candidates, heuristic, run):

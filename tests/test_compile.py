@@ -357,11 +357,10 @@ def test_no_host_sync_in_forward_and_backward_gpu():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_graph_replays_forward_gpu():
-    torch.manual_seed(0)
-    layer = LoRALinear(256, 192, r=16, device="cuda")
+def _captured_layer_forward(**layer_kwargs):
+    """(layer, static_x, graph, static_y): a 256→192 r=16 LoRALinear with a non-zero B, warmed up on
+    a static (300, 256) input, its no-grad forward captured in a CUDA graph."""
+    layer = LoRALinear(256, 192, r=16, device="cuda", **layer_kwargs)
     nn.init.normal_(layer.lora_B)
     static_x = torch.randn(300, 256, device="cuda")
     with torch.no_grad():
@@ -369,6 +368,15 @@ def test_cuda_graph_replays_forward_gpu():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_y = layer(static_x)
+    return layer, static_x, graph, static_y
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_replays_forward_gpu():
+    torch.manual_seed(0)
+    layer, static_x, graph, static_y = _captured_layer_forward()
+    with torch.no_grad():
         for i in range(3):
             x = torch.randn(300, 256, device="cuda")
             static_x.copy_(x)
@@ -412,14 +420,8 @@ def test_cuda_graph_replays_draw_new_dropout_masks_gpu():
     """The dropout seed is drawn by torch.randint on the CUDA generator, which a captured graph
     advances on every replay: two replays drop different elements, and both are dropout outputs
     (not the eval output)."""
-    layer = LoRALinear(256, 192, r=16, lora_dropout=0.5, device="cuda")
-    nn.init.normal_(layer.lora_B)
-    static_x = torch.randn(300, 256, device="cuda")
+    layer, static_x, graph, static_y = _captured_layer_forward(lora_dropout=0.5)
     with torch.no_grad():
-        _warm_up(lambda: layer(static_x))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
         graph.replay()
         first = static_y.clone()
         graph.replay()
