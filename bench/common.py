@@ -30,8 +30,11 @@ def run_metadata(device, module, argv):
     """The columns that say where, when and how a row was measured; `module` is the bench module
     that ran (layer, model, cpu_step) and argv its arguments."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=Path(__file__).parent).stdout.strip()
+        git = dict(capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
+        # measured on uncommitted changes to tracked files: the commit alone would not say what ran
+        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.strip():
+            commit += "-dirty"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     try:
@@ -68,6 +71,24 @@ def quantiles(values):
         return values[0], values[0], values[0]
     q = statistics.quantiles(values, n=10, method="inclusive")
     return statistics.median(values), q[1], q[7]
+
+
+def interleaved(jobs, run, rounds, warmup, sync=lambda: None):
+    """{job: [ms per round]}: every job once per round, the round's order rotated by one each
+    time (no job always runs first, or after the same neighbour: drifts in clock speed, caches
+    and other tenants' load fall on all alike), after `warmup` untimed rounds. run(job) returns a
+    Timer, read after sync() at the end of each round (a GPU's events are asynchronous)."""
+    for _ in range(warmup):
+        for job in jobs:
+            run(job)
+    times = {job: [] for job in jobs}
+    for i in range(rounds):
+        order = jobs[i % len(jobs):] + jobs[:i % len(jobs)]
+        timers = [(job, run(job)) for job in order]
+        sync()
+        for job, t in timers:
+            times[job].append(t.elapsed_ms())
+    return times
 
 
 class Timer:

@@ -116,16 +116,7 @@ def bench_case(case, impl_names, rounds, warmup, device, ceilings, meta, modes=M
 
     check_same_function(impls, x, dtype)
     jobs = [(name, mode) for name in impls for mode in modes]
-    for _ in range(warmup):
-        for name, mode in jobs:
-            run(impls[name], mode)
-    times = {job: [] for job in jobs}
-    for i in range(rounds):
-        order = jobs[i % len(jobs):] + jobs[:i % len(jobs)]
-        timers = [(job, run(impls[job[0]], job[1])) for job in order]
-        sync()
-        for job, t in timers:
-            times[job].append(t.elapsed_ms())
+    times = common.interleaved(jobs, lambda job: run(impls[job[0]], job[1]), rounds, warmup, sync)
 
     rows = []
     base_row = {**meta, "case": shape, "M": M, "K": K, "N": N, "r": r, "dtype": dtype_name,
@@ -155,6 +146,13 @@ def bench_case(case, impl_names, rounds, warmup, device, ceilings, meta, modes=M
             rows.append({**row, "metric": "saved_bytes", "p50": saved, "p20": saved, "p80": saved,
                          "unit": "B"})
     return rows
+
+
+def measured_cases(paths):
+    """(shape, M, r, dtype, dropout) of every case these CSVs hold rows for; a path that does not
+    exist holds none (an earlier run that wrote nothing)."""
+    return {(row["case"], int(row["M"]), int(row["r"]), row["dtype"], float(row["dropout"]))
+            for path in paths if Path(path).exists() for row in common.read_rows(path)}
 
 
 def check_same_function(impls, x, dtype):
@@ -200,6 +198,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 30 GPU, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="CSV to append to (default bench/results/layer-<device>.csv)")
+    parser.add_argument("--skip-cases-in", nargs="+", default=[], metavar="CSV",
+                        help="leave out the cases these CSVs already hold rows for (a GPU session's "
+                             "later stage, or resuming a run that was cut off)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,6 +211,11 @@ def main(argv=None):
         cases = default_grid(device, args.quick, args.grid)
         if args.dtype:
             cases = [c for c in cases if c[3] in args.dtype]
+    if args.skip_cases_in:
+        done = measured_cases(args.skip_cases_in)
+        print(f"{sum(c in done for c in cases)} of {len(cases)} cases already measured in "
+              f"{' '.join(args.skip_cases_in)}: left out", file=sys.stderr)
+        cases = [c for c in cases if c not in done]
     rounds = args.rounds or (30 if device.type == "cuda" else 5)
     out = args.out or common.RESULTS_DIR / f"layer-{device.type}.csv"
     if device.type != "cuda":

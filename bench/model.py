@@ -7,12 +7,16 @@ lora_fast, dropout 0 and 0.05.
 Both models start from the same weights and the same adapters (PEFT's initialisation copied into
 lora_fast's layers) and see the same batches; their steps are interleaved. Before timing is
 trusted, the loss curves of the first steps must agree (dropout 0; with dropout the two draw
-their masks differently). Reports per step: median time, tokens/s and peak memory (CUDA).
+their masks differently). Reports per step: median time, tokens/s and peak memory (CUDA), and how
+much longer each model's first step took than a steady one (compiling, autotuning and
+lora_fast.dispatch's measuring: issue 13's "under 60 s cold, under 10 s with warm caches in a
+second process").
 On CPU it runs a tiny config: a test of the harness, not a measurement.
 """
 import argparse
 import statistics
 import sys
+import time
 
 import torch
 from torch import nn
@@ -77,6 +81,7 @@ def run(args, device):
         optims = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
                   for k, m in models.items()}
         times = {k: [] for k in models}
+        first = {}     # wall seconds of each model's first step: compiling and tuning included
         losses = {k: [] for k in models}
         peaks = {}
         for step in tqdm(range(args.warmup + args.steps), desc=f"bench.model dropout={dropout:g}",
@@ -86,6 +91,7 @@ def run(args, device):
                 model.train()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
+                wall = time.perf_counter()
                 with common.Timer(device) as t:
                     loss = model(input_ids=batches[step], labels=batches[step]).loss
                     loss.backward()
@@ -94,6 +100,7 @@ def run(args, device):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
+                first.setdefault(name, time.perf_counter() - wall)
                 losses[name].append(loss.item())
                 if step >= args.warmup:
                     times[name].append(t.elapsed_ms())
@@ -112,6 +119,13 @@ def run(args, device):
             if name in peaks:
                 rows.append({**base_row, "impl": name, "metric": "peak_mem", "p50": peaks[name],
                              "p20": peaks[name], "p80": peaks[name], "unit": "B"})
+            # the first step less a steady one: compiling, autotuning and the dispatcher's measuring
+            setup = first[name] - p50 / 1e3
+            rows.append({**base_row, "impl": name, "metric": "first_step_setup", "p50": setup, "p20": setup,
+                         "p80": setup, "unit": "s"})
+        print(f"dropout={dropout:g}: first step " + ", ".join(
+            f"{n} {first[n]:.1f} s ({first[n] - statistics.median(times[n]) / 1e3:.1f} s over a steady step)"
+            for n in models) + " — compile + tune + dispatch measuring; a warm second process should be < 10 s")
         print(f"dropout={dropout:g}: " + ", ".join(
             f"{n} {statistics.median(times[n]):.1f} ms/step" for n in models)
             + f"; lora_fast speed-up over PEFT {statistics.median(times['peft']) / statistics.median(times['lora_fast']):.3f}x"

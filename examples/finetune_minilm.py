@@ -120,6 +120,17 @@ def evaluate(model, tokenizer, data, device, batch_size=256):
                       F.cross_entropy(out, labels).item())
 
 
+def train_step(model, tokenizer, optimizer, batch, device):
+    """One step on ``batch`` (entry, label) pairs: tokenize, forward, loss, backward, optimizer
+    step (bench.cpu_model times exactly this). Returns the loss, detached."""
+    labels = torch.tensor([y for _, y in batch], device=device)
+    loss = F.cross_entropy(logits(model, tokenizer, [t for t, _ in batch], device), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train(model, tokenizer, data, device, epochs=2, lr=2e-3, batch_size=32, seed=0):
     """AdamW on the parameters that require grad (the LoRA matrices after ``lora_fast.inject``).
     Returns (mean loss per epoch, seconds per step). A step is tokenize, forward, backward and
@@ -136,11 +147,7 @@ def train(model, tokenizer, data, device, epochs=2, lr=2e-3, batch_size=32, seed
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=True)
         for batch in bar:
             start = time.perf_counter()
-            labels = torch.tensor([y for _, y in batch], device=device)
-            loss = F.cross_entropy(logits(model, tokenizer, [t for t, _ in batch], device), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, tokenizer, optimizer, batch, device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_times.append(time.perf_counter() - start)

@@ -27,8 +27,8 @@ from .skinny import skinny
 from .tiling import grouped_tile
 
 
-@triton.autotune(configs=configs.backward_configs(), key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": configs.keep_backward_config})
+@triton.autotune(configs=configs.backward_configs(), key=configs.BACKWARD_KEY,
+                 prune_configs_by={"early_config_prune": configs.keep_backward_config}, do_bench=configs.bench_config)
 @triton.jit
 def _lora_backward_kernel(
     # pointers
@@ -195,7 +195,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
     if fused and R > block_r:
         raise ValueError(f"fused backward holds the whole rank in one tile: r={R} > {block_r}")
     precision = input_precision(dy.dtype)
-    block_m = configs.partial_block_m(M, fused)
+    block_m = configs.partial_block_m(M, fused, precision)
     grid_m = configs.cdiv(M, block_m)
 
     gs = db_part = None

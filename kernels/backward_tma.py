@@ -22,8 +22,9 @@ def _set_block_shapes(nargs):
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-@triton.autotune(configs=configs.backward_tma_configs(_set_block_shapes), key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": configs.keep_backward_tma_config})
+@triton.autotune(configs=configs.backward_tma_configs(_set_block_shapes), key=configs.BACKWARD_TMA_KEY,
+                 prune_configs_by={"early_config_prune": configs.keep_backward_tma_config},
+                 do_bench=configs.bench_config)
 @triton.jit
 def _lora_backward_tma_kernel(
     dy_desc, w_desc, a_ptr, x_ptr, gs_ptr, dx_ptr, da_part_ptr, seed_ptr,

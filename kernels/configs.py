@@ -1,12 +1,26 @@
-"""Block sizes, autotune configs and path heuristics for every lora_fast kernel, in one place.
+"""Block sizes, autotune configs, tuning keys and path heuristics for every lora_fast kernel, in one
+place.
 
-Nothing here has been tuned on a GPU yet (see bench/NOTES.md): the GPU lists are the
-standard Hopper/Ampere GEMM tiles (128x128x64 / 128x256x64, 3-4 stages, 4-8 warps) that
-Triton's matmul tutorial and cuBLAS heuristics settle on for bf16, pruned so that every
-main-path config has BLOCK_M >= 64 (a Hopper warpgroup MMA needs 64 rows per warpgroup).
+Nothing here has been timed on a GPU yet (see bench/NOTES.md). The GPU lists are the standard
+Hopper/Ampere GEMM tiles (128x128x64 / 128x256x64, 3-4 stages, 4-8 warps) that Triton's matmul
+tutorial and cuBLAS heuristics settle on for bf16, cut to two or three per kernel and shape class
+(a class is the BLOCK_M the rows call for: 16, 32 or 64 up to 64 rows, 128 above) so that a first step
+compiles and times few of them (`python -m bench.tuning`: counts per kernel, bench/NOTES.md v7),
+each kept only where `python -m lora_fast.aot --all-configs` builds it without a spill on sm_80 and
+sm_90 under Triton 3.6 and 3.9 (the pruners below). Each list is ordered by prediction, best first:
+the first config a pruner keeps is the one a launch uses when it cannot be tuned (inside a CUDA
+graph capture, kernels/tuning.py).
+
+Tuning keys: Triton's autotuner keys its cache on the `key` arguments plus the argument dtypes, and
+reuses a tuned config for every launch with the same key, without pruning again. So each key below
+names every launch-time value its pruner reads (the path constexprs, BLOCK_M where the launcher
+sets it, the rank tile, the fp32 precision): otherwise a tile tuned for one path would be run by
+another whose pruner forbids it (`python -m bench.tuning` found 154 such keys on sm_90 before,
+over the model step, the Llama-3-8B grid and the test shapes; tests/test_tuning.py holds it at none).
+
 Under the interpreter (TRITON_INTERPRET=1) every kernel gets a single small config: the
-interpreter runs programs one by one in numpy, so small tiles keep tests fast, and tiles
-smaller than the test shapes make every mask, tail and cross-program reduction run.
+interpreter runs programs one by one in numpy, so small tiles keep tests fast, and tiles smaller
+than the test shapes make every mask, tail and cross-program reduction run.
 """
 import os
 
@@ -19,13 +33,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # reading W0, and the r/BLOCK_N extra MMA work of computing x·Aᵀ inside the main loop is free,
 # while a separate first pass costs a launch (~4 us on a ~10 us decode GEMM). Above it the GEMM
 # is compute-bound and the first pass (one extra read of x, ~M·K·2 bytes) is cheaper than the
-# redundant MMA work. Full arithmetic in bench/NOTES.md; issue 8 replaces this with measurement.
+# redundant MMA work. Full arithmetic in bench/NOTES.md; the dispatcher measures it on a GPU and
+# uses this only where nothing can be timed.
 IN_LOOP_MAX_M = 256
 # The in-loop variants keep the whole rank in registers next to the main accumulator.
 IN_LOOP_MAX_R = 64
 # Rank chunk for epilogues and the skinny kernel: a [BLOCK_M, 64] fp32 tile is 32 KB of
 # registers per 128 rows, beside a 64 KB main accumulator; larger r loops over chunks.
 MAX_BLOCK_R = 64
+# The dispatcher times in_loop/fused only up to this many rows: above IN_LOOP_MAX_M they are predicted
+# to lose (r/BLOCK_N redundant MMA work, 12.5% at r=16) and every candidate a first step times costs
+# compiles; the margin up to 1024 is for the GPU measurement to confirm or move (bench/NOTES.md v7).
+IN_LOOP_CANDIDATE_MAX_M = 1024
 
 
 def next_power_of_2(n):
@@ -52,31 +71,40 @@ def m_bucket(m):
     """Autotune key for M: one tuning per power of two, not one per sequence length. A symbolic M
     (torch.compile with dynamic shapes) is returned as it is: a traced launch has no key (inductor
     tunes once per compiled graph), and the kernel gets a size, not an expression of bit operations
-    on one; keep_forward_config's `M_BUCKET <= 32` holds exactly when M <= 32 all the same."""
+    on one; the pruners' comparisons of M_BUCKET hold for M itself all the same."""
     if not isinstance(m, int):
         return m
     return next_power_of_2(max(m, 1))
 
 
-def partial_block_m(m, fused=False):
+def partial_block_m(m, fused=False, precision="tf32"):
     """BLOCK_M of the kernels that write one partial sum per M-tile (dA, dB reductions).
 
     Fixed by the launcher, not autotuned, because the partial buffer (grid_m rows) is
     allocated before the launch. 128 rows halves the partial buffer against 64 while still
     giving a Hopper warpgroup MMA its 64-row minimum twice over. The fused backward holds gs
     and the dB operands beside its dX accumulator: at 128 rows it spilled on sm_80 (AOT report,
-    bench/NOTES.md), and it only runs for M <= IN_LOOP_MAX_M, where 64 rows lose nothing.
+    bench/NOTES.md), and it only runs for small M, where 64 rows lose nothing. fp32 with "ieee"
+    dots (FMAs: the operand fragments live in registers) spilled at 64 and 128 rows with the
+    dropout draw (8-1016 B, AOT report), at 32 never: 32 rows.
     """
     if INTERPRET:
         return 16
-    return min(64 if fused else 128, max(16, next_power_of_2(m)))
+    cap = 32 if precision == "ieee" else 64 if fused else 128
+    return min(cap, max(16, next_power_of_2(m)))
 
 
-def _config(bm, bn, bk, stages, warps, group_m=8):
-    kw = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}
-    if bm is not None:
-        kw["BLOCK_M"] = bm
-    return triton.Config(kw, num_stages=stages, num_warps=warps)
+def row_class(m):
+    """BLOCK_M of the GEMM tiles for M rows (its power-of-two bucket): 16, 32 or 64 (decode: a tile
+    no taller than the rows), 128 above 64 rows (a Hopper warpgroup MMA per 64 rows). The class
+    edges are those the paths already have (split-K and TMA change at 64, the in-loop crossover at
+    256), so a torch.compile graph with a dynamic M guards on no new ones. A symbolic M is compared
+    as it is (a plain bool: bool == SymBool would fail in sympy)."""
+    if bool(m <= 16):
+        return 16
+    if bool(m <= 32):
+        return 32
+    return 64 if bool(m <= 64) else 128
 
 
 def device_capability():
@@ -118,98 +146,164 @@ def _launch_arg(name, named_args, kwargs):
     return kwargs[name] if name in kwargs else named_args[name]
 
 
+def _pruning(capability):
+    """None under the interpreter at run time (one config, nothing to prune); else the capability to
+    prune for (the AOT report and bench.tuning pass theirs explicitly)."""
+    if capability is None:
+        return None if INTERPRET else device_capability()
+    return capability
+
+
+def bench_config(kernel_call, quantiles):
+    """How the autotuner times one config: Triton's do_bench with a 5 ms warm-up and 20 ms of
+    repetitions (its default is 25 + 100 ms, ~125 ms a config: 27 s for a 0.9B model's first step,
+    bench.tuning's count) — still dozens of runs of even a 300 us GEMM, enough to rank tiles whose
+    times differ by more than a few percent."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _config(bm, bn, bk, stages, warps, group_m=8):
+    kw = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}
+    if bm is not None:
+        kw["BLOCK_M"] = bm
+    return triton.Config(kw, num_stages=stages, num_warps=warps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward GEMM (forward.py): tiles of y, BLOCK_M x BLOCK_N, reduction BLOCK_K.
+FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R", "XS_IN_LOOP", "DROPOUT", "INPUT_PRECISION"]
+
+
 def forward_configs():
-    """Configs for the fused forward GEMM (tiles of y: BLOCK_M x BLOCK_N, reduction BLOCK_K)."""
     if INTERPRET:
         return [_config(16, 32, 32, 1, 4)]
-    big = [_config(bm, bn, 64, s, w)
-           for bm, bn, w in ((128, 128, 8), (64, 128, 4), (128, 64, 4), (64, 64, 4), (128, 256, 8))
-           for s in (3, 4)]
-    decode = [_config(bm, bn, 64, 4, 4) for bm in (16, 32) for bn in (32, 64, 128)]
-    return big + decode
+    return [_config(bm, bn, bk, s, w) for bm, bn, bk, s, w in (
+        (16, 64, 64, 4, 4), (16, 128, 64, 4, 4),       # decode: as many column tiles as possible
+        (32, 64, 64, 4, 4), (32, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),       # 33-64 rows: one 64-row warpgroup MMA
+        (128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 64, 64, 3, 8),   # large; 128x64 holds the dropout draw
+        # fp32 "ieee" (FMA dots, BLOCK_K 16 marks them): one tile per class; BLOCK_K 64 spilled up to
+        # 7 KB (AOT report), 16 never; 32 rows at least (16-row ones spilled 8-16 B on sm_90)
+        (32, 64, 16, 3, 4), (64, 64, 16, 3, 4), (128, 64, 16, 3, 8))]
 
 
 def keep_forward_config(configs, named_args, capability=None, **kwargs):
-    """Prune: decode tiles (BLOCK_M < 64) only for M <= 32, GEMM tiles only above; and only tiles
-    whose accumulator fits the registers and whose pipeline fits shared memory on this device."""
-    if INTERPRET:
+    """The M bucket's row class (row_class), accumulators that fit the registers (with the in-loop
+    dropout draw: at most 32 values per thread; fp32 decode tiles at most 16) and pipelines that fit
+    shared memory on this device."""
+    cap = _pruning(capability)
+    if cap is None:
         return configs
-    cap = device_capability() if capability is None else capability
-    m = _launch_arg("M_BUCKET", named_args, kwargs)
+    ieee = _launch_arg("INPUT_PRECISION", named_args, kwargs) == "ieee"
+    rows = row_class(_launch_arg("M_BUCKET", named_args, kwargs))
+    rows = max(32, rows) if ieee else rows
     itemsize = _launch_arg("x_ptr", named_args, kwargs).element_size()
     rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("XS_IN_LOOP", named_args, kwargs) else 0
     dropout = _launch_arg("DROPOUT", named_args, kwargs)
-    decode = bool(m <= 32)   # a plain bool: on a symbolic M, bool == SymBool would fail in sympy
     # Decode tiles with fp32 (tf32) operands and the in-loop dropout draw: 32 accumulator values
     # per thread spilled (32x128 with 4 warps: 24 B of stack on sm_80, 88 B on sm_90, `python -m
-    # lora_fast.aot --all-configs`), 16 did not; the 64x64 GEMM tile at 32 did not spill either.
+    # lora_fast.aot --all-configs`), 16 did not, except 16x128 under Triton 3.6 on sm_80 (64 B):
+    # at most 16 and 64 columns; the 64x64 GEMM tile at 32 did not spill either.
     tight = dropout and itemsize == 4
+    # fp32 (tf32) in-loop tiles with 4 warps: 64 accumulator values per thread beside the x·Aᵀ one
+    # spilled 8 B on sm_80 under Triton 3.6 (64x128); 32 did not, nor did 64 with 8 warps
+    in_loop_fp32 = rank and itemsize == 4 and not ieee
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if ((bm < 64) == decode and fits_registers(bm, bn, c.num_warps, cap, dropout)
-                and not (tight and bm < 64 and bm * bn // (32 * c.num_warps) > 16)
+        per_thread = bm * bn // (32 * c.num_warps)
+        if (bm == rows and (bk == 16) == ieee and fits_registers(bm, bn, c.num_warps, cap, dropout)
+                and not (tight and bm < 64 and (per_thread > 16 or bn > 64))
+                and not (in_loop_fp32 and c.num_warps == 4 and per_thread > 32)
                 and fits_shared_memory(c.num_stages, bk * (bm + bn + rank), itemsize, cap)):
             kept.append(c)
     return kept
 
 
+# ---------------------------------------------------------------------------------------------
+# dX GEMM (backward.py): tiles of dX, BLOCK_M x BLOCK_K (BLOCK_M the launcher's partial_block_m),
+# reduction over N in BLOCK_N.
+BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_M", "BLOCK_R", "G_IN_LOOP", "DROPOUT", "COMPUTE_DX",
+                "INPUT_PRECISION"]
+
+
 def backward_configs():
-    """Configs for the dX GEMM (tiles of dX: BLOCK_M x BLOCK_K, reduction over N in BLOCK_N).
-    BLOCK_M is set by the launcher (partial_block_m)."""
     if INTERPRET:
         return [_config(None, 32, 32, 1, 4)]
-    return [_config(None, bn, bk, s, w)
-            for bk, w in ((64, 4), (64, 8), (128, 8)) for bn in (32, 64) for s in (3, 4)]
+    return [_config(None, bn, bk, s, w) for bn, bk, s, w in (
+        (64, 128, 3, 8), (64, 64, 4, 4),               # 64 accumulator values per thread at 128 rows
+        (64, 64, 3, 8),                                # 32 at 128 rows: the dropout draw fits
+        (32, 64, 4, 4),                                # decode rows: many programs over K
+        (16, 32, 3, 4))]                               # fp32 "ieee" (BLOCK_N 16 marks it; <= 32 rows)
 
 
 def keep_backward_config(configs, named_args, capability=None, **kwargs):
-    if INTERPRET:
+    """Accumulators that fit the registers and pipelines that fit shared memory; decode rows
+    (BLOCK_M <= 32) get the narrow tiles, the others the wide ones; the dA-only launch (no dX: the
+    epilogue alone, no N-loop) gets one config, as its tiles do not change its work."""
+    cap = _pruning(capability)
+    if cap is None:
         return configs
-    cap = device_capability() if capability is None else capability
     bm = _launch_arg("BLOCK_M", named_args, kwargs)
     itemsize = _launch_arg("dy_ptr", named_args, kwargs).element_size()
     rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("G_IN_LOOP", named_args, kwargs) else 0
     dropout = _launch_arg("DROPOUT", named_args, kwargs)
-    return [c for c in configs
-            if fits_registers(bm, c.kwargs["BLOCK_K"], c.num_warps, cap, dropout)
+    width = 16 if _launch_arg("INPUT_PRECISION", named_args, kwargs) == "ieee" else 32 if bm <= 32 else 64
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_N"] == width
+            and fits_registers(bm, c.kwargs["BLOCK_K"], c.num_warps, cap, dropout)
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_N"] * (bm + c.kwargs["BLOCK_K"] + rank),
                                    itemsize, cap)]
+    if not _launch_arg("COMPUTE_DX", named_args, kwargs):
+        return kept[:1]
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Skinny pass (skinny.py): (M x L) @ (L x r), BLOCK_M the launcher's. Memory-bound: wide BLOCK_L
+# for long contiguous loads, enough stages to keep them in flight.
+SKINNY_KEY = ["M_BUCKET", "L", "R", "BLOCK_M", "BLOCK_R", "WITH_PARTIAL", "DROPOUT", "INPUT_PRECISION"]
 
 
 def skinny_configs():
-    """Configs for the skinny (M x L) @ (L x r) pass; BLOCK_M is set by the launcher.
-    Memory-bound: wide BLOCK_L for long contiguous loads, enough stages to keep them in flight."""
     if INTERPRET:
         return [triton.Config({"BLOCK_L": 32}, num_stages=1, num_warps=4)]
     return [triton.Config({"BLOCK_L": bl}, num_stages=s, num_warps=w)
-            for bl in (64, 128) for s in (3, 4) for w in (4, 8)]
+            for bl, s, w in ((128, 3, 4), (64, 4, 4), (64, 3, 8),
+                             (16, 3, 4))]   # fp32 "ieee" (BLOCK_L 16 marks it): 64+ spilled with the partial
 
 
 def keep_skinny_config(configs, named_args, capability=None, **kwargs):
     """Pipelines that fit shared memory; with the dB partial the src tile is also transposed into an
     MMA operand, which at 128 values per thread spilled in fp32 on sm_80 and sm_90 (AOT report) and
     at 64 never did; with dropout the Philox draws for the src tile need 32."""
-    if INTERPRET:
+    cap = _pruning(capability)
+    if cap is None:
         return configs
-    cap = device_capability() if capability is None else capability
     bm = _launch_arg("BLOCK_M", named_args, kwargs)
     rank = _launch_arg("BLOCK_R", named_args, kwargs)
     itemsize = _launch_arg("src_ptr", named_args, kwargs).element_size()
     partial = _launch_arg("WITH_PARTIAL", named_args, kwargs)
     dropout = _launch_arg("DROPOUT", named_args, kwargs)
     per_thread = 32 if dropout else 64    # src values per thread; the dropout draws need room too
+    ieee = _launch_arg("INPUT_PRECISION", named_args, kwargs) == "ieee"
+    # fp32 (tf32) at 32 rows with 128-wide steps spilled 8 B on sm_90 (72 registers: ptxas's
+    # choice, not pressure; Triton 3.6 and 3.9 alike): 64-wide steps below 64 rows
     return [c for c in configs
-            if fits_shared_memory(c.num_stages, c.kwargs["BLOCK_L"] * (bm + rank), itemsize, cap)
+            if (c.kwargs["BLOCK_L"] == 16) == ieee
+            and not (itemsize == 4 and bm < 64 and c.kwargs["BLOCK_L"] > 64)
+            and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_L"] * (bm + rank), itemsize, cap)
             and (not (partial or dropout) or bm * c.kwargs["BLOCK_L"] // (32 * c.num_warps) <= per_thread)]
 
 
+# ---------------------------------------------------------------------------------------------
 # Split-K decode forward (splitk.py): M up to this, the rank in one tile.
 SPLIT_K_MAX_M = 64
 # Column tile of y; fixed (not tuned) because the number of splits is chosen from the tile count.
 SPLIT_K_BLOCK_N = 16 if INTERPRET else 64
 # Each split covers a multiple of this many K (a multiple of every tuned BLOCK_K), at least once.
 SPLIT_K_GRANULE = 32 if INTERPRET else 256
+SPLIT_K_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_R", "DROPOUT", "INPUT_PRECISION"]
 _SM_COUNT = {}
 
 
@@ -245,8 +339,9 @@ def split_k_configs():
     pipelines of wide K steps."""
     if INTERPRET:
         return [triton.Config({"BLOCK_K": 16}, num_stages=1, num_warps=4)]
-    return [triton.Config({"BLOCK_K": bk}, num_stages=s, num_warps=w)
-            for bk in (64, 128) for s in (3, 4) for w in (4, 8)]
+    return [triton.Config({"BLOCK_K": bk}, num_stages=s, num_warps=w) for bk, s, w in
+            ((128, 4, 4), (64, 4, 4), (64, 3, 8),    # 8 warps: for the fp32 dropout cap only
+             (16, 2, 8), (16, 3, 4))]                # fp32 "ieee" (BLOCK_K 16 marks it): <= 32, 64 rows
 
 
 def keep_split_k_config(configs, named_args, capability=None, **kwargs):
@@ -254,20 +349,32 @@ def keep_split_k_config(configs, named_args, capability=None, **kwargs):
     the decode tiles, keep_forward_config's, included). With dropout the x tile is drawn too: at
     64x128 it used 254-255 registers everywhere and spilled 16-32 B with 8 warps on sm_80 (and fp32
     on sm_90); at 64x64 at most 238, no spill (AOT report) — so at most 64x64 with dropout."""
-    if INTERPRET:
+    cap = _pruning(capability)
+    if cap is None:
         return configs
-    cap = device_capability() if capability is None else capability
     bm = _launch_arg("BLOCK_M", named_args, kwargs)
     bn = _launch_arg("BLOCK_N", named_args, kwargs)
     rank = _launch_arg("BLOCK_R", named_args, kwargs)
     itemsize = _launch_arg("x_ptr", named_args, kwargs).element_size()
     dropout = _launch_arg("DROPOUT", named_args, kwargs)
-    tight = dropout and itemsize == 4
-    return [c for c in configs
-            if fits_registers(bm, bn, c.num_warps, cap, dropout)
+    ieee = _launch_arg("INPUT_PRECISION", named_args, kwargs) == "ieee"
+    tight = dropout and itemsize == 4 and not ieee    # the tf32 MMA tiles' cap; ieee has its own tiles
+    # Decode rows (<= 32) without dropout: 64-wide K steps spilled 8-16 B in bf16/fp16 (sm_80
+    # under Triton 3.9, sm_90 under 3.6, 96 registers); 128-wide did not. With dropout 128-wide
+    # steps spilled 56-80 B at 32 rows: 64 there.
+    kept = [c for c in configs
+            if (c.kwargs["BLOCK_K"] == 16) == ieee and fits_registers(bm, bn, c.num_warps, cap, dropout)
             and not (tight and bm * bn // (32 * c.num_warps) > 16)
-            and not (dropout and bm * c.kwargs["BLOCK_K"] > 64 * 64)
+            and not (dropout and c.kwargs["BLOCK_K"] > 64)
+            and not (not dropout and itemsize == 2 and bm <= 32 and c.kwargs["BLOCK_K"] < 128)
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (bm + bn + rank), itemsize, cap)]
+    if ieee:
+        # of the FMA tiles tried (AOT, both Triton versions, with and without dropout), only these
+        # spilled nowhere: 8 warps and 2 stages up to 32 rows, 4 warps at 64
+        return [c for c in kept if (c.num_warps == 8) == (bm <= 32)]
+    # 8 warps only where no 4-warp config fits (fp32 with dropout at 64 rows): memory-bound, more
+    # warps per program would only halve the programs' count of loads in flight per warp
+    return [c for c in kept if c.num_warps == 4] or kept
 
 
 def persistent_programs(device):
@@ -276,40 +383,47 @@ def persistent_programs(device):
     return sm_count(device) or 3
 
 
+# ---------------------------------------------------------------------------------------------
+# TMA forward (forward_tma.py): Hopper GEMM tiles, a 64-row warpgroup MMA per warpgroup.
+TMA_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R"]
+
+
 def tma_configs(pre_hook):
-    """The TMA forward's tiles: Hopper GEMM tiles (a 64-row warpgroup MMA per warpgroup), 8 warps
-    for the 128-row ones; `pre_hook` gives the descriptors each config's block shape."""
+    """`pre_hook` gives the descriptors each config's block shape."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
                               num_stages=1, num_warps=4, pre_hook=pre_hook)]
-    shapes = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (128, 128, 128, 3, 8),
-              (64, 128, 64, 4, 4), (64, 256, 64, 3, 4)]
+    shapes = [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                           num_stages=s, num_warps=w, pre_hook=pre_hook) for bm, bn, bk, s, w in shapes]
 
 
 def keep_tma_config(configs, named_args, capability=None, **kwargs):
     """Accumulators that fit the registers and pipelines that fit shared memory (the epilogue's xs
-    and B tiles are loaded once per tile, outside the pipelined loop)."""
-    if INTERPRET:
+    and B tiles are loaded once per tile, outside the pipelined loop); 128-row tiles only, as it
+    runs for M > 64."""
+    cap = _pruning(capability)
+    if cap is None:
         return configs
-    cap = device_capability() if capability is None else capability
     return [c for c in configs
             if fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, cap)
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]),
                                    2, cap)]
 
 
+# ---------------------------------------------------------------------------------------------
+# TMA dX GEMM (backward_tma.py): tiles of dX, BLOCK_M x BLOCK_K (BLOCK_M the launcher's 128),
+# reduction step BLOCK_N.
+BACKWARD_TMA_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_M", "BLOCK_R", "DROPOUT", "COMPUTE_DA"]
+
+
 def backward_tma_configs(pre_hook):
-    """The TMA dX kernel's tiles of dX (BLOCK_M x BLOCK_K, BLOCK_M the launcher's 128) and its
-    reduction step BLOCK_N; `pre_hook` gives the descriptors each config's block shape."""
+    """`pre_hook` gives the descriptors each config's block shape."""
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_stages=1, num_warps=4,
                               pre_hook=pre_hook)]
-    # 128x64 tiles with 8 warps: with dropout (32 accumulator values per thread, fits_registers)
-    # nothing wider is kept
-    shapes = [(64, 128, 3, 8), (64, 128, 4, 8), (128, 128, 3, 8), (64, 64, 4, 4), (64, 64, 4, 8),
-              (128, 64, 3, 8)]
+    # 128x64 tiles with 8 warps: with dropout (32 accumulator values per thread) nothing wider is kept
+    shapes = [(64, 128, 3, 8), (128, 128, 3, 8), (128, 64, 3, 8)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w,
                           pre_hook=pre_hook) for bn, bk, s, w in shapes]
 
@@ -319,9 +433,9 @@ def keep_backward_tma_config(configs, named_args, capability=None, **kwargs):
     that fit shared memory. Not fits_registers' 128 for 8-warp Hopper tiles: this epilogue holds
     the gs·A product, the x tile and the dA operands beside the accumulator, and the 128x256 tile
     spilled 280 B on sm_90 (AOT report); 64 per thread used at most 248 registers, no spill."""
-    if INTERPRET:
+    cap = _pruning(capability)
+    if cap is None:
         return configs
-    cap = device_capability() if capability is None else capability
     bm = _launch_arg("BLOCK_M", named_args, kwargs)
     dropout = _launch_arg("DROPOUT", named_args, kwargs)
     return [c for c in configs

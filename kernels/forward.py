@@ -21,8 +21,8 @@ from .skinny import skinny
 from .tiling import grouped_tile
 
 
-@triton.autotune(configs=configs.forward_configs(), key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": configs.keep_forward_config})
+@triton.autotune(configs=configs.forward_configs(), key=configs.FORWARD_KEY,
+                 prune_configs_by={"early_config_prune": configs.keep_forward_config}, do_bench=configs.bench_config)
 @triton.jit
 def _lora_forward_kernel(
     # pointers

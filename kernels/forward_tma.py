@@ -30,8 +30,8 @@ def _set_block_shapes(nargs):
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-@triton.autotune(configs=configs.tma_configs(_set_block_shapes), key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": configs.keep_tma_config})
+@triton.autotune(configs=configs.tma_configs(_set_block_shapes), key=configs.TMA_KEY,
+                 prune_configs_by={"early_config_prune": configs.keep_tma_config}, do_bench=configs.bench_config)
 @triton.jit
 def _lora_forward_tma_kernel(
     x_desc, w_desc, xs_ptr, b_ptr, bias_ptr, y_ptr,

@@ -16,8 +16,8 @@ from .dropout import keep_mask
 from .launch import launch
 
 
-@triton.autotune(configs=configs.skinny_configs(), key=["M_BUCKET", "L", "R"],
-                 prune_configs_by={"early_config_prune": configs.keep_skinny_config})
+@triton.autotune(configs=configs.skinny_configs(), key=configs.SKINNY_KEY,
+                 prune_configs_by={"early_config_prune": configs.keep_skinny_config}, do_bench=configs.bench_config)
 @triton.jit
 def _lora_skinny_kernel(
     # pointers
@@ -88,7 +88,7 @@ def skinny(src, mat, scale, input_precision, side=None, dropout_p=0.0, seed=None
     """
     M, L = src.shape
     R = mat.shape[1]
-    block_m = configs.partial_block_m(M)
+    block_m = configs.partial_block_m(M, precision=input_precision)
     block_r = configs.block_r(R)
     grid_m = configs.cdiv(M, block_m)
     out = torch.empty((M, R), device=src.device, dtype=src.dtype)

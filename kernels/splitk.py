@@ -22,8 +22,8 @@ from .dropout import keep_mask
 from .launch import launch
 
 
-@triton.autotune(configs=configs.split_k_configs(), key=["M_BUCKET", "N", "K", "SPLIT_K"],
-                 prune_configs_by={"early_config_prune": configs.keep_split_k_config})
+@triton.autotune(configs=configs.split_k_configs(), key=configs.SPLIT_K_KEY,
+                 prune_configs_by={"early_config_prune": configs.keep_split_k_config}, do_bench=configs.bench_config)
 @triton.jit
 def _lora_split_k_partial_kernel(
     x_ptr, w_ptr, a_ptr, part_ptr, xa_part_ptr, seed_ptr,

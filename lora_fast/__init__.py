@@ -8,8 +8,9 @@ reference and a plain-PyTorch path. Public API:
     disable_adapters / trainable_parameters / mark_only_lora_as_trainable on a whole model
     save_adapter / load_adapter / lora_state_dict: adapters in PEFT's format
     dispatch: which kernel path each pass runs on a GPU, measured per shape and cached
+    dropout.keep_mask(seed, M, K, p): the kernels' LoRA dropout mask, reproduced outside them
 """
-from . import dispatch, reference
+from . import dispatch, dropout, reference
 from .function import LoRALinearFunction, lora_linear
 from .module import LoRALinear
 from .inject import (disable_adapters, inject, lora_layers, mark_only_lora_as_trainable, merge,
@@ -17,7 +18,7 @@ from .inject import (disable_adapters, inject, lora_layers, mark_only_lora_as_tr
 from .adapters import load_adapter, lora_state_dict, save_adapter
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "inject", "merge",
+__all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "dropout", "inject", "merge",
            "unmerge", "merge_and_unload", "lora_layers", "lora_state_dict",
            "mark_only_lora_as_trainable", "trainable_parameters", "disable_adapters",
            "save_adapter", "load_adapter", "__version__"]

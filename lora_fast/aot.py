@@ -1,16 +1,20 @@
 """Ahead-of-time compilation of the kernels for a GPU target, on any machine (no GPU needed).
 
-`compile_variant(variant, dtype, arch, config)` builds PTX and cubin with
+`compile_variant(variant, dtype_name, arch, config)` builds PTX and cubin with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` for one launchable kernel
 variant, specialised as the launchers specialise it for contiguous tensors (inner strides are
 the constant 1, pointers and the other strides 16-divisible), and returns what the compiler
 reports. The variants mirror the launchers' constexpr choices one for one.
 
-    python -m lora_fast.aot [--arch 80 90] [--dtype bf16 fp16 fp32] [--json]
+    python -m lora_fast.aot [--arch 80 90] [--dtype bf16 fp16 fp32 fp32-ieee] [--all-configs] [--json]
 
-compiles every variant at its main tile and prints registers, stack (spill) bytes, shared
-memory and whether the PTX uses mma / wgmma. It must run with TRITON_INTERPRET unset: under the
-interpreter triton.jit produces interpreter wrappers, which cannot be compiled.
+compiles every variant at its main tile (or every config its pruner keeps, per row class) and
+prints registers, stack (spill) bytes, shared memory and whether the PTX uses mma / wgmma. fp32 is
+built twice: as tf32 dots (tensor cores, when torch allows tf32) and as ieee ones (FMAs: torch's
+default "highest" precision). It checks whichever Triton is imported: `PYTHONPATH=build/triton-3.6`
+builds with the GPU image's 3.6, whose ptxas allocates registers differently. It must run with
+TRITON_INTERPRET unset: under the interpreter triton.jit produces interpreter wrappers, which
+cannot be compiled.
 """
 import argparse
 import json
@@ -32,7 +36,11 @@ from triton.runtime.jit import JITFunction
 from lora_fast.kernels import backward, backward_tma, configs, forward, forward_tma, skinny, splitk
 
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_DTYPE = {name: dtype for dtype, name in _TYPE.items()}
+# A build's dtype name: its tensors' dtype and the tl.dot precision the launchers pass for it —
+# fp32 as tf32 (tensor cores, when torch allows tf32) or as ieee (FMAs: torch's default "highest"
+# fp32 matmul precision); the 16-bit ones ignore the precision.
+BUILD_DTYPES = {"bf16": (torch.bfloat16, "tf32"), "fp16": (torch.float16, "tf32"),
+                "fp32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee")}
 _FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr", "xa_part_ptr"}
 _SCALARS = {"scaling", "scale", "dropout_p"}
 # Pointer tensors over the large operands (x, W0, dY, src of the skinny pass, ...): their offsets
@@ -49,7 +57,7 @@ class Variant:
     unit_strides: tuple              # stride arguments that are 1 for contiguous inputs
     main_path: bool                  # carries a large GEMM: must use wgmma on sm_90
     archs: tuple = (80, 90)          # the targets it is built for
-    dtypes: tuple = ("bf16", "fp16", "fp32")
+    dtypes: tuple = ("bf16", "fp16", "fp32", "fp32-ieee")
     descs: tuple = ()                # TMA descriptor arguments: (name, (row block, column block))
 
 
@@ -121,9 +129,9 @@ def main_config(variant, rank=16):
     if kernel is forward_tma._lora_forward_tma_kernel:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": configs.block_r(rank),
                 "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    if kernel is backward_tma._lora_backward_tma_kernel:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": configs.block_r(rank),
-                "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    if kernel is backward_tma._lora_backward_tma_kernel:   # the dropout draw needs half the tile
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64 if VARIANTS[variant].constexprs["DROPOUT"] else 128,
+                "BLOCK_R": configs.block_r(rank), "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     if kernel is skinny._lora_skinny_kernel:
         return {"BLOCK_M": 128, "BLOCK_L": 64, "BLOCK_R": configs.block_r(rank),
                 "num_warps": 8 if VARIANTS[variant].constexprs["DROPOUT"] else 4, "num_stages": 3}
@@ -146,18 +154,18 @@ def _split_k_reduce_config(block_m, rank):
             "num_warps": 4, "num_stages": 3}
 
 
-def compile_variant(variant, dtype, arch, config, strided=False):
-    """Compile one variant; returns a dict of what the compiler reports. strided=True compiles it
-    for arbitrary strides (no stride specialised to 1, as for transposed or sliced views)."""
+def compile_variant(variant, dtype_name, arch, config, strided=False):
+    """Compile one variant for a BUILD_DTYPES name; returns a dict of what the compiler reports.
+    strided=True compiles it for arbitrary strides (no stride specialised to 1, as for transposed or
+    sliced views)."""
     spec = VARIANTS[variant]
+    dtype, precision = BUILD_DTYPES[dtype_name]
     fn = spec.kernel if isinstance(spec.kernel, JITFunction) else spec.kernel.fn
     config = dict(config)
     options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-    # fp32 is compiled as tf32 (its tensor-core path); with torch's default "highest" fp32 matmul
-    # precision the launchers pass "ieee" instead, which runs on FMAs like cuBLAS's SGEMM.
     constexprs = {**spec.constexprs, **config}
     if "INPUT_PRECISION" in fn.arg_names:          # the TMA kernels take 16-bit operands only
-        constexprs["INPUT_PRECISION"] = "tf32"
+        constexprs["INPUT_PRECISION"] = precision
     if "NUM_PROGRAMS" in fn.arg_names:             # persistent kernels: an H100 SXM's SM count
         constexprs["NUM_PROGRAMS"] = 132
     if not strided:
@@ -189,7 +197,7 @@ def compile_variant(variant, dtype, arch, config, strided=False):
     ptx = compiled.asm["ptx"]
     return {
         "variant": variant,
-        "dtype": _TYPE[dtype],
+        "dtype": dtype_name,
         "arch": f"sm_{arch}",
         "main_path": spec.main_path,
         "wgmma": "wgmma" in ptx,
@@ -214,7 +222,7 @@ def resource_usage(cubin):
             "local_bytes": int(found["LOCAL"])}
 
 
-def autotune_configs(variant, arch, dtype, rank=16):
+def autotune_configs(variant, arch, dtype_name, rank=16):
     """Every config the autotuner may launch for the variant on this arch and dtype: its config
     list through the kernel's own early_config_prune, called as the autotuner calls it (positional
     arguments in named_args, the launcher's keyword constexprs in kwargs), for each M regime
@@ -222,33 +230,31 @@ def autotune_configs(variant, arch, dtype, rank=16):
     spec = VARIANTS[variant]
     kernel = spec.kernel
     if kernel is splitk._lora_split_k_reduce_kernel:
-        return [_split_k_reduce_config(bm, rank) for bm in (16, 64)]
+        return [_split_k_reduce_config(bm, rank) for bm in (16, 32, 64)]
+    dtype, precision = BUILD_DTYPES[dtype_name]
     fused = spec.constexprs.get("G_IN_LOOP", False)
     pointer = torch.empty(0, dtype=dtype)
     out = []
-    if kernel is forward_tma._lora_forward_tma_kernel:   # tiles in the configs, no M regimes
-        kept = kernel.early_config_prune(kernel.configs, {}, capability=arch // 10)
-        return [{**c.kwargs, "BLOCK_R": configs.block_r(rank), "num_warps": c.num_warps,
-                 "num_stages": c.num_stages} for c in kept]
-    if kernel is splitk._lora_split_k_partial_kernel:   # its tile is the launcher's: M = 1 and 64
-        for m in (1, configs.SPLIT_K_MAX_M):
+    if kernel is splitk._lora_split_k_partial_kernel:   # its tile is the launcher's: M = 1, 32, 64
+        for m in (1, 32, configs.SPLIT_K_MAX_M):
             block_m = max(16, configs.next_power_of_2(m))
             kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank), "BLOCK_M": block_m,
-                      "BLOCK_N": configs.SPLIT_K_BLOCK_N}
+                      "BLOCK_N": configs.SPLIT_K_BLOCK_N, "INPUT_PRECISION": precision}
             kept = kernel.early_config_prune(kernel.configs, {"M_BUCKET": m, "x_ptr": pointer},
                                              capability=arch // 10, **kwargs)
             if not kept:
                 raise RuntimeError(f"{variant} {dtype} sm_{arch}: the pruner leaves no config at M={m}")
-            out += [{**{k: v for k, v in kwargs.items() if k not in spec.constexprs}, **c.kwargs,
-                     "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
+            out += [{**{k: v for k, v in kwargs.items() if k not in spec.constexprs and k != "INPUT_PRECISION"},
+                     **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
         return out
-    # decode and GEMM-sized M; the TMA backward only runs above SPLIT_K_MAX_M (128-row tiles)
-    regimes = (1 << 20,) if kernel is backward_tma._lora_backward_tma_kernel else (16, 1 << 20)
+    # every row class (configs.row_class, partial_block_m); the TMA kernels run above SPLIT_K_MAX_M
+    tma = kernel in (forward_tma._lora_forward_tma_kernel, backward_tma._lora_backward_tma_kernel)
+    regimes = (128, 1 << 20) if tma else (16, 32, 64, 128, 1 << 20)
     for m in regimes:
-        block_m = configs.partial_block_m(m, fused)
+        block_m = configs.partial_block_m(m, fused, precision)
         named_args = {"M_BUCKET": m, "x_ptr": pointer, "dy_ptr": pointer, "src_ptr": pointer}
-        kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank)}
-        if kernel is not forward._lora_forward_kernel:
+        kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank), "INPUT_PRECISION": precision}
+        if kernel not in (forward._lora_forward_kernel, forward_tma._lora_forward_tma_kernel):
             kwargs["BLOCK_M"] = block_m
         kept = kernel.early_config_prune(kernel.configs, named_args, capability=arch // 10, **kwargs)
         if not kept:   # the autotuner would launch with no config at all: a pruning bug
@@ -256,7 +262,7 @@ def autotune_configs(variant, arch, dtype, rank=16):
         for c in kept:
             cfg = {"BLOCK_M": block_m, **kwargs, **c.kwargs, "num_warps": c.num_warps,
                    "num_stages": c.num_stages}
-            cfg = {k: v for k, v in cfg.items() if k not in spec.constexprs}
+            cfg = {k: v for k, v in cfg.items() if k not in spec.constexprs and k != "INPUT_PRECISION"}
             if cfg not in out:
                 out.append(cfg)
     return out
@@ -264,17 +270,17 @@ def autotune_configs(variant, arch, dtype, rank=16):
 
 def _compile_row(job):
     variant, dtype_name, arch, config, strided = job
-    row = compile_variant(variant, _DTYPE[dtype_name], arch, config, strided)
+    row = compile_variant(variant, dtype_name, arch, config, strided)
     row["config"] = {k: v for k, v in config.items() if k != "BLOCK_R"}
     return row
 
 
-def report(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), jobs=None, all_configs=False, strided=False):
+def report(archs=(80, 90), dtypes=tuple(BUILD_DTYPES), jobs=None, all_configs=False, strided=False):
     """Compile every variant for every (dtype, arch) in parallel processes, at its main tile or
     at every autotune config; one dict per build."""
     work = [(v, d, a, c, strided) for v in VARIANTS for d in dtypes for a in archs
             if a in VARIANTS[v].archs and d in VARIANTS[v].dtypes
-            for c in (autotune_configs(v, a, _DTYPE[d]) if all_configs else [main_config(v)])]
+            for c in (autotune_configs(v, a, d) if all_configs else [main_config(v)])]
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         return list(pool.map(_compile_row, work))
 
@@ -282,7 +288,8 @@ def report(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), jobs=None, all_confi
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lora_fast.aot", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions")
-    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(_DTYPE))
+    parser.add_argument("--dtype", nargs="+", default=list(BUILD_DTYPES), choices=list(BUILD_DTYPES),
+                        help="fp32 builds as tf32, fp32-ieee as ieee (FMA) dots")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes")
     parser.add_argument("--all-configs", action="store_true",
                         help="every autotune config, not only the main tile")

@@ -1,7 +1,10 @@
 """The C++ reference (csrc/lora_ref.cpp, bound as lora_fast._cref) with torch tensors in and out.
 
-It shares no code with the kernels or the PyTorch paths and accumulates in double. When the
-package was installed without it (LORA_FAST_BUILD_EXT=0, no pybind11, or a failed compile),
+It shares no code with the kernels or the PyTorch paths and accumulates in double; with dropout it
+draws the kernels' mask from the seed with its own Philox. That Philox is also the torch path's
+mask on the CPU (`dropout_mask`, lora_fast.dropout's "cpp"); the float64 reference rebuilds the
+mask in plain PyTorch instead, so the three masks a check meets are three implementations. When
+the package was installed without it (LORA_FAST_BUILD_EXT=0, no pybind11, or a failed compile),
 `available()` is False and `missing_reason()` says why; calling it then raises.
 """
 import torch
@@ -39,22 +42,38 @@ def _require():
         raise RuntimeError(_MISSING)
 
 
-def lora_linear_cref(x, weight, lora_A, lora_B, bias=None, scaling=1.0):
-    """Forward in double: y of shape (..., out), float64 CPU."""
+def _seed(seed):
+    """The seed as the C++ reference takes it: a Python int (or None), from the 1-element int64
+    tensor the layer draws (a host read: the reference runs on the CPU anyway)."""
+    return None if seed is None else int(seed.reshape(()).item())
+
+
+def lora_linear_cref(x, weight, lora_A, lora_B, bias=None, scaling=1.0, seed=None, dropout_p=0.0):
+    """Forward in double: y of shape (..., out), float64 CPU. With dropout_p > 0, `seed` (the
+    layer's 1-element int64 tensor) gives the kernels' mask, which the C++ draws itself."""
     _require()
     k = weight.shape[1]
     y = _cref.forward(_np(x, k), _np(weight), _np(lora_A), _np(lora_B),
-                      None if bias is None else _np(bias), float(scaling))
+                      None if bias is None else _np(bias), float(scaling), _seed(seed), float(dropout_p))
     return torch.from_numpy(y).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def lora_linear_backward_cref(grad_out, x, weight, lora_A, lora_B, scaling=1.0, bias_grad=True):
-    """Backward in double with W0 frozen: dict of float64 CPU grads 'x', 'lora_A', 'lora_B'
-    (and 'bias' when bias_grad)."""
+def lora_linear_backward_cref(grad_out, x, weight, lora_A, lora_B, scaling=1.0, bias_grad=True, seed=None,
+                              dropout_p=0.0):
+    """Backward in double with W0 frozen, with the forward's seed and dropout_p: dict of float64
+    CPU grads 'x', 'lora_A', 'lora_B' (and 'bias' when bias_grad)."""
     _require()
     n, k = weight.shape
     grads = _cref.backward(_np(grad_out, n), _np(x, k), _np(weight), _np(lora_A), _np(lora_B),
-                           float(scaling), bias_grad)
+                           float(scaling), bias_grad, _seed(seed), float(dropout_p))
     out = {name: torch.from_numpy(v) for name, v in grads.items()}
     out["x"] = out["x"].reshape(x.shape)
     return out
+
+
+def dropout_mask(out, seed, p, row0=0):
+    """Write the kernels' keep-mask of rows row0.. into `out`, a contiguous (M, K) CPU tensor of
+    bool, uint8, float32 or float64 (1 kept, 0 dropped), for the int `seed`: the C++ Philox
+    (lora_fast.dropout's "cpp" implementation)."""
+    _require()
+    _cref.dropout_mask(out.numpy(), seed, float(p), int(row0))

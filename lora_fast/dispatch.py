@@ -6,23 +6,29 @@ Forward paths
   split_k  decode (M <= 64): K split across programs, then a fixed-order reduce adding xs·Bᵀ
            (kernels/splitk.py)
   tma      split's design with a TMA, persistent main loop (kernels/forward_tma.py)
-  cublas   torch path: xs, then cuBLAS addmm_ of the base GEMM into xs·Bᵀ (dropout 0 only)
+  cublas   torch path: xs, then cuBLAS addmm_ of the base GEMM into xs·Bᵀ
 Backward paths (W0 frozen)
   fused    one kernel, dY·B in the dX GEMM's N-loop
   split    one pass over dY (gs, dB partials), then the dX GEMM with gs·A and dA in its epilogue
   tma      split's design, its dX GEMM on TMA with a persistent grid (kernels/backward_tma.py)
-  cublas   torch path: cuBLAS GEMMs, gs reused (dropout 0 only)
-in_loop/fused/split_k/tma need the whole rank in one tile (r <= 64); fused and tma need dX; tma
-needs a Hopper-or-later GPU, fp16/bf16 and TMA-readable (16-byte-aligned) inputs, and runs for
-M > 64; cublas runs only at dropout 0, because the torch path's keep-mask is a different random
-stream from the kernels' and the forward and backward choices are made separately. Every path
-computes the same function with the same saved tensors (x, and xs = s'·d(x)·Aᵀ), so any forward
-pairs with any backward.
+  cublas   torch path: cuBLAS GEMMs, gs reused
+Every path computes the same function with the same saved tensors (x, and xs = s'·d(x)·Aᵀ) and,
+with dropout, drops the same elements (the torch path reproduces the kernels' Philox mask,
+lora_fast.dropout), so any forward pairs with any backward and each stands in for the others.
+
+Which paths apply (`forced` accepts these): in_loop/fused/split_k/tma need the whole rank in one
+tile (r <= 64); fused and tma need dX; split_k runs for 1 <= M <= 64; tma needs a Hopper-or-later
+GPU, fp16/bf16 and TMA-readable (16-byte-aligned) inputs, and M > 64. Which of them are timed (the
+candidates): all that apply, except in_loop/fused above configs.IN_LOOP_CANDIDATE_MAX_M rows (each
+candidate costs a first step its compiles), and only cublas for fp32 on a GPU when torch does not
+allow tf32: the kernels' "ieee" fp32 dots run on FMAs with small tiles, a correctness path that
+cuBLAS's SGEMM outruns (bench/NOTES.md v7).
 
 LORA_FAST_DISPATCH picks how a choice is made:
-  measure (default)  the first call of a key on a CUDA device runs every applicable path on the
-                     call's own inputs — one warm-up run (it also compiles and autotunes), then the
-                     median of REPS runs timed with CUDA events, L2 flushed before each — and keeps
+  measure (default)  the first call of a key on a CUDA device runs every candidate on the call's
+                     own inputs — one warm-up run (it also compiles and autotunes), then the median
+                     of REPS runs of GPU time (CUDA events; the runs are queued behind a GPU sleep so
+                     Python's launch overhead is not in them, L2 flushed before each) — and keeps
                      the fastest for the process and in the cache file. Where timing cannot run
                      (CUDA-graph capture, torch.compile tracing, the interpreter), a cached choice
                      is used if there is one, else the heuristic.
@@ -30,21 +36,21 @@ LORA_FAST_DISPATCH picks how a choice is made:
                      M <= 256, split above; never times, never reads the cache file (the same
                      choice on every machine). Read when a key is first met: set it before the
                      first call (choices already kept in the process stay).
-Key: device, dtype, pass, M rounded up to a power of two, N, K, r, dropout on, bias, what is saved
-or asked. The cache file (LORA_FAST_DISPATCH_CACHE, default ~/.cache/lora_fast/dispatch.json; an
-empty value keeps choices in the process only) has one section per device name and torch / triton /
-lora_fast version, and the measured times beside each choice.
+A path that raises — while measured (a compile error, out of resources, a TMA launch a driver
+refuses) or later, as the kept choice — is dropped for that key with one warning naming it and the
+error, remembered in the process and the cache file, and the call runs the next fastest path
+(forced paths raise: a benchmark wants to know). Key: device, dtype, pass, M rounded up to a power
+of two, N, K, r, dropout on, bias, what is saved or asked. The cache file is lora_fast.cache_file's.
 """
 import contextlib
-import json
 import os
 import statistics
+import time
 import warnings
-from pathlib import Path
 
 import torch
 
-from . import torch_path
+from . import cache_file, torch_path
 
 FORWARD_PATHS = ("in_loop", "split", "split_k", "tma", "cublas")
 BACKWARD_PATHS = ("fused", "split", "tma", "cublas")
@@ -53,9 +59,11 @@ REPS = 5
 
 _choices = {}        # key -> path: measured here or loaded from the cache file
 _times = {}          # key -> {path: ms}, for the measured and loaded keys
+_failed = {}         # key -> {path: error}: paths that raised for the key (process and file)
 _file_sections = {}  # device -> its section of the cache file, read on the first miss
 _forced = {}         # pass -> path, while a `forced` block runs
 _settled = {}        # key -> path decided without timing for good: one candidate, or a device never timed
+_warned = set()      # (pass, path, error type) already warned about in this process
 
 
 def _kernels():
@@ -75,17 +83,46 @@ def mode():
     return value
 
 
-def forward_paths(M, R, dropout_p, tma=False):
-    """The forward paths that apply to M rows, rank R and dropout_p (tma: whether the inputs allow
-    the TMA kernel, `tma_possible`). A symbolic M (torch.compile, dynamic shapes) is not compared
-    with anything, which would guard on it: no split_k or tma then."""
+def applicable_forward(M, R, tma=False):
+    """The forward paths that can run M rows at rank R (tma: whether the inputs allow the TMA kernel,
+    `tma_possible`). A symbolic M (torch.compile, dynamic shapes) is not compared with anything,
+    which would guard on it: no split_k or tma then."""
     configs = _configs()
     one_tile = R <= configs.IN_LOOP_MAX_R
     known = type(M) is int
     decode = known and 1 <= M <= configs.SPLIT_K_MAX_M
     return (("in_loop",) if one_tile else ()) + ("split",) + (("split_k",) if one_tile and decode else ()) + \
-        (("tma",) if tma and one_tile and known and M > configs.SPLIT_K_MAX_M else ()) + \
-        (("cublas",) if dropout_p == 0 else ())
+        (("tma",) if tma and one_tile and known and M > configs.SPLIT_K_MAX_M else ()) + ("cublas",)
+
+
+def applicable_backward(R, need_dx, M=None, tma=False):
+    """The backward paths that can run (tma: whether dY and the weight allow the TMA kernel,
+    `tma_possible`; it also needs a known M > 64)."""
+    configs = _configs()
+    one_tile = R <= configs.IN_LOOP_MAX_R
+    big = type(M) is int and M > configs.SPLIT_K_MAX_M
+    return (("fused",) if need_dx and one_tile else ()) + ("split",) + \
+        (("tma",) if tma and need_dx and one_tile and big else ()) + ("cublas",)
+
+
+def _timed(paths, single, M, fp32_ieee_gpu):
+    """The candidates among applicable `paths`: no `single`-kernel path (in_loop / fused) above
+    IN_LOOP_CANDIDATE_MAX_M rows, only cublas for fp32 "ieee" on a GPU."""
+    if fp32_ieee_gpu:
+        return ("cublas",)
+    big = type(M) is int and M > _configs().IN_LOOP_CANDIDATE_MAX_M
+    return tuple(p for p in paths if not (big and p == single))
+
+
+def forward_paths(M, R, tma=False, fp32_ieee_gpu=False):
+    """The forward paths the dispatcher times for M rows at rank R (the applicable ones, less those
+    predicted not to pay their compile time; see the module docstring)."""
+    return _timed(applicable_forward(M, R, tma), "in_loop", M, fp32_ieee_gpu)
+
+
+def backward_paths(R, need_dx, M=None, tma=False, fp32_ieee_gpu=False):
+    """The backward paths the dispatcher times."""
+    return _timed(applicable_backward(R, need_dx, M, tma), "fused", M, fp32_ieee_gpu)
 
 
 def tma_possible(x, weight):
@@ -101,14 +138,11 @@ def tma_possible(x, weight):
     return device_ok and not _traced(x) and _kernels().tma_eligible(x, weight)
 
 
-def backward_paths(R, dropout_p, need_dx, M=None, tma=False):
-    """The backward paths that apply (tma: whether dY and the weight allow the TMA kernel,
-    `tma_possible`; it also needs a known M > 64)."""
-    configs = _configs()
-    one_tile = R <= configs.IN_LOOP_MAX_R
-    big = type(M) is int and M > configs.SPLIT_K_MAX_M
-    return (("fused",) if need_dx and one_tile else ()) + ("split",) + \
-        (("tma",) if tma and need_dx and one_tile and big else ()) + (("cublas",) if dropout_p == 0 else ())
+def fp32_ieee_gpu(t):
+    """fp32 on a GPU without tf32 (torch's default "highest" precision): the kernels' dots would
+    be ieee FMAs."""
+    return (t.dtype == torch.float32 and t.device.type == "cuda" and not _configs().INTERPRET
+            and not torch.backends.cuda.matmul.allow_tf32)
 
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
@@ -118,7 +152,8 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
 
     def run(path):
         if path == "cublas":
-            return torch_path.lora_forward(x, weight, lora_A, lora_B, bias, scaling, save_xs=save_xs)
+            return torch_path.lora_forward(x, weight, lora_A, lora_B, bias, scaling, save_xs=save_xs,
+                                           dropout_p=dropout_p, seed=seed)
         if path == "split_k":
             return _kernels().lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling,
                                                    save_xs=save_xs, dropout_p=dropout_p, seed=seed)
@@ -133,13 +168,13 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
     def heuristic():
         return "in_loop" if _kernels().forward.xs_in_loop(M, R) else "split"
 
+    def paths(timed):
+        tma = key is not None and tma_possible(x, weight)
+        return forward_paths(M, R, tma, fp32_ieee_gpu(x)) if timed else applicable_forward(M, R, tma)
+
     shape = (M, N, K, R, dropout_p > 0, bias is not None, save_xs)
     key = _key("forward", x, shape) if M != 0 else None   # M = 0 shares no key with M = 1
-    path = None if _forced else _choices.get(key) or _settled.get(key)
-    if path is None:
-        candidates = forward_paths(M, R, dropout_p, tma=key is not None and tma_possible(x, weight))
-        path = choose("forward", key, x, shape, candidates, heuristic, run)
-    return run(path)
+    return _dispatch("forward", key, x, shape, paths, heuristic, run)
 
 
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
@@ -150,8 +185,8 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
 
     def run(path):
         if path == "cublas":
-            return torch_path.lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling,
-                                            need_dx=need_dx, need_da=need_da, need_db=need_db)
+            return torch_path.lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, need_dx=need_dx,
+                                            need_da=need_da, need_db=need_db, dropout_p=dropout_p, seed=seed)
         # a key that chose tma, on tensors TMA cannot read (or traced), runs split
         tma = path == "tma" and tma_possible(dy, weight)
         return _kernels().lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, need_dx=need_dx,
@@ -161,13 +196,15 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
     def heuristic():
         return "fused" if need_dx and _kernels().backward.g_in_loop(M, R) else "split"
 
+    def paths(timed):
+        tma = key is not None and tma_possible(dy, weight)
+        if timed:
+            return backward_paths(R, need_dx, M, tma, fp32_ieee_gpu(dy))
+        return applicable_backward(R, need_dx, M, tma)
+
     shape = (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db)
     key = _key("backward", dy, shape) if M != 0 else None
-    path = None if _forced else _choices.get(key) or _settled.get(key)
-    if path is None:
-        candidates = backward_paths(R, dropout_p, need_dx, M, tma=key is not None and tma_possible(dy, weight))
-        path = choose("backward", key, dy, shape, candidates, heuristic, run)
-    return run(path)
+    return _dispatch("backward", key, dy, shape, paths, heuristic, run)
 
 
 def _key(pass_name, t, shape):
@@ -179,36 +216,105 @@ def _key(pass_name, t, shape):
     return (t.device, t.dtype, pass_name, _configs().m_bucket(M)) + shape[1:]
 
 
-def choose(pass_name, key, t, shape, candidates, heuristic, run):
-    """The path for a call whose key has no kept choice (the callers look there first: a dict
-    lookup, as decode sizes have a few µs to spare): forced, the only candidate, the cache file's,
-    measured, or the heuristic."""
+def _dispatch(pass_name, key, t, shape, paths, heuristic, run):
+    """Run the call on its key's path (a dict lookup when kept: decode sizes have a few µs to
+    spare), choosing it first if the key is new; a kept path that raises falls back."""
+    path = None if _forced else _choices.get(key) or _settled.get(key)
+    if path is None:
+        path = choose(pass_name, key, t, shape, paths, heuristic, run)
+    try:
+        return run(path)
+    except Exception as error:
+        if _forced:
+            raise
+        return _fall_back(pass_name, key, t, path, error, paths, heuristic, run)
+
+
+def choose(pass_name, key, t, shape, paths, heuristic, run):
+    """The path for a call whose key has no kept choice: forced, the only candidate, the cache
+    file's, measured, or the heuristic. `paths(timed)` gives the candidates (timed=True) or every
+    applicable path (False)."""
     forced = _forced.get(pass_name)
     if forced is not None:
-        if forced not in candidates:
+        applicable = paths(False)
+        if forced not in applicable:
             raise ValueError(f"forced {pass_name} path {forced!r} does not apply to this call "
-                             f"(M, N, K, r = {shape[:4]}, dropout {shape[4]}): expected one of {candidates}")
+                             f"(M, N, K, r = {shape[:4]}, dropout {shape[4]}): expected one of {applicable}")
         return forced
     if key is None:
         return heuristic()
+    candidates = _usable(key, paths(True))
     if len(candidates) == 1:
         _settled[key] = candidates[0]
         return candidates[0]
     if mode() == "heuristic":
-        return heuristic()
+        return _preferred(heuristic(), candidates)
     path = _from_cache_file(key, candidates)
     if path is not None:
         return path
     if not can_measure(t):
-        path = heuristic()
+        path = _preferred(heuristic(), candidates)
         if t.device.type != "cuda":     # never timed on this device (CPU, the interpreter): decide once
             _settled[key] = path
         return path
-    times = {p: timer(lambda p=p: run(p), t.device) for p in candidates}
+    times = {}
+    for p in candidates:
+        try:
+            times[p] = timer(lambda p=p: run(p), t.device)
+        except Exception as error:      # this path cannot run here: the others still can
+            _record_failure(pass_name, key, p, error)
+    if not times:
+        raise RuntimeError(f"lora_fast: every {pass_name} path failed for M, N, K, r = {shape[:4]}: "
+                           f"{_failed.get(key)}")
     path = min(times, key=times.get)
     _choices[key], _times[key] = path, times
     _save(t.device, key)
     return path
+
+
+def _usable(key, candidates):
+    failed = _failed.get(key, {})
+    return tuple(p for p in candidates if p not in failed) or candidates
+
+
+def _preferred(path, candidates):
+    """The heuristic's path if it is a candidate, else the first candidate (a path that failed)."""
+    return path if path in candidates else candidates[0]
+
+
+def _fall_back(pass_name, key, t, path, error, paths, heuristic, run):
+    """`path` raised on this call: drop it for the key and run the next: the fastest measured one
+    that is left, else the heuristic's, else the first applicable (cublas last)."""
+    _record_failure(pass_name, key, path, error)
+    left = [p for p in paths(True) if p not in _failed.get(key, {})]
+    left += [p for p in paths(False) if p not in left and p not in _failed.get(key, {})]
+    if not left:
+        raise error
+    measured = _times.get(key, {})
+    ranked = sorted(left, key=lambda p: (p not in measured, measured.get(p, 0.0), p != heuristic(),
+                                         p == "cublas"))
+    nxt = ranked[0]
+    if key is not None:
+        _settled.pop(key, None)
+        _choices[key] = nxt
+        _times.setdefault(key, dict(measured))
+        _save(t.device, key)
+    try:
+        return run(nxt)
+    except Exception as again:
+        return _fall_back(pass_name, key, t, nxt, again, paths, heuristic, run)
+
+
+def _record_failure(pass_name, key, path, error):
+    message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    if key is not None:
+        _failed.setdefault(key, {})[path] = message
+        _choices.pop(key, None)
+        _times.get(key, {}).pop(path, None)
+    if (pass_name, path, type(error).__name__) not in _warned:
+        _warned.add((pass_name, path, type(error).__name__))
+        warnings.warn(f"lora_fast: the {pass_name} path {path!r} failed and is dropped for this shape "
+                      f"({message}); running the other paths", RuntimeWarning, stacklevel=4)
 
 
 def can_measure(t):
@@ -219,27 +325,60 @@ def can_measure(t):
             and not _traced(t))
 
 
-def timer(fn, device):
-    """Median time (ms) of fn over REPS runs after one warm-up run, CUDA events around each, L2
-    flushed before each (the layer's weight is not in L2 when a model runs it)."""
-    fn()
-    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8,
-                        device=device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(REPS)]
-    for start, end in events:
-        flush.zero_()
+_SLEEP_CYCLES_PER_MS = {}
+
+
+def _sleep_cycles_per_ms(device):
+    """GPU clock cycles of torch.cuda._sleep per millisecond, measured once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SLEEP_CYCLES_PER_MS:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)
         start.record()
-        fn()
+        torch.cuda._sleep(1_000_000)
         end.record()
-    torch.cuda.synchronize(device)
+        end.synchronize()
+        _SLEEP_CYCLES_PER_MS[index] = 1_000_000 / max(start.elapsed_time(end), 1e-3)
+    return _SLEEP_CYCLES_PER_MS[index]
+
+
+def timer(fn, device):
+    """Median GPU time (ms) of fn over REPS runs after one warm-up run, CUDA events around each, L2
+    flushed before each (the layer's weight is not in L2 when a model runs it).
+
+    The REPS (flush, start, fn, end) sequences are queued behind a GPU sleep twice as long as the
+    host takes to queue them (measured on one run), so the GPU runs them back to back: an event pair
+    brackets the kernels' own time, not the Python launch overhead between them, which at decode
+    sizes is as long as the kernels (~10 µs). tests/test_dispatch.py's GPU test times a path that
+    sleeps 2 ms on the host and launches 10 µs of work."""
+    with torch.cuda.device(device):
+        fn()
+        torch.cuda.synchronize(device)
+        flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8,
+                            device=device)
+        host = time.perf_counter()
+        flush.zero_()
+        fn()
+        host = time.perf_counter() - host
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(REPS)]
+        torch.cuda.synchronize(device)
+        ahead_ms = min(2 * REPS * host * 1e3, 1000.0)   # a slow host (a profiler) waits at most 1 s
+        torch.cuda._sleep(int(ahead_ms * _sleep_cycles_per_ms(device)))
+        for start, end in events:
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 @contextlib.contextmanager
 def forced(forward=None, backward=None):
     """Run the block with the given paths (a benchmark's fixed design, a test): neither measured nor
-    cached. A forced path that does not apply to a call raises ValueError."""
+    cached, and not replaced when they raise. A forced path that does not apply to a call raises
+    ValueError."""
     for name, value, allowed in (("forward", forward, FORWARD_PATHS), ("backward", backward, BACKWARD_PATHS)):
         if value is not None and value not in allowed:
             raise ValueError(f"{name}: expected one of {allowed} or None, got {value!r}")
@@ -253,35 +392,34 @@ def forced(forward=None, backward=None):
 
 
 def choices():
-    """{key string: {"path": ..., "ms": {path: time}}} for every key decided by measurement or the
-    cache in this process, under each device's section name."""
+    """{section: {key string: {"path": ..., "ms": {path: time}, "failed": {path: error}}}} for every
+    key decided by measurement, the cache file or a fallback in this process."""
     out = {}
     for key, path in _choices.items():
-        out.setdefault(_section(key[0]), {})[_key_string(key)] = {"path": path, "ms": _times.get(key, {})}
+        entry = {"path": path, "ms": _times.get(key, {})}
+        if _failed.get(key):
+            entry["failed"] = dict(_failed[key])
+        out.setdefault(cache_file.section_name(key[0]), {})[_key_string(key)] = entry
     return out
 
 
+def failures():
+    """{key string: {path: error}} of the paths dropped in this process."""
+    return {_key_string(key): dict(paths) for key, paths in _failed.items()}
+
+
 def clear():
-    """Forget every choice of this process (the cache file is left as it is)."""
+    """Forget every choice and failure of this process (the cache file is left as it is)."""
     _choices.clear()
     _times.clear()
+    _failed.clear()
     _file_sections.clear()
     _settled.clear()
+    _warned.clear()
 
 
 def cache_path():
-    value = os.environ.get("LORA_FAST_DISPATCH_CACHE")
-    if value is None:
-        root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        return Path(root) / "lora_fast" / "dispatch.json"
-    return Path(value) if value else None
-
-
-def _section(device):
-    import triton
-    from lora_fast import __version__
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name} | torch {torch.__version__} | triton {triton.__version__} | lora_fast {__version__}"
+    return cache_file.path()
 
 
 def _key_string(key):
@@ -289,48 +427,26 @@ def _key_string(key):
     return "|".join([pass_name, str(dtype).replace("torch.", ""), str(bucket), *map(str, rest)])
 
 
-def _read(path):
-    """The cache file's contents ({} if it does not exist); a file that is not a cache is warned
-    about and treated as empty (it is rewritten by the next measurement)."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        warnings.warn(f"LORA_FAST_DISPATCH_CACHE: {path} is not a readable dispatch cache ({e}); "
-                      "measuring again and rewriting it", RuntimeWarning, stacklevel=3)
-        return {}
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        warnings.warn(f"LORA_FAST_DISPATCH_CACHE: {path} is not a dispatch cache (expected an object "
-                      "of sections); measuring again and rewriting it", RuntimeWarning, stacklevel=3)
-        return {}
-    return data
-
-
 def _from_cache_file(key, candidates):
-    """The cache file's choice for key if it names one of candidates (else None); the device's
-    section is read once, on its first miss."""
+    """The cache file's choice for key if it names one of candidates (else None), with the paths it
+    records as failed; the device's section is read once, on its first miss."""
     device = key[0]
     section = _file_sections.get(device)
     if section is None:
-        path = cache_path()
-        section = _file_sections[device] = _read(path).get(_section(device), {}) if path is not None else {}
-    if not section:
-        return None
+        section = _file_sections[device] = cache_file.read_section(device)
     entry = section.get(_key_string(key))
     if not isinstance(entry, dict) or entry.get("path") not in candidates:
         return None
+    if isinstance(entry.get("failed"), dict) and entry["failed"]:
+        _failed[key] = dict(entry["failed"])
     _choices[key], _times[key] = entry["path"], entry.get("ms", {})
     return entry["path"]
 
 
 def _save(device, key):
-    path = cache_path()
-    if path is None:
-        return
-    data = _read(path)
-    data.setdefault(_section(device), {})[_key_string(key)] = {"path": _choices[key], "ms": _times[key]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)   # atomic: a concurrent reader sees the old file or the new one
+    entry = {"path": _choices[key], "ms": _times.get(key, {})}
+    if _failed.get(key):
+        entry["failed"] = dict(_failed[key])
+    cache_file.write(device, {_key_string(key): entry})
+    if device in _file_sections:
+        _file_sections[device][_key_string(key)] = entry

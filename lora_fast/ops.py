@@ -17,9 +17,10 @@ in x's dtype) as tensors, plus weight, lora_A and lora_B (held by the module any
 dropout seed (8 bytes, drawn by lora_linear) on ctx: saved_tensors_hooks see exactly x and xs, as
 with LoRALinearFunction. The backward regenerates the dropout mask from that seed.
 
-Registration. ``torch``: custom_op + register_fake, opaque to the compiler (its dropout mask is a
-torch.Generator seeded from seed.item(), a host read that cannot be traced; with dropout it is not
-for CUDA graphs). ``triton``: triton_op, whose launchers start their kernels through wrap_triton
+Registration. ``torch``: custom_op + register_fake, opaque to the compiler (its passes are library
+GEMMs, and on the CPU its dropout mask comes from the C++ extension, which the tracer cannot see
+into; on CUDA the mask is the kernels' mask kernel, nothing read back, so CUDA graphs capture it).
+``triton``: triton_op, whose launchers start their kernels through wrap_triton
 while they are traced (kernels/launch.py), so inductor sees the kernels themselves.
 @triton.autotune with prune_configs_by is supported there (torch 2.11 and 2.13 alike): the tracer
 runs early_config_prune on the fake arguments and records an autotuner of the kept configs, tuned

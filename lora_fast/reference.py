@@ -6,44 +6,59 @@
 
 Everything is computed in float64 on the CPU whatever the inputs' dtype and device, so it is
 the yardstick for every kernel and backend (tests, users' own checks). x may have any leading
-shape (..., in); `dropout_mask` (bool, x's shape) with `dropout_p` gives the dropout case, without
-it there is none. Results come back as float64 CPU tensors.
+shape (..., in). Dropout, with `dropout_p`: either `dropout_mask` (bool, x's shape), or `seed` (the
+layer's 1-element int64 tensor), from which the kernels' mask is rebuilt here by
+lora_fast.dropout's plain-PyTorch implementation (not the C++ or Triton one the backends use);
+with neither there is none. Results come back as float64 CPU tensors.
 """
 import torch
+
+from .dropout import keep_mask
 
 
 def _f64(t):
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float64)
 
 
-def _dropped(x, dropout_mask, dropout_p):
-    if dropout_mask is None:
-        return x
-    return x * _f64(dropout_mask).reshape(x.shape) / (1.0 - dropout_p)
+def _mask(x, dropout_mask, seed, dropout_p):
+    """The keep-mask as float64 (rows of x, in), or None without dropout."""
+    if dropout_mask is not None and seed is not None:
+        raise ValueError("dropout_mask, seed: expected at most one of them, got both")
+    if seed is not None and dropout_p > 0:
+        k = x.shape[-1]
+        dropout_mask = keep_mask(seed.cpu(), x.numel() // k if k else 0, k, dropout_p, impl="torch")
+    return None if dropout_mask is None else _f64(dropout_mask).reshape(-1, x.shape[-1])
 
 
-def lora_linear_ref(x, weight, lora_A, lora_B, bias=None, scaling=1.0, dropout_mask=None, dropout_p=0.0):
+def _dropped(x, keep, dropout_p):
+    return x if keep is None else x * keep.reshape(x.shape) / (1.0 - dropout_p)
+
+
+def lora_linear_ref(x, weight, lora_A, lora_B, bias=None, scaling=1.0, dropout_mask=None, dropout_p=0.0,
+                    seed=None):
     """Forward in float64: returns y of shape (..., out)."""
+    keep = _mask(x, dropout_mask, seed, dropout_p)
     x, weight, lora_A, lora_B, bias = map(_f64, (x, weight, lora_A, lora_B, bias))
-    y = x @ weight.T + scaling * ((_dropped(x, dropout_mask, dropout_p) @ lora_A.T) @ lora_B.T)
+    y = x @ weight.T + scaling * ((_dropped(x, keep, dropout_p) @ lora_A.T) @ lora_B.T)
     if bias is not None:
         y = y + bias
     return y
 
 
 def lora_linear_backward_ref(grad_out, x, weight, lora_A, lora_B, scaling=1.0, dropout_mask=None,
-                             dropout_p=0.0):
+                             dropout_p=0.0, seed=None):
     """Backward in float64: returns dict with grads 'x', 'weight', 'bias', 'lora_A', 'lora_B'
     (the base weight and bias gradients are given even though LoRA training freezes them)."""
     in_shape = x.shape
+    keep = _mask(x, dropout_mask, seed, dropout_p)
     dy, x, weight, lora_A, lora_B = map(_f64, (grad_out, x, weight, lora_A, lora_B))
     dy = dy.reshape(-1, weight.shape[0])
     x = x.reshape(-1, weight.shape[1])
-    xd = _dropped(x, dropout_mask, dropout_p)
+    xd = _dropped(x, keep, dropout_p)
     dy_b = dy @ lora_B
     dx_lora = scaling * dy_b @ lora_A
-    if dropout_mask is not None:
-        dx_lora = dx_lora * _f64(dropout_mask).reshape(x.shape) / (1.0 - dropout_p)
+    if keep is not None:
+        dx_lora = dx_lora * keep / (1.0 - dropout_p)
     return {
         "x": (dy @ weight + dx_lora).reshape(in_shape),
         "weight": dy.T @ x,

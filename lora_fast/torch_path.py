@@ -7,18 +7,20 @@ accumulates into it in place (addmm_ with beta=1 reads C inside a compute-bound 
 the big GEMM first and an extra read-modify-write pass over the (M, N) output for the low-rank
 term, as `base(x) + lora_B(lora_A(x)) * s` does.
 
-Dropout: the keep-mask comes from a torch.Generator seeded with the call's seed and is drawn again
-in backward, so it is not stored either (it is a different stream from the kernels' Philox draw:
-the two backends drop different elements for the same seed).
+Dropout: the kernels' own keep-mask for the call's seed (lora_fast.dropout: the C++ Philox on the
+CPU, the kernels' mask kernel on CUDA), drawn again in backward, so it is not stored either; both
+backends drop the same elements for one seed, and on CUDA nothing is read back to the host (the
+path can be captured in a CUDA graph). The mask comes as 0/1 in x's dtype: multiplying by it is
+then a same-dtype, vectorised product (a bool operand makes torch cast per element: 9x slower
+on the CPU at 204 x 384), and backward draws it once for its two uses.
 """
 import torch
 
+from . import dropout
 
-def keep_mask(seed, shape, p, device):
-    """The torch path's keep-mask for `seed` (a 1-element int64 tensor)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed.item()))
-    return torch.rand(shape, generator=gen, device=device) >= p
+
+def _keep(seed, x, p):
+    return dropout.keep_mask(seed, x.shape[0], x.shape[1], p, dtype=x.dtype)
 
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
@@ -26,7 +28,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
     unless save_xs)."""
     x_lora = x
     if dropout_p > 0:
-        x_lora = x * keep_mask(seed, x.shape, dropout_p, x.device)
+        x_lora = x * _keep(seed, x, dropout_p)
     xs = torch.mm(x_lora, lora_A.t()).mul_(scaling / (1.0 - dropout_p))
     if bias is None:
         y = torch.mm(xs, lora_B.t())
@@ -40,7 +42,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
                   need_dx=True, need_da=True, need_db=True, dropout_p=0.0, seed=None):
     """(dX, dA, dB) with W0 frozen, None for those not asked; reuses gs = s'·dY@B for dX and dA."""
     dx = da = db = None
-    keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 and (need_dx or need_da) else None
+    keep = _keep(seed, x, dropout_p) if dropout_p > 0 and (need_dx or need_da) else None
     if need_dx or need_da:
         gs = torch.mm(dy, lora_B).mul_(scaling / (1.0 - dropout_p))
         if need_dx:

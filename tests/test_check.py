@@ -13,10 +13,22 @@ BROKEN = textwrap.dedent('''
 
     lora_forward = torch_path.lora_forward
 
-    def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling):
-        dx, da, db = torch_path.lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling)
+    def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, **dropout):
+        dx, da, db = torch_path.lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, **dropout)
         da[0] *= 1.05
         return dx, da, db
+''')
+
+OTHER_MASK = textwrap.dedent('''
+    """lora_fast's torch path dropping the elements of another seed: right in distribution, wrong
+    element by element, which only a check that rebuilds the mask can see."""
+    from lora_fast import torch_path
+
+    def lora_forward(*args, seed=None, **kw):
+        return torch_path.lora_forward(*args, seed=None if seed is None else seed + 1, **kw)
+
+    def lora_backward(*args, seed=None, **kw):
+        return torch_path.lora_backward(*args, seed=None if seed is None else seed + 1, **kw)
 ''')
 
 
@@ -31,28 +43,39 @@ def _check(*args, env=None):
                           capture_output=True, text=True)
 
 
+def _ok_rows(stdout):
+    """The cells of the rows that passed: M K N r dtype p paths out err err_cpp bound ok."""
+    return [l.split() for l in stdout.splitlines() if l.rstrip().endswith(" ok")]
+
+
 def test_quick_check_passes():
+    """Without and with dropout (p = 0 and 0.1 by default)."""
     res = _check("--quick")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "passed: 0 output(s) out of bounds" in res.stdout
-    ok_rows = [l for l in res.stdout.splitlines() if l.rstrip().endswith(" ok")]
+    ok_rows = _ok_rows(res.stdout)
     dtypes = 1 if "Triton interpreter" in res.stdout else 2        # fp32, and bf16 on a GPU
-    assert len(ok_rows) == 2 * 2 * dtypes * 4                     # shapes x ranks x dtypes x outputs
+    assert len(ok_rows) == 2 * 2 * dtypes * 2 * 4                 # shapes x ranks x dtypes x p x outputs
+    assert {cells[5] for cells in ok_rows} == {"0", "0.1"}
 
 
 def test_all_paths_checks_every_pair_the_dispatcher_can_pick():
     """67x20x30 at r=3: in_loop, split, cublas forward (M > 64: no split_k) x fused, split, cublas
-    backward; 1x64x33: split_k too. Every output within bounds."""
+    backward; 1x64x33: split_k too. With dropout the same pairs (cublas too: the torch path drops
+    the kernels' elements). Every output within bounds."""
+    from lora_fast import dispatch
     res = _check("--all-paths", "--shapes", "67x20x30", "1x64x33", "--dtypes", "fp32", "--ranks", "3")
     assert res.returncode == 0, res.stdout + res.stderr
     pairs = {}
-    for line in res.stdout.splitlines():
-        cells = line.split()
-        if cells and cells[-1] == "ok":
-            pairs.setdefault(cells[0], set()).add(cells[5])
+    for cells in _ok_rows(res.stdout):
+        pairs.setdefault((cells[0], cells[5]), set()).add(cells[6])
     backward = {"fused", "split", "cublas"}
-    assert pairs["67"] == {f"{f}/{b}" for f in ("in_loop", "split", "cublas") for b in backward}
-    assert pairs["1"] == {f"{f}/{b}" for f in ("in_loop", "split", "split_k", "cublas") for b in backward}
+    assert pairs["67", "0"] == {f"{f}/{b}" for f in ("in_loop", "split", "cublas") for b in backward}
+    assert pairs["1", "0"] == {f"{f}/{b}" for f in ("in_loop", "split", "split_k", "cublas") for b in backward}
+    for M in (67, 1):
+        offered = {f"{f}/{b}" for f in dispatch.forward_paths(M, 3)
+                   for b in dispatch.backward_paths(3, need_dx=True, M=M)}
+        assert pairs[str(M), "0.1"] == pairs[str(M), "0"] == offered
     refused = _check("--all-paths", "--impl", "lora_fast.kernels.forward")
     assert refused.returncode == 2 and "cannot be combined with --impl" in refused.stderr
 
@@ -67,9 +90,22 @@ def test_check_fails_on_a_wrong_implementation(tmp_path):
     assert "FAILED:" in res.stdout
 
 
+def test_check_fails_on_another_dropout_mask(tmp_path):
+    """Dropping other elements than the kernels do (another seed's mask) fails every output at
+    p > 0, and passes at p = 0."""
+    (tmp_path / "other_mask.py").write_text(OTHER_MASK)
+    res = _check("--shapes", "37x45x53", "--ranks", "3", "--dtypes", "fp32", "--impl", "other_mask",
+                 env=_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])))
+    assert res.returncode == 1, res.stdout + res.stderr
+    rows = [l.split() for l in res.stdout.splitlines() if l.rstrip().endswith((" ok", "FAIL"))]
+    assert {(c[5], c[-1]) for c in rows} == {("0", "ok"), ("0.1", "FAIL")}, res.stdout
+
+
 def test_bad_arguments_are_refused():
     res = _check("--shapes", "12x7")
     assert res.returncode == 2 and "--shapes: expected MxKxN" in res.stderr
+    res = _check("--dropout", "1.0")
+    assert res.returncode == 2 and "--dropout: expected probabilities in [0, 1), got 1.0" in res.stderr
 
 
 def test_console_script():
@@ -91,4 +127,4 @@ def test_missing_extension_is_reported_not_skipped(monkeypatch, capsys):
     assert check.main(["--shapes", "9x12x10", "--ranks", "3", "--dtypes", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "C++ reference: MISSING (lora_fast._cref is not built (test))" in out
-    assert all(l.split()[8] == "-" for l in out.splitlines() if l.rstrip().endswith(" ok"))
+    assert all(cells[9] == "-" for cells in _ok_rows(out))

@@ -101,8 +101,8 @@ def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path
     timed.update({f"forward:{p}": 1.0 if p == fwd else 2.0 for p in dispatch.FORWARD_PATHS})
     timed.update({f"backward:{p}": 1.0 if p == bwd else 3.0 for p in dispatch.BACKWARD_PATHS})
     t, dy, y, grads = _step(37)
-    forward_paths = dispatch.forward_paths(37, 8, 0.0)     # fp32: no tma
-    backward_paths = dispatch.backward_paths(8, 0.0, True, 37)
+    forward_paths = dispatch.forward_paths(37, 8)     # fp32: no tma
+    backward_paths = dispatch.backward_paths(8, True, 37)
     assert sorted(timed["timed"]) == sorted([f"forward:{p}" for p in forward_paths] +
                                             [f"backward:{p}" for p in backward_paths])
     assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
@@ -131,15 +131,17 @@ def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path
     assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
 
 
-def test_only_applicable_paths_are_timed(timed, ran):
-    """dropout > 0: no cublas (the torch path's mask is another random stream); r > 64: no
-    in_loop/fused/split_k (one rank tile); M > 64: no split_k; inference keys apart from training ones."""
-    timed.update({"forward:in_loop": 2.0, "forward:split": 1.0, "forward:split_k": 1.5, "forward:cublas": 0.5,
-                  "backward:fused": 1.0, "backward:split": 2.0, "backward:cublas": 0.5})
+def test_only_applicable_paths_are_timed(timed, ran, monkeypatch):
+    """dropout > 0: every path, cublas too (the torch path draws the kernels' mask); r > 64: no
+    in_loop/fused/split_k (one rank tile); M > 64: no split_k; M above IN_LOOP_CANDIDATE_MAX_M: no
+    in_loop/fused; inference keys apart from training ones."""
+    timed.update({"forward:in_loop": 2.0, "forward:split": 1.0, "forward:split_k": 1.5, "forward:cublas": 3.5,
+                  "backward:fused": 1.0, "backward:split": 2.0, "backward:cublas": 2.5})
     _step(20, dropout_p=0.25)
-    assert sorted(timed["timed"]) == ["backward:fused", "backward:split",
-                                      "forward:in_loop", "forward:split", "forward:split_k"]
+    assert sorted(timed["timed"]) == ["backward:cublas", "backward:fused", "backward:split",
+                                      "forward:cublas", "forward:in_loop", "forward:split", "forward:split_k"]
     assert ran == ["forward:split", "backward:fused"]
+    timed.update({"forward:cublas": 0.5, "backward:cublas": 0.5})
     timed["timed"].clear()
     _step(20, r=100)
     assert sorted(timed["timed"]) == ["backward:cublas", "backward:split", "forward:cublas", "forward:split"]
@@ -152,10 +154,14 @@ def test_only_applicable_paths_are_timed(timed, ran):
     with torch.no_grad():
         lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], backend="triton")
     assert sorted(timed["timed"]) == ["forward:cublas", "forward:in_loop", "forward:split", "forward:split_k"]
-    assert dispatch.backward_paths(8, 0.0, need_dx=False) == ("split", "cublas")
+    assert dispatch.backward_paths(8, need_dx=False) == ("split", "cublas")
     timed["timed"].clear()
     _step(0)      # an empty batch: nothing to time, and no key shared with M = 1
     assert timed["timed"] == []
+    monkeypatch.setattr(kernels.configs, "IN_LOOP_CANDIDATE_MAX_M", 128)
+    _step(130, seed=3)    # a new bucket (129..256) above the (lowered) limit
+    assert sorted(timed["timed"]) == ["backward:cublas", "backward:split", "forward:cublas", "forward:split"]
+    assert "in_loop" in dispatch.applicable_forward(130, 8), "forced runs may still use it"
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
@@ -208,9 +214,9 @@ def test_forced_paths_are_checked(ran):
     with pytest.raises(ValueError, match="forced forward path 'in_loop' does not apply"):
         with dispatch.forced(forward="in_loop"):
             _step(4, r=100)
-    with pytest.raises(ValueError, match="forced backward path 'cublas' does not apply"):
-        with dispatch.forced(backward="cublas"):
-            _step(4, dropout_p=0.5)
+    with pytest.raises(ValueError, match="forced backward path 'tma' does not apply"):
+        with dispatch.forced(backward="tma"):
+            _step(70)      # fp32: TMA reads 16-bit operands only
     assert dispatch._forced == {}, "a failed forced block must restore the dispatcher"
 
 
@@ -265,3 +271,151 @@ def test_measuring_on_the_gpu(ran):
     assert dispatch.choices() == {}, "a key was timed inside a CUDA-graph capture"
     assert ran[-1] == "forward:in_loop"
     assert_close("y", out, lora_linear_ref(**s), torch.bfloat16)
+
+
+def _break(monkeypatch, module, name, error=RuntimeError("out of resources: shared memory")):
+    """Make one launcher raise, as a compile error or a launch a driver refuses would; returns the
+    list of its calls."""
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(kwargs)
+        raise error
+    monkeypatch.setattr(module, name, broken)
+    return calls
+
+
+def _break_in_loop(monkeypatch, message):
+    """From now on the forward kernel raises on its in_loop path only (split still runs)."""
+    real = kernels.lora_forward
+
+    def in_loop_breaks(*args, **kwargs):
+        if kwargs["in_loop"]:
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(kernels, "lora_forward", in_loop_breaks)
+
+
+def test_a_path_failing_while_measured_is_dropped_with_one_warning(timed, ran, monkeypatch, tmp_path):
+    """split_k raises while the dispatcher times it: one warning naming the path and the error,
+    the others measured and the fastest of them kept, the result right, the failure kept in the
+    process and the cache file; the next key does not warn again for the same failure."""
+    timed.update({f"forward:{p}": 2.0 for p in dispatch.FORWARD_PATHS})
+    timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
+    timed["forward:split_k"] = 0.1            # it would have won
+    timed["forward:split"] = 1.0
+    calls = _break(monkeypatch, kernels, "lora_forward_split_k")
+    with pytest.warns(RuntimeWarning, match=r"forward path 'split_k' failed .*out of resources"):
+        t, dy, y, grads = _step(20)
+    assert calls, "split_k was not tried"
+    assert ran[-2:] == ["forward:split", "backward:fused"]
+    _assert_matches_reference(t, dy, y, grads, torch.float32)
+    (key, failed), = dispatch.failures().items()
+    assert key.startswith("forward|float32|32|") and "out of resources" in failed["split_k"]
+    entry = json.loads((tmp_path / "dispatch.json").read_text())
+    (section,) = entry.values()
+    assert section[key]["path"] == "split" and "split_k" in section[key]["failed"]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(2, seed=4)                      # another key: split_k fails again, quietly
+    assert len(dispatch.failures()) == 2
+
+
+def test_a_kept_path_that_raises_later_falls_back(timed, ran, monkeypatch, tmp_path):
+    """The measured choice (in_loop) starts raising on a later call (a shape of the same bucket the
+    driver refuses, say): that call still returns the right result, on the next fastest path, and
+    the key's choice moves there, in the process and in the file."""
+    timed.update({"forward:in_loop": 0.5, "forward:split": 1.0, "forward:split_k": 2.0, "forward:cublas": 3.0})
+    timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
+    _step(40)
+    assert ran[0] == "forward:in_loop"
+    _break_in_loop(monkeypatch, "CUDA error: too many resources requested for launch")
+    ran.clear()
+    with pytest.warns(RuntimeWarning, match="forward path 'in_loop' failed"):
+        t, dy, y, grads = _step(50, seed=6)
+    _assert_matches_reference(t, dy, y, grads, torch.float32)
+    key = next(k for k in dispatch.failures() if k.startswith("forward"))
+    data = json.loads((tmp_path / "dispatch.json").read_text())
+    (section,) = data.values()
+    assert section[key]["path"] == "split" and "in_loop" in section[key]["failed"]
+    assert dispatch.choices()[next(iter(data))][key]["path"] == "split"
+
+
+def test_every_path_failing_raises_and_forced_paths_are_not_replaced(timed, ran, monkeypatch):
+    for name in ("lora_forward", "lora_forward_split_k", "lora_forward_tma"):
+        _break(monkeypatch, kernels, name)
+    _break(monkeypatch, torch_path, "lora_forward")
+    timed.update({f"forward:{p}": 1.0 for p in dispatch.FORWARD_PATHS})
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="every forward path failed"):
+        _step(20)
+    dispatch.clear()
+    with pytest.raises(RuntimeError, match="out of resources"), dispatch.forced(forward="split"):
+        _step(20)
+    assert dispatch.failures() == {}, "a forced path's failure is the benchmark's to see, not remembered"
+
+
+def test_a_failure_recorded_in_the_cache_file_is_not_tried_again(timed, ran, monkeypatch, tmp_path):
+    """A new process reads the key's choice and its failed paths: the choice runs, and when it fails
+    too, the fallback skips the path the file says failed."""
+    timed.update({"forward:in_loop": 0.5, "forward:split": 1.0, "forward:split_k": 2.0, "forward:cublas": 3.0})
+    timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
+    calls = _break(monkeypatch, kernels, "lora_forward_split_k")
+    with pytest.warns(RuntimeWarning):
+        _step(40)
+    dispatch.clear()
+    calls.clear()
+    monkeypatch.setattr(dispatch, "timer", lambda fn, device: pytest.fail("timed despite the cache file"))
+    _break_in_loop(monkeypatch, "refused")
+    ran.clear()
+    with pytest.warns(RuntimeWarning, match="'in_loop' failed"):
+        t, dy, y, grads = _step(40, seed=8)
+    assert calls == [], "split_k was tried although the cache file records it as failed"
+    _assert_matches_reference(t, dy, y, grads, torch.float32)
+
+
+def test_fp32_without_tf32_on_a_gpu_runs_cublas(timed, ran, monkeypatch):
+    """fp32 with tf32 off on a GPU: only cublas is timed (the kernels' ieee dots are FMA tiles for
+    correctness); a forced kernel path still runs."""
+    monkeypatch.setattr(dispatch, "fp32_ieee_gpu", lambda t: t.dtype == torch.float32)
+    monkeypatch.setattr(dispatch, "timer", lambda fn, device: pytest.fail("one candidate: nothing to time"))
+    t, dy, y, grads = _step(20)
+    assert ran == ["forward:cublas", "backward:cublas"]
+    ran.clear()
+    with dispatch.forced(forward="split", backward="fused"):
+        _step(20)
+    assert ran == ["forward:split", "backward:fused"]
+    assert dispatch.forward_paths(20, 8, fp32_ieee_gpu=True) == ("cublas",)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_the_timer_measures_gpu_time_not_python_overhead():
+    """A path whose Python side takes 2 ms per run and whose GPU work takes microseconds is timed at
+    its GPU work: the runs are queued behind a GPU sleep, so the host's gaps fall outside the events."""
+    import time
+    x = torch.randn(1 << 16, device="cuda")
+
+    def path():
+        time.sleep(0.002)
+        x.mul_(1.0)
+    ms = dispatch.timer(path, x.device)
+    assert 0 < ms < 0.5, f"{ms:.3f} ms: the host's 2 ms sleep is inside the timed region"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_capturing_an_unseen_shape_runs_untuned_and_warns(ran):
+    """A CUDA-graph capture of a shape no eager call has run: nothing is timed or autotuned inside
+    the capture (which would fail it); the first kept config of each kernel runs, with a warning
+    to warm up, and the replay is right."""
+    s = make_inputs(24, 512, 384, 16, torch.bfloat16, seed=21)
+    args = (s["x"], s["weight"], s["lora_A"], s["lora_B"], s["bias"])
+    graph = torch.cuda.CUDAGraph()
+    with pytest.warns(RuntimeWarning, match="warm|capture"):
+        with torch.cuda.graph(graph), torch.no_grad():
+            out = lora_linear(*args, scaling=SCALING, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert dispatch.choices() == {}, "a key was timed inside a CUDA-graph capture"
+    assert_close("y", out, lora_linear_ref(**s, scaling=SCALING), torch.bfloat16)

@@ -1,0 +1,69 @@
+"""The file where lora_fast keeps what it measured on a GPU between processes: the dispatcher's path
+choices (lora_fast.dispatch) and the kernels' tuned configs (kernels/tuning.py).
+
+LORA_FAST_DISPATCH_CACHE names it (default ~/.cache/lora_fast/dispatch.json, under XDG_CACHE_HOME
+when set; an empty value keeps everything in the process). It holds one section per device name and
+torch / triton / lora_fast version — a new driver stack or release measures again — and each
+section maps an entry's key string to a JSON object. Writes replace the file atomically: a
+concurrent reader sees the old file or the new one, never half of one.
+"""
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def path():
+    """The cache file's path, or None when choices stay in the process."""
+    value = os.environ.get("LORA_FAST_DISPATCH_CACHE")
+    if value is None:
+        root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(root) / "lora_fast" / "dispatch.json"
+    return Path(value) if value else None
+
+
+def section_name(device):
+    import triton
+
+    from lora_fast import __version__
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name} | torch {torch.__version__} | triton {triton.__version__} | lora_fast {__version__}"
+
+
+def read(file):
+    """The file's contents ({} if it does not exist); a file that is not a cache is warned about and
+    treated as empty (the next write replaces it)."""
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"LORA_FAST_DISPATCH_CACHE: {file} is not a readable dispatch cache ({e}); "
+                      "measuring again and rewriting it", RuntimeWarning, stacklevel=3)
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        warnings.warn(f"LORA_FAST_DISPATCH_CACHE: {file} is not a dispatch cache (expected an object "
+                      "of sections); measuring again and rewriting it", RuntimeWarning, stacklevel=3)
+        return {}
+    return data
+
+
+def read_section(device):
+    """This device's section of the file ({} without a file)."""
+    file = path()
+    return read(file).get(section_name(device), {}) if file is not None else {}
+
+
+def write(device, entries):
+    """Merge `entries` ({key string: object}) into this device's section."""
+    file = path()
+    if file is None:
+        return
+    data = read(file)
+    data.setdefault(section_name(device), {}).update(entries)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, file)
