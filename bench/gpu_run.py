@@ -216,7 +216,7 @@ def run_step(step, env, log, timeout_s):
         end = f"timed out after {timeout_s:.3g} s: killed" if timed_out else f"exit {proc.returncode}"
         f.write(f"[{end}, {wall:.1f} s]\n\n")
     step.record.update(status="timed_out" if timed_out else "ok" if proc.returncode == 0 else "failed",
-                       rc=proc.returncode, timed_out=timed_out, wall_s=round(wall, 1))
+                       rc=proc.returncode, timed_out=timed_out, wall_s=round(wall, 3))
 
 
 def _signal_group(proc, sig):
@@ -260,7 +260,7 @@ def run_stage(stage, env, out, deadline):
     stage.record.update(
         status="timed_out" if "timed_out" in statuses else "failed" if "failed" in statuses else "ok",
         rc=rcs[0] if rcs else 0, timed_out="timed_out" in statuses,
-        wall_s=round(time.monotonic() - start, 1), log=log.name,
+        wall_s=round(time.monotonic() - start, 3), log=log.name,
         files=sorted(name for name, stat in _listing(out).items()
                      if before.get(name) != stat and not name.startswith("summary.")))
 
@@ -398,10 +398,12 @@ def main(argv=None):
                 run_stage(stage, env, args.out, deadline)
                 save()
         except KeyboardInterrupt:
-            running = next(s for s in stages if "status" not in s.record)
-            running.record.update(status="interrupted")
+            running = next((s for s in stages if "status" not in s.record), None)   # None: during the last save
+            if running is not None:
+                running.record.update(status="interrupted")
             save()
-            say(f"interrupted during {running.name}: summary in {args.out / 'summary.md'}")
+            say(f"interrupted during {running.name if running else 'the last save'}: summary in "
+                f"{args.out / 'summary.md'}")
             return 130
     summary["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     save()

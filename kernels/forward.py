@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_fast.backend import tf32_allowed
+
 from . import configs
 from .dropout import keep_mask
 from .launch import launch
@@ -113,8 +115,8 @@ def _lora_forward_kernel(
 
 def input_precision(dtype):
     """tl.dot precision for fp32 operands, following torch's own matmul setting: tf32 only
-    when torch.backends.cuda.matmul.allow_tf32 (float32_matmul_precision != "highest")."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    when torch allows it (lora_fast.backend.tf32_allowed: float32_matmul_precision != "highest")."""
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 

@@ -5,25 +5,22 @@ first training step on a GPU does not spend minutes tuning and never tunes where
   on disk      a config tuned for this key in an earlier process (lora_fast.cache_file: the same file
                and device section as the dispatcher's choices) is used as it is, for every kernel —
                Triton's own `cache_results` gives up on configs with a pre_hook, as the TMA ones have
-  in capture   inside a CUDA-graph capture nothing can be timed (the autotuner synchronises, which
-               fails the capture): the pruner's first config, the predicted best of its list
-               (configs.py), runs with a warning to warm up outside the capture; the key is left
-               untuned, so an eager call later still tunes it
+  in capture   inside a CUDA-graph capture nothing can be timed (the autotuner synchronises) nor a
+               first launch load its module: both fail and invalidate the capture, so an untuned
+               key raises a clear error asking for an eager warm-up first
   otherwise    the kept configs are compiled in parallel threads (Triton's AsyncCompileMode:
-               ptxas runs as a subprocess; measured 1.4x on 2 cores for two builds) before the
-               autotuner times them one by one; the winner goes to disk.
+               ptxas runs as a subprocess; measured 1.4x on 2 cores for two builds), those that
+               fail to build are left out, the autotuner times the rest; the winner goes to disk.
 
 The key is computed as Triton's autotuner computes it (`key` arguments, then the dtype of every
 argument that has one; the same in 3.6 and 3.9), so what is placed in `kernel.cache` is what the
-autotuner looks up.
+autotuner looks up. That costs 14 µs a launch of the forward kernel (this 2-core CPU, `timeit`): a
+launch first asks a cheaper key of its own (1.8 µs) whether it was met before, and only a new one pays.
 """
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-
-_warned_capture = set()
 
 
 def autotune_key(kernel, args, kwargs):
@@ -58,54 +55,119 @@ def _from_disk(kernel, key, kept, device):
 
 
 def _precompile(kernel, grid, args, kwargs, kept):
-    """Compile every kept config in parallel threads; errors are left for the autotuner, which
-    times a config that fails to build as infinitely slow."""
+    """Compile every kept config in parallel threads; returns those that built (all of them where
+    Triton has no AsyncCompileMode, or LORA_FAST_PARALLEL_COMPILE=0: the autotuner compiles them
+    then). A config that fails to build is left out of the timing: Triton's autotuner survives only
+    some compile errors (out of resources, ptxas), and any other would end the whole kernel's
+    tuning — and the dispatcher would drop the path."""
     import triton
     if not hasattr(triton, "AsyncCompileMode") or os.environ.get("LORA_FAST_PARALLEL_COMPILE") == "0":
-        return
+        return kept
     named = dict(zip(kernel.arg_names, args))
+    futures = []
     with ThreadPoolExecutor(max_workers=min(len(kept), os.cpu_count() or 1)) as pool, \
             triton.AsyncCompileMode(pool, ignore_errors=True):
         for c in kept:
             if c.pre_hook:       # TMA descriptors take the config's block shape before specialising
                 c.pre_hook({**named, **kwargs, **c.all_kwargs()})
             try:
-                kernel.fn.warmup(*args, grid=grid, **kwargs, **c.all_kwargs())
-            except Exception:    # a compile error surfaces again, handled, when the autotuner runs it
-                pass
+                futures.append((c, kernel.fn.warmup(*args, grid=grid, **kwargs, **c.all_kwargs())))
+            except Exception as e:
+                futures.append((c, e))
+    built = [c for c, f in futures if not isinstance(f, Exception) and getattr(f, "kernel", f) is not None]
+    if not built:
+        errors = [f for _, f in futures if isinstance(f, Exception)]
+        raise errors[0] if errors else RuntimeError(f"{_name(kernel)}: no config of {len(kept)} compiled")
+    return built
+
+
+def _fast_key(kernel, args, kwargs):
+    """The tuning key's values without Triton's string work (the dtypes as objects, of the positions
+    that held tensors when this argument count was first seen): only to ask whether this launch's
+    key was met before, on the hot path of every launch. 1-2 µs against the exact key's 14."""
+    plan = getattr(kernel, "_lora_fast_key_plan", None)
+    if plan is None or plan[0] != len(args):
+        index = {n: i for i, n in enumerate(kernel.arg_names)}
+        plan = (len(args), tuple(index[k] for k in kernel.keys if index[k] < len(args)),
+                tuple(k for k in kernel.keys if index[k] >= len(args)),
+                tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)))
+        kernel._lora_fast_key_plan = plan
+    try:
+        dtypes = tuple([args[i].dtype for i in plan[3]])
+    except AttributeError:       # a tensor position holds something else this time: the full scan
+        dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+    return (tuple([args[i] for i in plan[1]]), tuple([kwargs.get(k) for k in plan[2]]), dtypes)
 
 
 def run(kernel, grid, args, kwargs):
     """Launch an autotuned kernel with more than one config (see the module docstring)."""
-    key = autotune_key(kernel, args, kwargs)
-    if key in kernel.cache:
+    seen = getattr(kernel, "_lora_fast_seen", None)
+    if seen is None or seen[0] is not kernel.cache or len(kernel.cache) < seen[2]:
+        seen = kernel._lora_fast_seen = [kernel.cache, set(), 0]   # a new, replaced or cleared cache
+    fast = _fast_key(kernel, args, kwargs)
+    if fast in seen[1]:
         return kernel[grid](*args, **kwargs)
+    key = autotune_key(kernel, args, kwargs)
+    if key in kernel.cache or _place(kernel, args, kwargs, key):
+        out = kernel[grid](*args, **kwargs)
+    else:
+        out = _tune(kernel, grid, args, kwargs, key)
+    seen[1].add(fast)
+    seen[2] = len(kernel.cache)
+    return out
+
+
+def _kept(kernel, args, kwargs):
     kept = kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs) \
         if kernel.early_config_prune else kernel.configs
-    device = _device(args)
-    chosen = kept[0] if len(kept) == 1 else _from_disk(kernel, key, kept, device)
+    if not kept:
+        raise RuntimeError(f"{_name(kernel)}: its pruner keeps no config for {sorted(kwargs.items())}")
+    return kept
+
+
+def _place(kernel, args, kwargs, key):
+    """Put this key's config in kernel.cache without timing, where it is known: the only one kept,
+    or the one tuned in an earlier process (the cache file). Returns whether it did."""
+    kept = _kept(kernel, args, kwargs)
+    chosen = kept[0] if len(kept) == 1 else _from_disk(kernel, key, kept, _device(args))
     if chosen is not None:
         kernel.cache[key] = chosen
-        return kernel[grid](*args, **kwargs)
+    return chosen is not None
+
+
+def _tune(kernel, grid, args, kwargs, key):
+    """Tune this key (compiling the kept configs in parallel first), launching the kernel once
+    (returned), and keep the winner on disk; inside a CUDA-graph capture, refuse clearly."""
+    kept = _kept(kernel, args, kwargs)
+    device = _device(args)
     if _capturing(device):
-        if (_name(kernel), key) not in _warned_capture:
-            _warned_capture.add((_name(kernel), key))
-            warnings.warn(f"lora_fast: {_name(kernel)} has no tuned config for this shape inside a CUDA-graph "
-                          f"capture (nothing can be timed there): running its first config. Run the model "
-                          "once (every sequence-length bucket) before capturing for tuned tiles",
-                          RuntimeWarning, stacklevel=4)
-        kernel.cache[key] = kept[0]
-        try:
-            return kernel[grid](*args, **kwargs)
-        finally:
-            del kernel.cache[key]
-    if device.type == "cuda":
-        _precompile(kernel, grid, args, kwargs, kept)
-    out = kernel[grid](*args, **kwargs)
+        # Timing synchronises and a first launch loads a module: both fail a capture (and
+        # invalidate it), so nothing untuned can run there
+        raise RuntimeError(f"lora_fast: {_name(kernel)} has no tuned config for this shape (autotune key "
+                           f"{key}) inside a CUDA-graph capture, where nothing can be compiled or timed: "
+                           "run the model once eagerly (a step per sequence-length bucket) before capturing")
+    built = _precompile(kernel, grid, args, kwargs, kept) if device.type == "cuda" else kept
+    if len(built) == 1:
+        kernel.cache[key] = built[0]
+        return kernel[grid](*args, **kwargs)
+    out = _time(kernel, grid, args, kwargs, built if len(built) < len(kept) else None)
     if key in kernel.cache:
         from lora_fast import cache_file
         cache_file.write(device, {_entry_key(kernel, key): _config_record(kernel.cache[key])})
     return out
+
+
+def _time(kernel, grid, args, kwargs, only=None):
+    """The autotuner's launch, which times the kept configs (`only` these, when some failed to
+    build) and keeps the fastest in kernel.cache."""
+    if only is None:
+        return kernel[grid](*args, **kwargs)
+    prune = kernel.early_config_prune
+    kernel.early_config_prune = lambda configs, named_args, **kw: only
+    try:
+        return kernel[grid](*args, **kwargs)
+    finally:
+        kernel.early_config_prune = prune
 
 
 def _capturing(device):

@@ -35,3 +35,17 @@ def resolve_backend(backend, device, dtype):
             raise ValueError(f"{source}='triton': expected CUDA (or CPU with TRITON_INTERPRET=1) "
                              f"tensors, got device {device}")
     return backend
+
+
+def tf32_allowed():
+    """Whether torch lets fp32 matmuls on CUDA use tf32. The legacy flag
+    (torch.backends.cuda.matmul.allow_tf32, set by float32_matmul_precision), or torch's newer
+    fp32_precision settings: once those were used, reading the legacy flag raises."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        precision = getattr(matmul, "fp32_precision", "none")
+        if precision == "none":     # inherit the global setting
+            precision = getattr(torch.backends, "fp32_precision", "ieee")
+        return precision == "tf32"

@@ -5,10 +5,11 @@ LORA_FAST_DISPATCH_CACHE names it (default ~/.cache/lora_fast/dispatch.json, und
 when set; an empty value keeps everything in the process). It holds one section per device name and
 torch / triton / lora_fast version — a new driver stack or release measures again — and each
 section maps an entry's key string to a JSON object. Writes replace the file atomically: a
-concurrent reader sees the old file or the new one, never half of one.
+concurrent reader sees the old file or the new one, never half of one (see `write`).
 """
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def read(file):
     treated as empty (the next write replaces it)."""
     try:
         data = json.loads(file.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):   # nothing there (yet): `write` says if it cannot be
         return {}
     except (OSError, ValueError) as e:
         warnings.warn(f"LORA_FAST_DISPATCH_CACHE: {file} is not a readable dispatch cache ({e}); "
@@ -56,14 +57,42 @@ def read_section(device):
     return read(file).get(section_name(device), {}) if file is not None else {}
 
 
+_unwritable = set()   # files a write failed on, warned about once
+
+
 def write(device, entries):
-    """Merge `entries` ({key string: object}) into this device's section."""
+    """Merge `entries` ({key string: object}) into this device's section. Writers take a lock file
+    around the read-modify-write (DDP ranks on one node share the file) and write a temporary file
+    of their own (threads of one process too) that replaces the file. A file that cannot be
+    written (read-only home, full disk) is warned about once; the measurements then stay in the
+    process, and the call that measured them goes on."""
     file = path()
     if file is None:
         return
-    data = read(file)
-    data.setdefault(section_name(device), {}).update(entries)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, file)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with open(file.with_name(file.name + ".lock"), "a") as lock:
+            _lock(lock)
+            data = read(file)
+            data.setdefault(section_name(device), {}).update(entries)
+            fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(data, indent=1, sort_keys=True))
+                os.replace(tmp, file)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+    except OSError as e:
+        if file not in _unwritable:
+            _unwritable.add(file)
+            warnings.warn(f"LORA_FAST_DISPATCH_CACHE: cannot write {file} ({e}); keeping measurements "
+                          "in this process only", RuntimeWarning, stacklevel=3)
+
+
+def _lock(f):
+    try:
+        import fcntl
+    except ImportError:      # not POSIX: the unique temporary file still keeps the file whole
+        return
+    fcntl.flock(f, fcntl.LOCK_EX)   # released when the file is closed

@@ -142,7 +142,7 @@ def fp32_ieee_gpu(t):
     """fp32 on a GPU without tf32 (torch's default "highest" precision): the kernels' dots would
     be ieee FMAs."""
     return (t.dtype == torch.float32 and t.device.type == "cuda" and not _configs().INTERPRET
-            and not torch.backends.cuda.matmul.allow_tf32)
+            and _kernels().forward.input_precision(t.dtype) == "ieee")
 
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
@@ -225,9 +225,28 @@ def _dispatch(pass_name, key, t, shape, paths, heuristic, run):
     try:
         return run(path)
     except Exception as error:
-        if _forced:
+        if _forced.get(pass_name):
             raise
+        _raise_unless_path_failure(pass_name, path, error, t)
         return _fall_back(pass_name, key, t, path, error, paths, heuristic, run)
+
+
+def _raise_unless_path_failure(pass_name, path, error, t):
+    """Re-raise what another path would not cure: out of memory (the caller's to handle, as with
+    any op), an error inside a CUDA-graph capture (the capture is invalidated: every other path
+    would fail too) or a trace, and a CUDA context that no longer works (a sticky error)."""
+    if isinstance(error, torch.OutOfMemoryError) or torch.compiler.is_compiling():
+        raise error
+    if t.device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"lora_fast: the {pass_name} path {path!r} failed inside a CUDA-graph "
+                               f"capture ({type(error).__name__}: {error}). Nothing can be compiled, "
+                               "tuned or timed there: run the model once eagerly (a step per "
+                               "sequence-length bucket) before capturing") from error
+        try:
+            torch.cuda.synchronize(t.device)
+        except Exception:
+            raise error from None
 
 
 def choose(pass_name, key, t, shape, paths, heuristic, run):
@@ -262,6 +281,7 @@ def choose(pass_name, key, t, shape, paths, heuristic, run):
         try:
             times[p] = timer(lambda p=p: run(p), t.device)
         except Exception as error:      # this path cannot run here: the others still can
+            _raise_unless_path_failure(pass_name, p, error, t)
             _record_failure(pass_name, key, p, error)
     if not times:
         raise RuntimeError(f"lora_fast: every {pass_name} path failed for M, N, K, r = {shape[:4]}: "
@@ -283,26 +303,30 @@ def _preferred(path, candidates):
 
 
 def _fall_back(pass_name, key, t, path, error, paths, heuristic, run):
-    """`path` raised on this call: drop it for the key and run the next: the fastest measured one
-    that is left, else the heuristic's, else the first applicable (cublas last)."""
-    _record_failure(pass_name, key, path, error)
-    left = [p for p in paths(True) if p not in _failed.get(key, {})]
-    left += [p for p in paths(False) if p not in left and p not in _failed.get(key, {})]
-    if not left:
-        raise error
-    measured = _times.get(key, {})
-    ranked = sorted(left, key=lambda p: (p not in measured, measured.get(p, 0.0), p != heuristic(),
-                                         p == "cublas"))
-    nxt = ranked[0]
-    if key is not None:
-        _settled.pop(key, None)
-        _choices[key] = nxt
-        _times.setdefault(key, dict(measured))
-        _save(t.device, key)
-    try:
-        return run(nxt)
-    except Exception as again:
-        return _fall_back(pass_name, key, t, nxt, again, paths, heuristic, run)
+    """`path` raised on this call: drop it for the key and run the next — the fastest measured one
+    that is left, else the heuristic's, else the first applicable (cublas last) — until one runs;
+    when none is left, the last error is raised."""
+    tried = set()
+    while True:
+        tried.add(path)
+        _record_failure(pass_name, key, path, error)
+        failed = _failed.get(key, {})
+        left = [p for p in paths(True) + paths(False) if p not in tried and p not in failed]
+        if not left:
+            raise error
+        measured = _times.get(key, {})
+        path = min(left, key=lambda p: (p not in measured, measured.get(p, 0.0), p != heuristic(),
+                                        p == "cublas"))
+        if key is not None:
+            _settled.pop(key, None)
+            _choices[key] = path
+            _times[key] = dict(measured)
+            _save(t.device, key)
+        try:
+            return run(path)
+        except Exception as again:
+            _raise_unless_path_failure(pass_name, path, again, t)
+            error = again
 
 
 def _record_failure(pass_name, key, path, error):
@@ -349,7 +373,8 @@ def timer(fn, device):
     The REPS (flush, start, fn, end) sequences are queued behind a GPU sleep twice as long as the
     host takes to queue them (measured on one run), so the GPU runs them back to back: an event pair
     brackets the kernels' own time, not the Python launch overhead between them, which at decode
-    sizes is as long as the kernels (~10 µs). tests/test_dispatch.py's GPU test times a path that
+    sizes is as long as the kernels (~10 µs). If the sleep was over before the last run was queued
+    (an event recorded after it has completed by then), they are timed again behind a longer one. tests/test_dispatch.py's GPU test times a path that
     sleeps 2 ms on the host and launches 10 µs of work."""
     with torch.cuda.device(device):
         fn()
@@ -362,15 +387,24 @@ def timer(fn, device):
         host = time.perf_counter() - host
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(REPS)]
-        torch.cuda.synchronize(device)
-        ahead_ms = min(2 * REPS * host * 1e3, 1000.0)   # a slow host (a profiler) waits at most 1 s
-        torch.cuda._sleep(int(ahead_ms * _sleep_cycles_per_ms(device)))
-        for start, end in events:
-            flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
+        ahead_ms = 2 * REPS * host * 1e3
+        for _ in range(4):
+            torch.cuda.synchronize(device)
+            slept = torch.cuda.Event()
+            torch.cuda._sleep(int(min(ahead_ms, 1000.0) * _sleep_cycles_per_ms(device)))
+            slept.record()
+            for start, end in events:
+                flush.zero_()
+                start.record()
+                fn()
+                end.record()
+            # the sleep over before the host had queued every run (the clock was low when the
+            # sleep was calibrated, or the host slower than its first run): gaps were timed, again
+            late = slept.query()
+            torch.cuda.synchronize(device)
+            if not late or ahead_ms >= 1000.0:
+                break
+            ahead_ms *= 4
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
@@ -438,8 +472,10 @@ def _from_cache_file(key, candidates):
     if not isinstance(entry, dict) or entry.get("path") not in candidates:
         return None
     if isinstance(entry.get("failed"), dict) and entry["failed"]:
-        _failed[key] = dict(entry["failed"])
-    _choices[key], _times[key] = entry["path"], entry.get("ms", {})
+        _failed[key] = {str(p): str(e) for p, e in entry["failed"].items()}
+    ms = entry.get("ms")
+    ms = {p: v for p, v in ms.items() if isinstance(v, (int, float))} if isinstance(ms, dict) else {}
+    _choices[key], _times[key] = entry["path"], ms
     return entry["path"]
 
 

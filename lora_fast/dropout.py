@@ -57,6 +57,7 @@ def keep_mask(seed, M, K, p, row0=0, dtype=torch.bool, impl=None):
         raise ValueError(f"p: expected a probability in [0, 1), got {p!r}")
     if M < 0 or K < 0 or row0 < 0:
         raise ValueError(f"M, K, row0: expected >= 0, got {M}, {K}, {row0}")
+    seed = seed.reshape(())             # (1,), (1, 1), (): one value; the key schedule broadcasts on it
     impl = impl or _auto(seed.device)
     if impl == "torch":
         return _torch_mask(seed, M, K, p, row0).to(dtype)

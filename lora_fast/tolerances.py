@@ -23,7 +23,8 @@ TOLERANCE = {
 
 def tolerance(dtype):
     """The bound for results computed in `dtype`, tf32 when torch lets fp32 matmuls use it on CUDA."""
-    if dtype == torch.float32 and torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32:
+    from .backend import tf32_allowed
+    if dtype == torch.float32 and torch.cuda.is_available() and tf32_allowed():
         return TOLERANCE["tf32"]
     return TOLERANCE[dtype]
 

@@ -355,6 +355,40 @@ def test_every_path_failing_raises_and_forced_paths_are_not_replaced(timed, ran,
     assert dispatch.failures() == {}, "a forced path's failure is the benchmark's to see, not remembered"
 
 
+def test_errors_another_path_would_not_cure_are_raised_as_they_are(timed, ran, monkeypatch):
+    """Out of memory is the caller's to handle (and says nothing about the path): raised, nothing
+    recorded. With M = 0 (no key) a failing path is not retried forever: every applicable one is
+    tried once, then the error is raised."""
+    timed.update({f"forward:{p}": 1.0 for p in dispatch.FORWARD_PATHS})
+    timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
+    _break(monkeypatch, kernels, "lora_forward", torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):
+        _step(4)
+    assert dispatch.failures() == {}
+    calls = _break(monkeypatch, kernels, "lora_forward")
+    torch_calls = _break(monkeypatch, torch_path, "lora_forward")
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="out of resources"):
+        _step(0)
+    assert len(calls) == 2 and len(torch_calls) == 1     # in_loop, split (the kernels), cublas: once each
+
+
+def test_forcing_one_pass_leaves_the_other_its_fallback(timed, ran, monkeypatch):
+    timed.update({f"forward:{p}": 1.0 for p in dispatch.FORWARD_PATHS})
+    timed.update({"backward:fused": 0.5, "backward:split": 1.0, "backward:cublas": 2.0})
+    _step(20)                                            # backward keeps fused
+    real = kernels.lora_backward
+
+    def fused_breaks(*args, **kwargs):
+        if kwargs["fused"]:
+            raise RuntimeError("refused")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(kernels, "lora_backward", fused_breaks)
+    ran.clear()
+    with dispatch.forced(forward="split"), pytest.warns(RuntimeWarning, match="'fused' failed"):
+        t, dy, y, grads = _step(20, seed=2)
+    _assert_matches_reference(t, dy, y, grads, torch.float32)
+
+
 def test_a_failure_recorded_in_the_cache_file_is_not_tried_again(timed, ran, monkeypatch, tmp_path):
     """A new process reads the key's choice and its failed paths: the choice runs, and when it fails
     too, the fallback skips the path the file says failed."""
@@ -405,17 +439,42 @@ def test_the_timer_measures_gpu_time_not_python_overhead():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_capturing_an_unseen_shape_runs_untuned_and_warns(ran):
-    """A CUDA-graph capture of a shape no eager call has run: nothing is timed or autotuned inside
-    the capture (which would fail it); the first kept config of each kernel runs, with a warning
-    to warm up, and the replay is right."""
+def test_capturing_an_unseen_shape_asks_for_a_warm_up(ran):
+    """A CUDA-graph capture of a shape no eager call has run: nothing is timed, tuned or compiled
+    inside it (each would fail the capture): a clear error asking for an eager warm-up, no path
+    recorded as failed; after one eager call the same capture works and replays right."""
     s = make_inputs(24, 512, 384, 16, torch.bfloat16, seed=21)
     args = (s["x"], s["weight"], s["lora_A"], s["lora_B"], s["bias"])
     graph = torch.cuda.CUDAGraph()
-    with pytest.warns(RuntimeWarning, match="warm|capture"):
+    with pytest.raises(RuntimeError, match="run the model once eagerly"):
         with torch.cuda.graph(graph), torch.no_grad():
-            out = lora_linear(*args, scaling=SCALING, backend="triton")
+            lora_linear(*args, scaling=SCALING, backend="triton")
+    assert dispatch.choices() == {} and dispatch.failures() == {}
+    with torch.no_grad():
+        lora_linear(*args, scaling=SCALING, backend="triton")          # the warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = lora_linear(*args, scaling=SCALING, backend="triton")
     graph.replay()
     torch.cuda.synchronize()
-    assert dispatch.choices() == {}, "a key was timed inside a CUDA-graph capture"
     assert_close("y", out, lora_linear_ref(**s, scaling=SCALING), torch.bfloat16)
+
+
+def test_fp32_precision_is_read_through_either_torch_api():
+    """torch's newer fp32_precision settings make reading the legacy allow_tf32 flag raise: the
+    precision the kernels compile and the dispatcher's fp32 routing read both (in a subprocess:
+    the setting is process-wide)."""
+    import subprocess
+    import sys
+    code = ("import torch\n"
+            "from lora_fast.backend import tf32_allowed\n"
+            "assert tf32_allowed() is False\n"
+            "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+            "assert tf32_allowed() is True\n"
+            "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+            "assert tf32_allowed() is False\n"
+            "torch.backends.cuda.matmul.fp32_precision = 'none'\n"
+            "torch.backends.fp32_precision = 'tf32'\n"
+            "assert tf32_allowed() is True\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -75,6 +75,16 @@ def _mask_impls():
     return ["torch", "triton"] + (["cpp"] if cref.available() else [])
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton", "cpp"])
+def test_any_one_element_seed_shape_gives_the_same_mask(impl):
+    if impl == "cpp" and not cref.available():
+        pytest.skip("built without the C++ extension")
+    value = 2**63 - 12345
+    masks = [keep_mask(torch.tensor(value, dtype=torch.int64).reshape(shape).to(DEVICE), 7, 9, 0.3, impl=impl)
+             for shape in ((1,), (), (1, 1))]
+    assert all(torch.equal(m, masks[0]) for m in masks) and masks[0].shape == (7, 9)
+
+
 @pytest.mark.parametrize("p", MASK_P + EDGE_P, ids=lambda p: f"p{p:.9g}")
 def test_keep_mask_is_the_kernels_mask(p):
     """Every implementation (and the automatic choice) equals the kernels' own mask bit for bit,

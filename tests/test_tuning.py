@@ -57,6 +57,9 @@ def test_first_step_of_the_1b_model_tunes_within_the_caps(replay):
     assert 0 < total["builds"] <= MODEL_1B_MAX_BUILDS, total
 
 
+_exact_key = tuning.autotune_key   # the tests' own reference, whatever a test patches
+
+
 def _keep(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK"] <= named_args["N"]]
 
@@ -90,7 +93,7 @@ def _run(kernel, n):
     y = torch.full_like(x, float("nan"))
     launch.launch(kernel, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), x)(x, y, n)
     assert torch.equal(y, 2 * x)
-    return tuning.autotune_key(kernel, (x, y, n), {})
+    return _exact_key(kernel, (x, y, n), {})
 
 
 def test_a_tuned_config_is_written_and_read_back_without_timing(kernel):
@@ -119,12 +122,59 @@ def test_one_kept_config_is_not_timed(kernel):
     assert kernel.timed == [] and kernel.cache[key].kwargs == {"BLOCK": 16}
 
 
-def test_inside_a_capture_the_first_config_runs_and_the_key_stays_untuned(kernel, monkeypatch):
+def test_inside_a_capture_an_untuned_key_is_refused_clearly(kernel, monkeypatch):
+    """Timing synchronises and a first launch loads a module, both of which fail (and invalidate) a
+    capture: an untuned key raises before anything is launched, naming the remedy; a key placed
+    without timing (from disk, or the one kept config) runs; eagerly, later, the key tunes."""
     monkeypatch.setattr(tuning, "_capturing", lambda device: True)
-    with pytest.warns(RuntimeWarning, match="no tuned config for this shape inside a CUDA-graph capture"):
-        key = _run(kernel, 100)
-    assert kernel.timed == [] and key not in kernel.cache
-    assert cache_file.read_section(torch.device("cpu")) == {}
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture.*run the model once eagerly"):
+        _run(kernel, 100)
+    assert kernel.timed == [] and kernel.cache == {}
+    _run(kernel, 20)                       # one config kept: nothing to time, runs in the capture
     monkeypatch.setattr(tuning, "_capturing", lambda device: False)
-    _run(kernel, 100)                      # eagerly, later: tuned as usual
-    assert kernel.timed == [16, 32]
+    key = _run(kernel, 100)
+    assert kernel.timed == [16, 32] and key in kernel.cache
+
+
+def test_a_launch_met_before_skips_the_exact_key(kernel, monkeypatch):
+    """The exact key costs ~20 µs a launch: a launch whose key was met before asks only the cheap one."""
+    _run(kernel, 100)
+    exact = []
+    monkeypatch.setattr(tuning, "autotune_key", lambda *a: exact.append(a) or _exact_key(*a))
+    _run(kernel, 100)
+    assert exact == [], "the exact key was computed for a launch met before"
+    _run(kernel, 101)                      # another N: another key, which must be computed
+    assert len(exact) == 1
+
+
+class _FakeJIT:
+    """A kernel's JIT function whose builds fail for BLOCK 32: to see what the parallel compile
+    does with a config that does not build (Triton's own AsyncCompileMode, no GPU needed)."""
+    def __init__(self):
+        self.built = []
+
+    def warmup(self, *args, grid, **kwargs):
+        if kwargs["BLOCK"] == 32:
+            raise RuntimeError("PassManager::run failed")
+        self.built.append(kwargs["BLOCK"])
+        return object()
+
+
+def test_a_config_that_does_not_build_is_left_out_of_the_timing(monkeypatch):
+    class Kernel:
+        arg_names = ["x_ptr", "N"]
+        fn = _FakeJIT()
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
+    monkeypatch.delenv("LORA_FAST_PARALLEL_COMPILE", raising=False)
+    built = tuning._precompile(Kernel(), (1,), (torch.empty(4), 4), {}, configs)
+    assert [c.kwargs["BLOCK"] for c in built] == [16, 64] and sorted(Kernel.fn.built) == [16, 64]
+    with pytest.raises(RuntimeError, match="PassManager"):
+        tuning._precompile(Kernel(), (1,), (torch.empty(4), 4), {}, configs[1:2])
+
+
+def test_an_unwritable_cache_file_warns_and_the_launch_goes_on(kernel, monkeypatch, tmp_path):
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("LORA_FAST_DISPATCH_CACHE", str(tmp_path / "not-a-dir" / "dispatch.json"))
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        key = _run(kernel, 100)
+    assert kernel.cache[key].kwargs == {"BLOCK": 32}
