@@ -30,6 +30,7 @@ import json
 import os
 import sys
 from collections import defaultdict
+from unittest import mock
 
 import torch
 
@@ -47,33 +48,23 @@ def gpu_first_step(capability, sms):
     """The dispatcher and launchers as on a fresh process on a GPU of this capability and SM count,
     every launch recorded (yields the list) instead of run."""
     dispatch, kernels, configs, launch = _kernel_modules()
-    saved = (dispatch.can_measure, dispatch.timer, dispatch.tma_possible, configs.sm_count,
-             configs.device_capability, os.environ.get("LORA_FAST_DISPATCH_CACHE"))
     launches = []
 
     def timer(fn, device):
         fn()            # the measurement's warm-up run: compiles and autotunes
         return 1.0
 
-    dispatch.can_measure = lambda t: True
-    dispatch.timer = timer
-    dispatch.tma_possible = lambda x, weight: capability >= 9 and kernels.tma_eligible(x, weight)
-    configs.sm_count = lambda device: sms
-    configs.device_capability = lambda: capability
-    os.environ["LORA_FAST_DISPATCH_CACHE"] = ""
-    dispatch.clear()
-    launch.RECORDER = launches
-    try:
-        yield launches
-    finally:
-        launch.RECORDER = None
-        (dispatch.can_measure, dispatch.timer, dispatch.tma_possible, configs.sm_count,
-         configs.device_capability, cache) = saved
-        if cache is None:
-            os.environ.pop("LORA_FAST_DISPATCH_CACHE", None)
-        else:
-            os.environ["LORA_FAST_DISPATCH_CACHE"] = cache
+    patches = [(dispatch, "can_measure", lambda t: True), (dispatch, "timer", timer),
+               (dispatch, "tma_possible", lambda x, weight: capability >= 9 and kernels.tma_eligible(x, weight)),
+               (configs, "sm_count", lambda device: sms), (configs, "device_capability", lambda: capability),
+               (launch, "RECORDER", launches)]
+    with contextlib.ExitStack() as stack:
+        for target, name, value in patches:
+            stack.enter_context(mock.patch.object(target, name, value))
+        stack.enter_context(mock.patch.dict(os.environ, {"LORA_FAST_DISPATCH_CACHE": ""}))
+        stack.callback(dispatch.clear)
         dispatch.clear()
+        yield launches
 
 
 class Call:

@@ -108,38 +108,26 @@ def run(kernel, grid, args, kwargs):
     if fast in seen[1]:
         return kernel[grid](*args, **kwargs)
     key = autotune_key(kernel, args, kwargs)
-    if key in kernel.cache or _place(kernel, args, kwargs, key):
-        out = kernel[grid](*args, **kwargs)
-    else:
-        out = _tune(kernel, grid, args, kwargs, key)
+    out = kernel[grid](*args, **kwargs) if key in kernel.cache else _tune(kernel, grid, args, kwargs, key)
     seen[1].add(fast)
     seen[2] = len(kernel.cache)
     return out
 
 
-def _kept(kernel, args, kwargs):
+def _tune(kernel, grid, args, kwargs, key):
+    """A new key: its config placed in kernel.cache without timing where it is known (the only one
+    kept, or the one tuned in an earlier process: the cache file), else tuned (the kept configs
+    compiled in parallel first) and the winner kept on disk; inside a CUDA-graph capture, refused
+    clearly. Launches the kernel once and returns what the launch returns."""
     kept = kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs) \
         if kernel.early_config_prune else kernel.configs
     if not kept:
         raise RuntimeError(f"{_name(kernel)}: its pruner keeps no config for {sorted(kwargs.items())}")
-    return kept
-
-
-def _place(kernel, args, kwargs, key):
-    """Put this key's config in kernel.cache without timing, where it is known: the only one kept,
-    or the one tuned in an earlier process (the cache file). Returns whether it did."""
-    kept = _kept(kernel, args, kwargs)
-    chosen = kept[0] if len(kept) == 1 else _from_disk(kernel, key, kept, _device(args))
+    device = _device(args)
+    chosen = kept[0] if len(kept) == 1 else _from_disk(kernel, key, kept, device)
     if chosen is not None:
         kernel.cache[key] = chosen
-    return chosen is not None
-
-
-def _tune(kernel, grid, args, kwargs, key):
-    """Tune this key (compiling the kept configs in parallel first), launching the kernel once
-    (returned), and keep the winner on disk; inside a CUDA-graph capture, refuse clearly."""
-    kept = _kept(kernel, args, kwargs)
-    device = _device(args)
+        return kernel[grid](*args, **kwargs)
     if _capturing(device):
         # Timing synchronises and a first launch loads a module: both fail a capture (and
         # invalidate it), so nothing untuned can run there
@@ -150,24 +138,17 @@ def _tune(kernel, grid, args, kwargs, key):
     if len(built) == 1:
         kernel.cache[key] = built[0]
         return kernel[grid](*args, **kwargs)
-    out = _time(kernel, grid, args, kwargs, built if len(built) < len(kept) else None)
+    # The autotuner times the configs that built (the pruner is not asked again), keeps the fastest
+    prune = kernel.early_config_prune
+    kernel.early_config_prune = lambda configs, named_args, **kw: built
+    try:
+        out = kernel[grid](*args, **kwargs)
+    finally:
+        kernel.early_config_prune = prune
     if key in kernel.cache:
         from lora_fast import cache_file
         cache_file.write(device, {_entry_key(kernel, key): _config_record(kernel.cache[key])})
     return out
-
-
-def _time(kernel, grid, args, kwargs, only=None):
-    """The autotuner's launch, which times the kept configs (`only` these, when some failed to
-    build) and keeps the fastest in kernel.cache."""
-    if only is None:
-        return kernel[grid](*args, **kwargs)
-    prune = kernel.early_config_prune
-    kernel.early_config_prune = lambda configs, named_args, **kw: only
-    try:
-        return kernel[grid](*args, **kwargs)
-    finally:
-        kernel.early_config_prune = prune
 
 
 def _capturing(device):

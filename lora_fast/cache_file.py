@@ -51,10 +51,24 @@ def read(file):
     return data
 
 
+_sections = {}   # (file, section name) -> the section: read once per process, kept up to date by `write`
+
+
 def read_section(device):
-    """This device's section of the file ({} without a file)."""
+    """This device's section of the file ({} without a file), read on the first call and then kept
+    in the process (what this process writes included; another process's later writes are not)."""
     file = path()
-    return read(file).get(section_name(device), {}) if file is not None else {}
+    if file is None:
+        return {}
+    name = section_name(device)
+    if (file, name) not in _sections:
+        _sections[file, name] = read(file).get(name, {})
+    return _sections[file, name]
+
+
+def clear():
+    """Forget the sections read (the next read_section reads the file again)."""
+    _sections.clear()
 
 
 _unwritable = set()   # files a write failed on, warned about once
@@ -69,12 +83,14 @@ def write(device, entries):
     file = path()
     if file is None:
         return
+    name = section_name(device)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         with open(file.with_name(file.name + ".lock"), "a") as lock:
             _lock(lock)
             data = read(file)
-            data.setdefault(section_name(device), {}).update(entries)
+            data.setdefault(name, {}).update(entries)
+            _sections[file, name] = data[name]     # other writers' entries too, as the file now has them
             fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w") as f:
@@ -84,6 +100,7 @@ def write(device, entries):
                 os.unlink(tmp)
                 raise
     except OSError as e:
+        _sections.setdefault((file, name), {}).update(entries)
         if file not in _unwritable:
             _unwritable.add(file)
             warnings.warn(f"LORA_FAST_DISPATCH_CACHE: cannot write {file} ({e}); keeping measurements "

@@ -60,7 +60,6 @@ REPS = 5
 _choices = {}        # key -> path: measured here or loaded from the cache file
 _times = {}          # key -> {path: ms}, for the measured and loaded keys
 _failed = {}         # key -> {path: error}: paths that raised for the key (process and file)
-_file_sections = {}  # device -> its section of the cache file, read on the first miss
 _forced = {}         # pass -> path, while a `forced` block runs
 _settled = {}        # key -> path decided without timing for good: one candidate, or a device never timed
 _warned = set()      # (pass, path, error type) already warned about in this process
@@ -443,11 +442,12 @@ def failures():
 
 
 def clear():
-    """Forget every choice and failure of this process (the cache file is left as it is)."""
+    """Forget every choice and failure of this process, and what it read of the cache file (the
+    file is left as it is)."""
     _choices.clear()
     _times.clear()
     _failed.clear()
-    _file_sections.clear()
+    cache_file.clear()
     _settled.clear()
     _warned.clear()
 
@@ -463,12 +463,8 @@ def _key_string(key):
 
 def _from_cache_file(key, candidates):
     """The cache file's choice for key if it names one of candidates (else None), with the paths it
-    records as failed; the device's section is read once, on its first miss."""
-    device = key[0]
-    section = _file_sections.get(device)
-    if section is None:
-        section = _file_sections[device] = cache_file.read_section(device)
-    entry = section.get(_key_string(key))
+    records as failed (cache_file reads the device's section once)."""
+    entry = cache_file.read_section(key[0]).get(_key_string(key))
     if not isinstance(entry, dict) or entry.get("path") not in candidates:
         return None
     if isinstance(entry.get("failed"), dict) and entry["failed"]:
@@ -484,5 +480,3 @@ def _save(device, key):
     if _failed.get(key):
         entry["failed"] = dict(_failed[key])
     cache_file.write(device, {_key_string(key): entry})
-    if device in _file_sections:
-        _file_sections[device][_key_string(key)] = entry
