@@ -33,5 +33,6 @@ else:
 setup(
     packages=["lora_fast", "lora_fast.kernels"],
     package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
+    package_data={"lora_fast": ["py.typed"]},   # PEP 561: the package's type hints are for users' checkers
     ext_modules=ext_modules,
 )

@@ -1,15 +1,19 @@
 """What every benchmark here shares: run metadata, the results-CSV schema, timing, the two device
-ceilings, and the memory measurements (peak bytes, bytes saved for backward)."""
+ceilings, the memory measurements (peak bytes, bytes saved for backward), progress reporting and
+the --help layout."""
 import csv
 import datetime
 import platform
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from lora_fast.check import HelpFormatter  # noqa: F401 - the project's one --help layout, for bench's CLIs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COLUMNS = ["device", "torch", "triton", "commit", "date", "command", "case", "M", "K", "N", "r",
@@ -186,3 +190,48 @@ def peak_bytes(device, fn):
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):   # no isatty, or a closed stream
+        return False
+
+
+class LineProgress:
+    """Progress as plain lines: about `lines` of them over the run (and the last), each flushed,
+    no carriage return. What a CI log or a redirected stream gets instead of a bar redrawn with
+    '\r', which such a log keeps as one long unreadable line (or hundreds of them)."""
+
+    def __init__(self, items, desc, unit, total, stream, lines=10):
+        self.items, self.desc, self.unit, self.stream = items, desc, unit, stream
+        self.total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+        self.every = max(1, -(-self.total // lines)) if self.total else 1
+        self.postfix = ""
+
+    def set_postfix(self, **values):
+        """As tqdm's: shown on the following lines."""
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def __iter__(self):
+        start = time.perf_counter()
+        done = 0
+        for item in self.items:
+            yield item
+            done += 1
+            if done % self.every == 0 or done == self.total:
+                of = f"/{self.total}" if self.total is not None else ""
+                extra = f", {self.postfix}" if self.postfix else ""
+                print(f"{self.desc}: {done}{of} {self.unit}s, {time.perf_counter() - start:.1f} s{extra}",
+                      file=self.stream, flush=True)
+
+
+def progress(items, desc, unit="it", total=None, stream=None):
+    """Iterate over `items` with progress on `stream` (default: sys.stderr, looked up at the call):
+    tqdm's bar on a terminal, LineProgress's plain lines anywhere else."""
+    stream = sys.stderr if stream is None else stream
+    if _is_terminal(stream):
+        from tqdm import tqdm
+        return tqdm(items, desc=desc, unit=unit, total=total, file=stream)
+    return LineProgress(items, desc, unit, total, stream)

@@ -64,18 +64,25 @@ def make_adapter(r, seed=0):
     return out
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_model", description=__doc__,
+                                     formatter_class=common.HelpFormatter)
+    parser.add_argument("--rounds", type=int, default=60, help="timed rounds (each runs every job once)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05], metavar="P",
+                        help="LoRA dropout probabilities, each timed for both implementations")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scaling alpha / r)")
+    parser.add_argument("--batch-size", type=int, default=32, help="lexicon entries per step (plus the 2 prompts)")
+    parser.add_argument("--out", default=common.RESULTS_DIR / "cpu_model.csv", metavar="CSV",
+                        help="CSV to append the rows to (bench/results/ is the project's committed log)")
+    return parser
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m bench.cpu_model", description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05])
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default=common.RESULTS_DIR / "cpu_model.csv")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     meta = common.run_metadata(device, "cpu_model", argv)

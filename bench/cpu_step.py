@@ -19,16 +19,22 @@ TARGET_VS_PEFT = 1.05    # lora_fast at least this much faster than PEFT
 TARGET_VS_FLOOR = 1.12   # and at most this much slower than nn.Linear
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_step", description=__doc__,
+                                     formatter_class=common.HelpFormatter)
+    parser.add_argument("--M", type=int, default=2048, help="tokens: rows of x")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--rounds", type=int, default=40, help="timed rounds (each runs every layer once)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--out", default=common.RESULTS_DIR / "cpu_step.csv", metavar="CSV",
+                        help="CSV to append the rows to (bench/results/ is the project's committed log)")
+    return parser
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m bench.cpu_step", description=__doc__.split("\n")[0])
-    parser.add_argument("--M", type=int, default=2048)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default=common.RESULTS_DIR / "cpu_step.csv")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     meta = common.run_metadata(device, "cpu_step", argv)

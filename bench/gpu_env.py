@@ -8,6 +8,7 @@ shows there), the git commit and how many files differ from it (a device machine
 tree, committed or not), the date, the lora_fast.dispatch cache file and the Triton cache folder,
 then nvidia-smi's own report. Exits 1 if lora_fast cannot be imported (the install failed).
 """
+import argparse
 import datetime
 import importlib.metadata
 import os
@@ -42,7 +43,14 @@ def _version(package):
         return "not installed"
 
 
-def main():
+def build_parser():
+    # no lora_fast import here (its failing import is what this reports), so the stdlib's formatter
+    return argparse.ArgumentParser(prog="python -m bench.gpu_env", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def main(argv=None):
+    build_parser().parse_args(argv)   # no options: --help, or a usage error for anything else
     print(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     commit, why = _run(["git", "rev-parse", "HEAD"])
     changed, _ = _run(["git", "status", "--porcelain"])

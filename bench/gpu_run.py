@@ -1,6 +1,7 @@
 """A GPU session's whole run in one command that fits the device lease: the environment, the
 GPU-only and bf16 tests, the headline and decode layer benchmarks, the model's training step with
-cold and then warm caches, and as much of issue 8's grid as the time left allows.
+cold and then warm caches, and as much of the targets grid (bench.layer --grid targets) as the
+time left allows.
 
 The one device command (from the repository root; the device tool's `run` with timeout_s=540):
 
@@ -323,24 +324,34 @@ def _timeout_arg(text):
     return name, value
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python3 -m bench.gpu_run", description=__doc__.split("\n\n")[0],
+def build_parser():
+    # The stdlib's formatter, defaults written into the help: this runs before the install, so it
+    # imports nothing of lora_fast (bench.common's HelpFormatter comes from there).
+    parser = argparse.ArgumentParser(prog="python3 -m bench.gpu_run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="results folder (new or empty)")
-    parser.add_argument("--archive", type=Path, help="also pack --out into this .tar.gz after every stage")
+    parser.add_argument("--archive", type=Path, help="also pack --out into this .tar.gz after every stage, outside --out (default: none)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="seconds for the whole run (default 480: the lease's 15 minutes less a "
                              "machine's start and one rerun)")
     parser.add_argument("--install", action="store_true",
                         help="first pip install --no-deps --no-build-isolation -e . (the GPU image has "
                              "every dependency but lora_fast itself)")
-    parser.add_argument("--stages", nargs="+", choices=STAGES[1:], help="only these (in the usual order)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES[1:],
+                        help="run only these stages, in the usual order (default: all of them; install only "
+                             "with --install)")
     parser.add_argument("--timeout", type=_timeout_arg, action="append", default=[], metavar="STAGE=SECONDS",
-                        help="the time limit of each of STAGE's commands (e.g. a rerun with more time)")
+                        help="the time limit of each of STAGE's commands (e.g. a rerun with more time); may be "
+                             "given once per stage (default: each stage's own limits)")
     parser.add_argument("--dry-run", action="store_true",
                         help="every stage on the CPU (Triton interpreter, tiny shapes): tests this script")
     parser.add_argument("--fail", choices=STAGES, metavar="STAGE",
                         help="for testing this script: STAGE's first command is replaced by one that exits 1")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from bench import common
 from bench.impls import IMPLS, make_impls
@@ -45,7 +44,7 @@ LLAMA3_8B = ("llama3-8b-qo", "llama3-8b-kv", "llama3-8b-up", "llama3-8b-down")
 def default_grid(device, quick, grid="default"):
     """(shape, M, r, dtype, dropout) cases. GPU default: every shape × every M at r=16 bf16, an r
     sweep and fp16/fp32 on one shape; --quick: two shapes at decode and training sizes; --grid
-    targets: issue 8's cases (the M=8192 4096→4096 r=16 headline at dropout 0.1 and 0, the
+    targets: the target cases (the M=8192 4096→4096 r=16 headline at dropout 0.1 and 0, the
     Llama-3-8B shapes at r = 8, 16, 64, decode M = 1, 8, 64)."""
     if device.type != "cuda":
         return [("tiny", m, 4, "fp32", p) for m in (1, 33) for p in (0.0, 0.05)][: 2 if quick else 4]
@@ -183,24 +182,39 @@ def write_dispatch_choices(csv_path, meta):
     print(f"dispatch choices written to {path}")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__.split("\n")[0])
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__,
+                                     formatter_class=common.HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small grid (a minute on a GPU)")
     parser.add_argument("--grid", choices=("default", "targets"), default="default",
-                        help="targets: issue 8's cases only (headline, Llama-3-8B shapes × r, decode)")
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="cross product with --M/--r")
-    parser.add_argument("--M", type=int, nargs="+", default=None, help="tokens (with --shapes)")
-    parser.add_argument("--r", type=int, nargs="+", default=[16], help="ranks (with --shapes)")
-    parser.add_argument("--dtype", nargs="+", default=None, choices=sorted(common.DTYPES))
-    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0])
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 30 GPU, 5 CPU)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default=None, help="CSV to append to (default bench/results/layer-<device>.csv)")
+                        help="default: every shape x M at r=16 bf16, an r sweep, fp16/fp32 on one shape; "
+                             "targets: the target cases only (the M=8192 4096->4096 headline, Llama-3-8B "
+                             "shapes x r, decode sizes); without a GPU both are the tiny CPU grid")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
+                        help="instead of the grid: these shapes, crossed with --M, --r, --dtype and --dropout")
+    parser.add_argument("--M", type=int, nargs="+", default=None,
+                        help=f"tokens, with --shapes (default: {' '.join(map(str, TOKENS))})")
+    parser.add_argument("--r", type=int, nargs="+", default=[16], help="LoRA ranks, with --shapes")
+    parser.add_argument("--dtype", nargs="+", default=None, choices=sorted(common.DTYPES),
+                        help="with --shapes: these dtypes (default: bf16 on a GPU, fp32 on the CPU); "
+                             "without: only the grid's cases in these dtypes")
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0], metavar="P",
+                        help="LoRA dropout probabilities, with --shapes")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations to time")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds (default: 30 on a GPU, 5 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--out", default=None, metavar="CSV",
+                        help="CSV to append to (default: bench/results/layer-<device>.csv)")
     parser.add_argument("--skip-cases-in", nargs="+", default=[], metavar="CSV",
                         help="leave out the cases these CSVs already hold rows for (a GPU session's "
                              "later stage, or resuming a run that was cut off)")
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,7 +249,7 @@ def main(argv=None):
                           "unit": "GB/s"}]
     common.append_rows(out, ceiling_rows)
     n_rows = len(ceiling_rows)
-    for case in tqdm(cases, desc="bench.layer", unit="case", file=sys.stderr):
+    for case in common.progress(cases, desc="bench.layer", unit="case"):
         rows = bench_case(case, args.impls, rounds, args.warmup, device, ceilings, meta)
         common.append_rows(out, rows)
         n_rows += len(rows)

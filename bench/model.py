@@ -9,8 +9,8 @@ lora_fast's layers) and see the same batches; their steps are interleaved. Befor
 trusted, the loss curves of the first steps must agree (dropout 0; with dropout the two draw
 their masks differently). Reports per step: median time, tokens/s and peak memory (CUDA), and how
 much longer each model's first step took than a steady one (compiling, autotuning and
-lora_fast.dispatch's measuring: issue 13's "under 60 s cold, under 10 s with warm caches in a
-second process").
+lora_fast.dispatch's measuring; the target: under 60 s cold, under 10 s with warm caches in a
+second process).
 On CPU it runs a tiny config: a test of the harness, not a measurement.
 """
 import argparse
@@ -20,7 +20,6 @@ import time
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from bench import common
 from lora_fast import LoRALinear
@@ -84,8 +83,8 @@ def run(args, device):
         first = {}     # wall seconds of each model's first step: compiling and tuning included
         losses = {k: [] for k in models}
         peaks = {}
-        for step in tqdm(range(args.warmup + args.steps), desc=f"bench.model dropout={dropout:g}",
-                         file=sys.stderr):
+        for step in common.progress(range(args.warmup + args.steps), desc=f"bench.model dropout={dropout:g}",
+                                    unit="step"):
             for name in (list(models) if step % 2 == 0 else list(models)[::-1]):
                 model, opt = models[name], optims[name]
                 model.train()
@@ -142,17 +141,24 @@ def check_loss_curves(losses, dtype):
             raise RuntimeError(f"loss curves diverge at step {step}: PEFT {a:.6f}, lora_fast {b:.6f}")
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__,
+                                     formatter_class=common.HelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first is the cold one)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05], metavar="P",
+                        help="LoRA dropout probabilities, each a pair of models")
+    parser.add_argument("--size", choices=sorted(SIZES), help="model size (default: 1b on a GPU, tiny on the CPU)")
+    parser.add_argument("--out", default=None, metavar="CSV",
+                        help="CSV to append to (default: bench/results/model-<device>.csv)")
+    return parser
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05])
-    parser.add_argument("--size", choices=sorted(SIZES), help="model size (default 1b on a GPU, tiny on CPU)")
-    parser.add_argument("--out", default=None, help="CSV to append to (default bench/results/model-<device>.csv)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.argv = argv
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" or args.size == "tiny":

@@ -200,9 +200,17 @@ def _save(fig, path):
     return path
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                     formatter_class=common.HelpFormatter)
+    parser.add_argument("file", type=Path,
+                        help="a results CSV written by bench.layer or bench.model; the table (NAME.md for "
+                             "NAME.csv) and the plots (NAME-*.png) are written beside it")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
-    parser.add_argument("file", type=Path, help="a results CSV written by bench.layer")
+    parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     rows = common.read_rows(args.file)
     if not rows:

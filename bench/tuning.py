@@ -207,13 +207,22 @@ def replay(workload, capability=9, sms=132):
     return analyse(launches, capability)
 
 
+def build_parser():
+    from bench.common import HelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m bench.tuning", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--capability", type=int, nargs="+", default=[9], metavar="MAJOR",
+                        help="compute capability majors to replay (8: A100, 9: H100/H200)")
+    parser.add_argument("--sms", type=int, default=132, help="SM count of the GPU replayed (H100/H200: 132)")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,
+                        help="what to replay: the Llama-3-8B layer grid, the ~0.9B model's step, the test shapes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--out", metavar="JSON",
+                        help="also write the counts, with the run's metadata, to this JSON file (default: none)")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.tuning", description=__doc__.split("\n")[0])
-    parser.add_argument("--capability", type=int, nargs="+", default=[9], help="compute capability major (8, 9)")
-    parser.add_argument("--sms", type=int, default=132, help="SM count (H100/H200: 132)")
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
-    parser.add_argument("--out", help="also write the counts, with the run's metadata, to this JSON file")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it (the replay needs the GPU config lists)")

@@ -1,7 +1,7 @@
 """LoRA fine-tuning on several processes, data-parallel (DDP) or sharded (FSDP2), with optional
 activation checkpointing:
 
-    torchrun --nproc_per_node=2 examples/ddp_fsdp2_train.py --strategy ddp --out adapter_ddp
+    torchrun --nproc_per_node=2 examples/ddp_fsdp2_train.py --strategy ddp --out runs/adapter_ddp
     torchrun --nproc_per_node=2 examples/ddp_fsdp2_train.py --strategy fsdp2 --checkpointing
 
 DDP: every rank holds the whole frozen model and the adapter, trains on its share of each global
@@ -11,7 +11,8 @@ block for its forward and backward; only the adapter gradients are reduce-scatte
 NCCL when there is a GPU per rank, else CPU with gloo. The model is a miniature decoder (random
 weights, random tokens) so the script runs anywhere in seconds; with a real model only
 `build_model` and the data change. tests/test_distributed.py runs `main` on 2 CPU processes and
-checks gradients, weights and the saved adapter against one process on the whole batch.
+checks gradients, weights and the saved adapter against one process on the whole batch. The adapter
+goes to runs/adapter/ under the current directory (runs/ is git-ignored) unless --out says otherwise.
 """
 import argparse
 import os
@@ -128,14 +129,27 @@ def main(strategy, out, device, steps=4, lora_dropout=0.05, checkpointing=False)
     return model, losses
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the module docstring as written, each option's default after its help."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N examples/ddp_fsdp2_train.py",
+                                     description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp",
+                        help="ddp: every rank holds the whole model; fsdp2: parameters sharded across ranks")
+    parser.add_argument("--out", default="runs/adapter",
+                        help="directory for the adapter (PEFT format), relative to the current directory; "
+                             "rank 0 writes it")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps, one global batch each")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout probability")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing per block (recomputed in backward, same dropout masks)")
+    return parser
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
-    parser.add_argument("--out", default="adapter", help="directory for the adapter (PEFT format)")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
-    args = parser.parse_args()
+    args = build_parser().parse_args()
     local_rank, world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     use_cuda = torch.cuda.device_count() >= world_size
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

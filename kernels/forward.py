@@ -121,6 +121,14 @@ def input_precision(dtype):
     return "tf32"
 
 
+def bias_arg(bias, y):
+    """The bias pointer argument of the forward kernels: they read bias as N contiguous values
+    (bias_ptr + offs_n), so a strided view (bias[::2], an expanded scalar) is copied first — N
+    values, against reading its stride in every epilogue; y stands in for an absent bias (never
+    read: HAS_BIAS=False)."""
+    return y if bias is None else bias.contiguous()
+
+
 def xs_in_loop(M, R):
     return M <= configs.IN_LOOP_MAX_M and R <= configs.IN_LOOP_MAX_R
 
@@ -132,7 +140,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, in_l
     Dropout (p = dropout_p > 0) needs `seed`, a 1-element int64 tensor on x's device; the keep-mask
     is dropout.keep_mask of it, never stored. Returns (y, xs) with xs (M, r) in x.dtype for
     backward, or None when save_xs is False (in-loop path only; the first pass always produces it).
-    Any strides; nothing is copied. in_loop=None picks the path by xs_in_loop(M, r).
+    Any strides; nothing is copied but a strided bias (bias_arg). in_loop=None picks the path by xs_in_loop(M, r).
     """
     M, K = x.shape
     N, R = lora_B.shape
@@ -156,7 +164,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, in_l
     xs_arg = xs if xs is not None else y
     grid = lambda meta: (configs.cdiv(M, meta["BLOCK_M"]) * configs.cdiv(N, meta["BLOCK_N"]),)
     launch(_lora_forward_kernel, grid, x)(
-        x, weight, bias if bias is not None else y, lora_A, lora_B, xs_arg, y,
+        x, weight, bias_arg(bias, y), lora_A, lora_B, xs_arg, y,
         seed if dropout else y,
         M, N, K, R, configs.m_bucket(M),
         x.stride(0), x.stride(1),

@@ -89,7 +89,7 @@ def lora_forward_tma(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, 
     """The split-design forward with a TMA main loop, for 2-D x (M, K) passing tma_eligible and
     r <= 64; returns (y, xs) as kernels.lora_forward does (xs is always produced: the first pass
     makes it)."""
-    from .forward import input_precision
+    from .forward import bias_arg, input_precision
     M, K = x.shape
     N, R = lora_B.shape
     if not tma_eligible(x, weight) or R > configs.MAX_BLOCK_R:
@@ -110,7 +110,7 @@ def lora_forward_tma(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, 
     programs = configs.persistent_programs(x.device)
     grid = lambda meta: (min(programs, configs.cdiv(M, meta["BLOCK_M"]) * configs.cdiv(N, meta["BLOCK_N"])),)
     launch(_lora_forward_tma_kernel, grid, x)(
-        x_desc, w_desc, xs, lora_B, bias if bias is not None else y, y,
+        x_desc, w_desc, xs, lora_B, bias_arg(bias, y), y,
         M, N, K, R, configs.m_bucket(M),
         xs.stride(0), xs.stride(1),
         lora_B.stride(0), lora_B.stride(1),

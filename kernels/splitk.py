@@ -135,7 +135,7 @@ def lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=Tr
                          seed=None):
     """The split-K forward for 2-D x (M, K) with 1 <= M <= configs.SPLIT_K_MAX_M and r <= 64;
     returns (y, xs) as kernels.lora_forward does (xs None unless save_xs). Any strides."""
-    from .forward import input_precision
+    from .forward import bias_arg, input_precision
     M, K = x.shape
     N, R = lora_B.shape
     if not 1 <= M <= configs.SPLIT_K_MAX_M or R > configs.MAX_BLOCK_R:
@@ -165,7 +165,7 @@ def lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=Tr
     )
     xs_arg = xs if xs is not None else y
     launch(_lora_split_k_reduce_kernel, (tiles,), x)(
-        part, xa_part, lora_B, bias if bias is not None else y, xs_arg, y,
+        part, xa_part, lora_B, bias_arg(bias, y), xs_arg, y,
         M, N, R, split,
         lora_B.stride(0), lora_B.stride(1),
         xs_arg.stride(0), xs_arg.stride(1),

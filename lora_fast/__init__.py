@@ -17,7 +17,7 @@ from .inject import (disable_adapters, inject, lora_layers, mark_only_lora_as_tr
                      merge_and_unload, trainable_parameters, unmerge)
 from .adapters import load_adapter, lora_state_dict, save_adapter
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "dropout", "inject", "merge",
            "unmerge", "merge_and_unload", "lora_layers", "lora_state_dict",
            "mark_only_lora_as_trainable", "trainable_parameters", "disable_adapters",

@@ -285,17 +285,25 @@ def report(archs=(80, 90), dtypes=tuple(BUILD_DTYPES), jobs=None, all_configs=Fa
         return list(pool.map(_compile_row, work))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m lora_fast.aot", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions")
+def build_parser():
+    from lora_fast.check import HelpFormatter   # the project's one --help layout
+    parser = argparse.ArgumentParser(prog="python -m lora_fast.aot", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], metavar="SM",
+                        help="target SM versions (80: A100, 90: H100/H200)")
     parser.add_argument("--dtype", nargs="+", default=list(BUILD_DTYPES), choices=list(BUILD_DTYPES),
-                        help="fp32 builds as tf32, fp32-ieee as ieee (FMA) dots")
-    parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes")
+                        help="dtypes to build: fp32 builds as tf32 dots, fp32-ieee as ieee (FMA) ones")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="parallel compiler processes (default: one per CPU)")
     parser.add_argument("--all-configs", action="store_true",
-                        help="every autotune config, not only the main tile")
+                        help="build every autotune config the pruners keep, not only each variant's main tile")
     parser.add_argument("--strided", action="store_true",
                         help="compile for arbitrary strides (no stride specialised to 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it, the interpreter's kernels cannot be compiled")

@@ -1,5 +1,6 @@
 """Which implementation runs a call: "triton" (the fused kernels), "torch" (plain PyTorch ops)
 or "auto" (triton on CUDA, torch on CPU and for float64). LORA_FAST_BACKEND overrides "auto" only."""
+import functools
 import os
 
 import torch
@@ -12,6 +13,16 @@ def interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=1)
+def triton_installed():
+    """Whether triton imports (imported once, on the first call that could run the kernels)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_backend(backend, device, dtype):
     """Return "triton" or "torch" for tensors on `device` of `dtype`, or raise ValueError."""
     if backend not in BACKENDS:
@@ -22,9 +33,14 @@ def resolve_backend(backend, device, dtype):
         if env not in BACKENDS:
             raise ValueError(f"LORA_FAST_BACKEND: expected one of {BACKENDS}, got {env!r}")
         backend, source = env, "LORA_FAST_BACKEND"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and dtype in _TRITON_DTYPES else "torch"
+    if backend == "auto":   # without triton (macOS, Windows: no wheels) the torch path
+        return "triton" if device.type == "cuda" and dtype in _TRITON_DTYPES \
+            and triton_installed() else "torch"
     if backend == "triton":
+        if not triton_installed():
+            raise ImportError(f"{source}='triton' needs the triton package, which is not installed "
+                              "here (it has wheels for Linux x86_64 and aarch64 only); use "
+                              "backend='torch'")
         if dtype not in _TRITON_DTYPES:
             raise ValueError(f"{source}='triton': expected float16, bfloat16 or float32 tensors, "
                              f"got {dtype}; use backend='torch' for float64")

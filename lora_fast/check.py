@@ -24,7 +24,14 @@ group per pair and dropout p, instead of the launchers' default path.
 --impl MODULE names any module with the launchers' interface:
     lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, seed=None) -> (y, xs)
     lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=None) -> (dx, dA, dB)
-(dropout_p and seed, a 1-element int64 tensor, are passed only when p > 0).
+(dropout_p and seed, a 1-element int64 tensor, are passed only when p > 0). The references are
+computed first, from private copies of the inputs, and every input (x, weight, lora_A, lora_B,
+bias, dy and the seed) must come back from each call unchanged, bit for bit: an implementation
+that writes to its inputs fails the check, whatever its outputs.
+
+Exit status: 0 when every output is within its bound, 1 when one is not (or an input was
+modified), 2 for a usage error (a bad argument, an --impl that cannot be imported or lacks the
+two functions).
 """
 import argparse
 import importlib
@@ -35,17 +42,48 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16")
 DEFAULT_SHAPES = ["37x45x53", "1x64x33", "67x83x45", "33x17x29", "21x1x1", "130x96x160"]
 QUICK_SHAPES = ["37x45x53", "1x64x33"]
 DEFAULT_DROPOUT = [0.0, 0.1]
+DEFAULT_RANKS = [1, 3, 16, 64, 100]
+QUICK_RANKS = [3, 16]
 SCALING = 1.5
+SEED_LIMIT = 2**32   # --seed's bound: case seeds (seed * cases + i) stay within torch's 64-bit seeds
+TRITON_PLATFORMS = "Linux x86_64 and aarch64"   # where Triton publishes wheels
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help for the project's command lines: the description laid out as written (the module
+    docstrings are), and each option's default after its help. A default that is None or False is
+    not shown (it stands for "computed at run time" or "off": the help itself says what happens),
+    nor one the help already names."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        hidden = (default is None or default is False or default is argparse.SUPPRESS
+                  or (isinstance(default, (list, tuple)) and not default))
+        if action.option_strings and not hidden and "default" not in text:
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+            text += f" (default: {shown.replace('%', '%%')})"   # help strings are %-formatted
+        return text
 
 
 def _parse_shape(text):
     try:
         m, k, n = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shapes: expected MxKxN (e.g. 37x45x53), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected MxKxN (e.g. 37x45x53), got {text!r}")
     if m < 0 or k < 1 or n < 1:
-        raise argparse.ArgumentTypeError(f"--shapes: expected M >= 0, K >= 1, N >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected M >= 0, K >= 1, N >= 1, got {text!r}")
     return m, k, n
+
+
+def _parse_seed(text):
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text}")
+    return seed
 
 
 def _inputs(M, K, N, r, dtype, device, seed):
@@ -65,22 +103,45 @@ def _dropout_seed(seed, device):
     return torch.tensor([(seed + 1) * 0x9E3779B97F4A7C15 % 2**62], dtype=torch.int64, device=device)
 
 
+INPUT_NAMES = ("x", "weight", "lora_A", "lora_B", "bias", "dy", "seed")
+
+
+def _same_bits(a, b):
+    """a and b hold the same bits: shape, dtype and every byte (so -0.0 differs from 0.0, and a
+    NaN equals itself, which torch.equal would not say)."""
+    import torch
+    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                            b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def _modified(inputs, copies, already):
+    """Names of the inputs that no longer equal their private copies, bit for bit (less those in
+    `already`, reported for an earlier call)."""
+    return [name for name, t in inputs.items() if name not in already and not _same_bits(t, copies[name])]
+
+
 def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
-    """Rows (output, err vs float64, err vs C++ or None, bound, ok) for one case, with LoRA
-    dropout p (the references draw the mask from the same seed)."""
+    """(rows, modified) for one case, with LoRA dropout p (the references draw the mask from the
+    same seed): rows are (output, err vs float64, err vs C++ or None, bound, ok); modified lists
+    (function, input names) for each of the implementation's calls that wrote to its inputs.
+
+    The references (and the plain-PyTorch error the bound allows for) are computed before the
+    implementation runs, from private copies of the inputs: an implementation that rewrites its
+    inputs in place (zeroes lora_A and lora_B, say) is still compared with the right answer, and
+    the check sees that it wrote to them."""
     import torch
 
     from lora_fast import cref, torch_path
     from lora_fast.reference import lora_linear_backward_ref, lora_linear_ref
     from lora_fast.tolerances import bound, rel_err
 
-    x, w, a, b, bias, dy = _inputs(M, K, N, r, dtype, device, seed)
-    drop = {"dropout_p": p, "seed": _dropout_seed(seed, device)} if p > 0 else {}
-    y, xs = impl.lora_forward(x, w, a, b, bias, SCALING, **drop)
-    dx, da, db = impl.lora_backward(dy, x, xs, w, a, b, SCALING, **drop)
+    tensors = dict(zip(INPUT_NAMES, (*_inputs(M, K, N, r, dtype, device, seed), _dropout_seed(seed, device))))
+    copies = {name: t.clone() for name, t in tensors.items()}   # never handed to the implementation
+    x, w, a, b, bias, dy, drop_seed = (copies[n] for n in INPUT_NAMES)
+    drop = {"dropout_p": p, "seed": drop_seed} if p > 0 else {}
     y_pt, xs_pt = torch_path.lora_forward(x, w, a, b, bias, SCALING, **drop)          # plain PyTorch, same dtype
     dx_pt, da_pt, db_pt = torch_path.lora_backward(dy, x, xs_pt, w, a, b, SCALING, **drop)
-
     ref = {"y": lora_linear_ref(x, w, a, b, bias, SCALING, **drop),
            **{k: v for k, v in lora_linear_backward_ref(dy, x, w, a, b, SCALING, **drop).items()
               if k in ("x", "lora_A", "lora_B")}}
@@ -88,6 +149,21 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
     if cref.available():
         cpp = {"y": cref.lora_linear_cref(x, w, a, b, bias, SCALING, **drop),
                **cref.lora_linear_backward_cref(dy, x, w, a, b, SCALING, bias_grad=False, **drop)}
+
+    x, w, a, b, bias, dy, drop_seed = (tensors[n] for n in INPUT_NAMES)
+    drop = {"dropout_p": p, "seed": drop_seed} if p > 0 else {}
+    modified = []
+
+    def after(call):
+        changed = _modified(tensors, copies, {name for _, names in modified for name in names})
+        if changed:
+            modified.append((call, changed))
+
+    y, xs = impl.lora_forward(x, w, a, b, bias, SCALING, **drop)
+    after("lora_forward")
+    dx, da, db = impl.lora_backward(dy, x, xs, w, a, b, SCALING, **drop)
+    after("lora_backward")
+
     rows = []
     for name, key, out, base in (("y", "y", y, y_pt), ("dX", "x", dx, dx_pt), ("dA", "lora_A", da, da_pt),
                                  ("dB", "lora_B", db, db_pt)):
@@ -100,12 +176,12 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
         limit = bound(dtype, rel_err(base, ref[key]))
         ok = finite and err <= limit and (err_cpp is None or err_cpp <= limit)
         rows.append((name, err, err_cpp, limit, ok))
-    return rows
+    return rows, modified
 
 
 def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p):
-    """(paths label, rows) for one case at dropout p: the impl's own choice, or every dispatcher
-    path pair (every path drops the kernels' elements, so every pair applies with dropout too)."""
+    """(paths label, (rows, modified)) for one case at dropout p: the impl's own choice, or every
+    dispatcher path pair (every path drops the kernels' elements, so every pair applies with dropout too)."""
     if not all_paths:
         yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p)
         return
@@ -116,19 +192,59 @@ def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p):
                 yield f"{forward}/{backward}", check_case(impl, M, K, N, r, dtype, device, seed, p)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="lora-fast-check", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two shapes, two ranks, fp32 (and bf16 on a GPU)")
-    parser.add_argument("--shapes", nargs="+", type=_parse_shape, help="MxKxN, e.g. 37x45x53")
-    parser.add_argument("--ranks", nargs="+", type=int, help="LoRA ranks r (default 1 3 16 64 100)")
+def build_parser():
+    parser = argparse.ArgumentParser(prog="lora-fast-check", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a few seconds: shapes {' '.join(QUICK_SHAPES)}, ranks "
+                             f"{' '.join(map(str, QUICK_RANKS))}, fp32 (and bf16 on a GPU)")
+    parser.add_argument("--shapes", nargs="+", type=_parse_shape, metavar="MxKxN",
+                        help="problem sizes: M rows of x, K = in_features, N = out_features, e.g. 37x45x53 "
+                             f"(default: {' '.join(DEFAULT_SHAPES)}; with --quick {' '.join(QUICK_SHAPES)})")
+    parser.add_argument("--ranks", nargs="+", type=int, metavar="R",
+                        help=f"LoRA ranks r >= 1 (default: {' '.join(map(str, DEFAULT_RANKS))}; with --quick "
+                             f"{' '.join(map(str, QUICK_RANKS))})")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES,
-                        help="default fp32 fp16, plus bf16 on a GPU (the interpreter does no bf16)")
+                        help="dtypes of every tensor (default: fp32 fp16, plus bf16 on a GPU; with --quick "
+                             "fp32, plus bf16 on a GPU; the Triton interpreter does no bf16)")
     parser.add_argument("--dropout", nargs="+", type=float, metavar="P",
-                        help="LoRA dropout probabilities (default 0 0.1: without and with dropout)")
-    parser.add_argument("--impl", default="lora_fast.kernels", help="module under test (see above)")
+                        help="LoRA dropout probabilities in [0, 1) (default: "
+                             f"{' '.join(f'{p:g}' for p in DEFAULT_DROPOUT)}: without and with dropout)")
+    parser.add_argument("--impl", default="lora_fast.kernels", metavar="MODULE",
+                        help="the module under test, imported by name: it must define lora_forward and "
+                             "lora_backward with the launchers' interface (given in the description); "
+                             "lora_fast.torch_path checks the torch backend, which needs no Triton")
     parser.add_argument("--all-paths", action="store_true",
-                        help="every forward x backward path the dispatcher can pick (lora_fast.dispatch)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="check every forward x backward path the GPU dispatcher can pick "
+                             "(lora_fast.dispatch) instead of the launchers' default path; not with --impl")
+    parser.add_argument("--seed", type=_parse_seed, default=0,
+                        help="an integer in [0, 2**32) from which every case's inputs and dropout seed are "
+                             "drawn (case i of n uses seed * n + i)")
+    return parser
+
+
+def _load_impl(parser, name):
+    """The --impl module; a usage error (exit 2, one line) when it cannot be imported or lacks one of
+    the two functions. Only a failure to find a module is caught here: an exception raised by the
+    module's own code is that module's bug, and keeps its traceback."""
+    try:
+        impl = importlib.import_module(name)
+    except ImportError as e:
+        missing = (e.name or "").partition(".")[0]
+        if missing == "triton":
+            parser.error(f"--impl {name}: needs Triton, which is not installed here ({e}); Triton has wheels "
+                         f"for {TRITON_PLATFORMS} only: check the torch backend with --impl lora_fast.torch_path")
+        parser.error(f"--impl {name}: expected an importable module, got {type(e).__name__}: {e}")
+    except (ValueError, TypeError) as e:   # an empty or relative name
+        parser.error(f"--impl {name!r}: expected a module name such as lora_fast.kernels ({e})")
+    lacking = [f for f in ("lora_forward", "lora_backward") if not callable(getattr(impl, f, None))]
+    if lacking:
+        parser.error(f"--impl {name}: expected a module defining the functions lora_forward and lora_backward "
+                     f"(the interface in --help); it has no {' and no '.join(lacking)}")
+    return impl
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     import torch
@@ -155,10 +271,10 @@ def main(argv=None):
         if not 0.0 <= p < 1.0:
             parser.error(f"--dropout: expected probabilities in [0, 1), got {p}")
     shapes = args.shapes or [_parse_shape(s) for s in (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)]
-    ranks = args.ranks or ([3, 16] if args.quick else [1, 3, 16, 64, 100])
+    ranks = args.ranks or (QUICK_RANKS if args.quick else DEFAULT_RANKS)
     if args.all_paths and args.impl != "lora_fast.kernels":
         parser.error("--all-paths checks lora_fast.dispatch's paths: it cannot be combined with --impl")
-    impl = importlib.import_module("lora_fast.dispatch" if args.all_paths else args.impl)
+    impl = _load_impl(parser, "lora_fast.dispatch" if args.all_paths else args.impl)
 
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
     print(f"lora_fast.check: {args.impl} on {where}; torch {torch.__version__}")
@@ -170,20 +286,27 @@ def main(argv=None):
           "kernels' mask from the case's seed themselves)")
     print(f"{'M':>5} {'K':>5} {'N':>5} {'r':>4} {'dtype':>5} {'p':>4} {'paths':>14} {'out':>3}  "
           f"{'err vs f64':>10} {'err vs C++':>10}  {'bound':>8}  result")
-    failures, worst = 0, 0.0
+    failures, writes, worst = 0, 0, 0.0
     cases = [(s, r, n, p) for s in shapes for r in ranks for n in names for p in dropouts]
     for i, ((M, K, N), r, name, p) in enumerate(cases):
         seed = args.seed * len(cases) + i
-        for paths, rows in _run_paths(impl, args.all_paths, M, K, N, r, dtypes[name], device, seed, p):
+        for paths, (rows, modified) in _run_paths(impl, args.all_paths, M, K, N, r, dtypes[name], device, seed, p):
             for out, err, err_cpp, limit, ok in rows:
                 failures += not ok
                 worst = max(worst, err / limit)
                 cpp_text = "-" if err_cpp is None else f"{err_cpp:.2e}"
                 print(f"{M:>5} {K:>5} {N:>5} {r:>4} {name:>5} {p:>4g} {paths:>14} {out:>3}  {err:>10.2e} "
                       f"{cpp_text:>10}  {limit:>8.1e}  {'ok' if ok else 'FAIL'}")
-    print(f"{'FAILED' if failures else 'passed'}: {failures} output(s) out of bounds; "
-          f"worst error at {worst:.2f} of its bound")
-    return 1 if failures else 0
+            for call, changed in modified:
+                writes += 1
+                print(f"FAIL: {impl.__name__}.{call} modified its input(s) {', '.join(changed)} in place "
+                      f"(M={M} K={K} N={N} r={r} {name} p={p:g} paths {paths}): an implementation must "
+                      "leave its inputs unchanged (the references were computed from copies)")
+    text = f"{failures} output(s) out of bounds"
+    if writes:
+        text += f", {writes} call(s) modified their inputs"
+    print(f"{'FAILED' if failures or writes else 'passed'}: {text}; worst error at {worst:.2f} of its bound")
+    return 1 if failures or writes else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The one place where inputs of lora_linear are checked; everything below trusts them."""
-import math
 import numbers
+import sys
 
 import torch
 
+_FLOAT_MAX = sys.float_info.max
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -11,19 +12,47 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, training=False):
-    """Raise TypeError/ValueError naming the argument, what was expected and what was given."""
+def _named(x, weight, lora_A, lora_B, bias):
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
-    for name, t in named.items():
+    return named
+
+
+def check_tensor_kinds(x, weight, lora_A, lora_B, bias):
+    """Each input a dense (strided, not nested) floating tensor; TypeError naming the one that is
+    not. Run before anything touches them (autocast's cast included)."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        # Sparse (COO, CSR, ...), mkldnn and nested tensors have no strides for the kernels (nor
+        # a row view for the torch path): refused here by name, not deep inside a GEMM.
+        if t.is_nested or t.layout != torch.strided:
+            if t.is_nested:
+                kind = f"nested ({str(t.layout).replace('torch.', '')})"
+                hint = ("pass its values() (the rows of a jagged tensor) and rebuild the result "
+                        "with torch.nested.nested_tensor_from_jagged(y, x.offsets())")
+            else:
+                kind, hint = str(t.layout).replace("torch.", ""), "convert it with .to_dense()"
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got a {kind} tensor: {hint}")
         if t.dtype not in _FLOATS:
             raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, "
                             f"float64), got {t.dtype}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
-        raise TypeError(f"scaling: expected a finite real number, got {scaling!r}")
+
+
+def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, training=False,
+                      autocast=None):
+    """Raise TypeError/ValueError naming the argument, what was expected and what was given; after
+    check_tensor_kinds. autocast: the dtype autocast cast the inputs to (None: no autocast), for
+    the dtype error."""
+    named = _named(x, weight, lora_A, lora_B, bias)
+    # `scaling - scaling == 0` is False for NaN and ±inf, like math.isfinite, and unlike it traces:
+    # torch.compile turns a scaling that changes between calls into a symbolic float.
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not scaling - scaling == 0 \
+            or (type(scaling) is int and abs(scaling) > _FLOAT_MAX):   # an int beyond float's range
+        raise TypeError(f"scaling: expected a finite real number, got {_short(scaling)}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
@@ -52,7 +81,14 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, t
     for name, t in named.items():
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
-    for name, t in named.items():
         if t.dtype != x.dtype:
+            cast = "" if autocast is None else (
+                f"; under torch.autocast float16/bfloat16/float32 inputs are cast to {autocast} and "
+                "float64 ones are not, as for nn.Linear")
             raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x; adapters may also be "
-                            f"float32 on a float16/bfloat16 input), got {t.dtype}")
+                            f"float32 on a float16/bfloat16 input{cast}), got {t.dtype}")
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"

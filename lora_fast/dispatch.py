@@ -42,11 +42,15 @@ error, remembered in the process and the cache file, and the call runs the next 
 (forced paths raise: a benchmark wants to know). Key: device, dtype, pass, M rounded up to a power
 of two, N, K, r, dropout on, bias, what is saved or asked. The cache file is lora_fast.cache_file's.
 """
+from __future__ import annotations
+
 import contextlib
+import contextvars
 import os
 import statistics
 import time
 import warnings
+from typing import Iterator
 
 import torch
 
@@ -60,7 +64,9 @@ REPS = 5
 _choices = {}        # key -> path: measured here or loaded from the cache file
 _times = {}          # key -> {path: ms}, for the measured and loaded keys
 _failed = {}         # key -> {path: error}: paths that raised for the key (process and file)
-_forced = {}         # pass -> path, while a `forced` block runs
+# pass -> path, while a `forced` block runs: per thread and per asyncio task (a context variable),
+# so another thread's calls keep their own (measured or forced) paths.
+_forced = contextvars.ContextVar("lora_fast_forced_paths", default={})
 _settled = {}        # key -> path decided without timing for good: one candidate, or a device never timed
 _warned = set()      # (pass, path, error type) already warned about in this process
 
@@ -218,13 +224,14 @@ def _key(pass_name, t, shape):
 def _dispatch(pass_name, key, t, shape, paths, heuristic, run):
     """Run the call on its key's path (a dict lookup when kept: decode sizes have a few µs to
     spare), choosing it first if the key is new; a kept path that raises falls back."""
-    path = None if _forced else _choices.get(key) or _settled.get(key)
+    forced_paths = _forced.get()
+    path = None if forced_paths else _choices.get(key) or _settled.get(key)
     if path is None:
         path = choose(pass_name, key, t, shape, paths, heuristic, run)
     try:
         return run(path)
     except Exception as error:
-        if _forced.get(pass_name):
+        if forced_paths.get(pass_name):
             raise
         _raise_unless_path_failure(pass_name, path, error, t)
         return _fall_back(pass_name, key, t, path, error, paths, heuristic, run)
@@ -252,7 +259,7 @@ def choose(pass_name, key, t, shape, paths, heuristic, run):
     """The path for a call whose key has no kept choice: forced, the only candidate, the cache
     file's, measured, or the heuristic. `paths(timed)` gives the candidates (timed=True) or every
     applicable path (False)."""
-    forced = _forced.get(pass_name)
+    forced = _forced.get().get(pass_name)
     if forced is not None:
         applicable = paths(False)
         if forced not in applicable:
@@ -408,23 +415,41 @@ def timer(fn, device):
 
 
 @contextlib.contextmanager
-def forced(forward=None, backward=None):
+def forced(forward: str | None = None, backward: str | None = None) -> Iterator[None]:
     """Run the block with the given paths (a benchmark's fixed design, a test): neither measured nor
-    cached, and not replaced when they raise. A forced path that does not apply to a call raises
-    ValueError."""
+    cached, and not replaced when they raise. forward: one of FORWARD_PATHS, or None (chosen as
+    usual); backward: one of BACKWARD_PATHS, or None. A forced path that does not apply to a call raises
+    ValueError. Local to the thread (and asyncio task) that enters it: other threads' calls are
+    not forced."""
     for name, value, allowed in (("forward", forward, FORWARD_PATHS), ("backward", backward, BACKWARD_PATHS)):
         if value is not None and value not in allowed:
             raise ValueError(f"{name}: expected one of {allowed} or None, got {value!r}")
-    previous = dict(_forced)
-    _forced.update({k: v for k, v in (("forward", forward), ("backward", backward)) if v is not None})
+    paths = {k: v for k, v in (("forward", forward), ("backward", backward)) if v is not None}
+    token = _forced.set({**_forced.get(), **paths})   # a new dict: the default is never mutated
     try:
         yield
     finally:
-        _forced.clear()
-        _forced.update(previous)
+        _forced.reset(token)
 
 
-def choices():
+def forced_paths() -> dict[str, str]:
+    """{pass: path} forced in this thread or task now (empty: none). The autograd Function keeps
+    it from forward for its backward: on CUDA, autograd runs backward on a device thread of its
+    own, which does not see the caller's context (see forcing)."""
+    return _forced.get()
+
+
+@contextlib.contextmanager
+def forcing(paths: dict[str, str]) -> Iterator[None]:
+    """Run the block with exactly `paths` forced (a forced_paths() result), nothing else."""
+    token = _forced.set(paths)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def choices() -> dict[str, dict[str, dict]]:
     """{section: {key string: {"path": ..., "ms": {path: time}, "failed": {path: error}}}} for every
     key decided by measurement, the cache file or a fallback in this process."""
     out = {}
@@ -436,12 +461,12 @@ def choices():
     return out
 
 
-def failures():
+def failures() -> dict[str, dict[str, str]]:
     """{key string: {path: error}} of the paths dropped in this process."""
     return {_key_string(key): dict(paths) for key, paths in _failed.items()}
 
 
-def clear():
+def clear() -> None:
     """Forget every choice and failure of this process, and what it read of the cache file (the
     file is left as it is)."""
     _choices.clear()

@@ -19,6 +19,8 @@ huge tensors); 1 kept, 0 dropped, in `dtype`. Implementations (`impl`), chosen a
   "torch"   plain PyTorch int64 ops: any device; no host sync (nothing is read back from the seed
             tensor), so it can be captured in a CUDA graph. The fallback of the other two.
 """
+from __future__ import annotations
+
 import functools
 
 import numpy as np
@@ -47,10 +49,12 @@ def threshold(p):
     return lo
 
 
-def keep_mask(seed, M, K, p, row0=0, dtype=torch.bool, impl=None):
+def keep_mask(seed: torch.Tensor, M: int, K: int, p: float, row0: int = 0,
+              dtype: torch.dtype = torch.bool, impl: str | None = None) -> torch.Tensor:
     """The kernels' keep-mask of rows row0 .. row0 + M - 1 of an (·, K) x for `seed` (a 1-element
-    int64 tensor) and p, as an (M, K) tensor of `dtype` (1 kept, 0 dropped) on seed's device.
-    impl: one of IMPLS, or None for the fastest that applies (see the module docstring)."""
+    int64 tensor) and p (the drop probability, in [0, 1)), as an (M, K) tensor of `dtype`
+    (1 kept, 0 dropped) on seed's device. impl: one of IMPLS, or None for the fastest that
+    applies (see the module docstring)."""
     if not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
         raise TypeError(f"seed: expected a 1-element int64 tensor, got {_describe(seed)}")
     if not 0.0 <= p < 1.0:

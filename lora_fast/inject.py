@@ -9,34 +9,51 @@ writes to adapter_config.json). Matching follows PEFT's rules exactly, so the sa
   "all-linear" every linear except the output head (a transformers model's get_output_embeddings(),
               else a module named "lm_head").
 """
+from __future__ import annotations
+
 import contextlib
 import re
-from typing import NamedTuple
+from typing import Iterator, NamedTuple, Sequence, Union
 
 import torch
 from torch import nn
 
-from .module import LoRALinear, _check_hparams, is_conv1d
+from .module import LoRALinear, _check_adapter_dtype, _check_hparams, is_conv1d, storage_extent
 
 ALL_LINEAR = "all-linear"
+# target_modules / exclude_modules: a regex, names (exact or dotted suffix), or ALL_LINEAR
+Targets = Union[str, Sequence[str], None]
 
 
-def inject(model, r=8, lora_alpha=8, target_modules=None, lora_dropout=0.0, use_rslora=False,
-           exclude_modules=None, adapter_dtype=None):
+def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: Targets = None,
+           lora_dropout: float = 0.0, use_rslora: bool = False, exclude_modules: Targets = None,
+           adapter_dtype: torch.dtype | None = None) -> list[str]:
     """Replace the matching linears of `model` in place by LoRALinear (weights shared, not copied),
-    freeze every other parameter, and return the replaced modules' names.
+    freeze every other parameter, and return the replaced modules' names. Nothing is changed if
+    an argument is refused.
 
-    adapter_dtype: dtype of lora_A/lora_B; default the base weight's dtype, except float32 on a
-    float16/bfloat16 base (master adapters, PEFT's default ``autocast_adapter_dtype=True``).
+    Args:
+        model: any nn.Module without LoRALinear layers yet.
+        r: the adapters' rank, a positive integer.
+        lora_alpha: positive finite number; scaling = lora_alpha / r (or / √r with use_rslora).
+        target_modules: which layers (PEFT's matching, see the module docstring): a regular
+            expression (full match), a list of names (exact or dotted suffix), or "all-linear".
+        lora_dropout: dropout probability in [0, 1) on the LoRA branch's input, training only.
+        use_rslora: rank-stabilised scaling lora_alpha / √r, a bool.
+        exclude_modules: the same forms as target_modules (not "all-linear"); matches are skipped.
+        adapter_dtype: floating dtype of lora_A/lora_B; default the base weight's dtype, except
+            float32 on a float16/bfloat16 base (master adapters, PEFT's default
+            ``autocast_adapter_dtype=True``).
+
+    Hyper-parameters are recorded as plain Python numbers in ``model.lora_fast_config`` (what
+    save_adapter writes), whatever numeric type they came as.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    _check_hparams(r, lora_alpha, lora_dropout)
+    r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
     _check_targets("target_modules", target_modules, allow_none=False)
     _check_targets("exclude_modules", exclude_modules, allow_none=True)
-    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype)
-                                          and adapter_dtype.is_floating_point):
-        raise ValueError(f"adapter_dtype: expected a floating torch.dtype or None, got {adapter_dtype!r}")
+    _check_adapter_dtype(adapter_dtype)
     existing = lora_layers(model)
     if existing:
         raise RuntimeError(f"inject: model already has {len(existing)} LoRALinear layers (e.g. "
@@ -44,6 +61,8 @@ def inject(model, r=8, lora_alpha=8, target_modules=None, lora_dropout=0.0, use_
                            "load_adapter(model, path) to load new adapter weights into them")
 
     names = select_modules(model, target_modules, exclude_modules)
+    for name in names:   # every layer checked before from_linear freezes the first one
+        _check_adapter_dtype(adapter_dtype, model.get_submodule(name).weight.dtype, name)
     replaced = {}
     for name in names:
         old = model.get_submodule(name)
@@ -64,16 +83,24 @@ def inject(model, r=8, lora_alpha=8, target_modules=None, lora_dropout=0.0, use_
     elif not isinstance(target_modules, str):
         saved_targets = list(target_modules)
     model.lora_fast_config = {
-        "r": int(r), "lora_alpha": lora_alpha, "lora_dropout": float(lora_dropout),
-        "use_rslora": bool(use_rslora), "target_modules": saved_targets,
+        "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+        "use_rslora": use_rslora, "target_modules": saved_targets,
         "fan_in_fan_out": any(layer.from_conv1d for layer in replaced.values()),
     }
     return names
 
 
-def select_modules(model, target_modules, exclude_modules=None):
+def select_modules(model: nn.Module, target_modules: Targets,
+                   exclude_modules: Targets = None) -> list[str]:
     """Names of the modules `inject` would replace (PEFT's matching; see the module docstring).
-    Raises if a matching module is not a linear, or if nothing matches."""
+    Raises if a matching module is not a linear, or if nothing matches.
+
+    Args:
+        model: the model to search, by its dotted module names.
+        target_modules: a regular expression (full match), a list of names (exact or dotted
+            suffix), or "all-linear" (every linear but the output head).
+        exclude_modules: None, or a regex / list as above; matching names are left out.
+    """
     if target_modules == ALL_LINEAR:
         head = _output_head(model)
         names = [name for name, module in model.named_modules()
@@ -95,14 +122,14 @@ def select_modules(model, target_modules, exclude_modules=None):
     return names
 
 
-def lora_layers(model):
-    """{name: LoRALinear} of `model`, in module order."""
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """{name: LoRALinear} of `model` (an nn.Module; not unwrapped), in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def unwrap(model):
-    """The model inside DDP / DataParallel and torch.compile wrappers, whose module names are the
-    ones adapters use."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel and torch.compile wrappers of `model`, whose module
+    names are the ones adapters use."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
     while True:
         if isinstance(model, (DataParallel, DistributedDataParallel)):
@@ -113,42 +140,94 @@ def unwrap(model):
             return model
 
 
-def require_lora_layers(model, what):
-    """{name: LoRALinear} of the model inside any wrapper (see unwrap); raises, naming `what`, if
-    there are none."""
+def require_lora_layers(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    """{name: LoRALinear} of `model` inside any wrapper (see unwrap); raises a ValueError whose
+    message starts with `what` (the caller's name) if there are none."""
     layers = lora_layers(unwrap(model))
     if not layers:
         raise ValueError(f"{what}: model has no LoRALinear layers; call lora_fast.inject first")
     return layers
 
 
-def merge(model):
-    """Merge every adapter into its base weight (see LoRALinear.merge); unmerge undoes it exactly."""
-    for layer in require_lora_layers(model, "merge").values():
-        layer.merge()
+def merge(model: nn.Module) -> nn.Module:
+    """Merge every adapter of `model` (an nn.Module, or DDP / torch.compile wrapping one) into its base weight (see LoRALinear.merge); unmerge undoes it exactly.
+    Every layer is checked first (none merged already, no parametrized weight, no weight tied to
+    another parameter of the model); if one is refused, or a merge fails, no layer stays merged.
+    Returns `model`."""
+    layers = require_lora_layers(model, "merge")
+    _check_mergeable(unwrap(model), layers, "merge")
+    done = []
+    try:
+        for layer in layers.values():
+            layer.merge()
+            done.append(layer)
+    except BaseException:
+        for layer in done:
+            layer.unmerge()
+        raise
     return model
 
 
-def unmerge(model):
-    """Restore every merged base weight bit for bit."""
-    for layer in require_lora_layers(model, "unmerge").values():
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore every merged base weight of `model` bit for bit; raises, changing nothing, if a layer is not
+    merged. Returns `model`."""
+    layers = require_lora_layers(model, "unmerge")
+    unmerged = [name for name, layer in layers.items() if not layer.merged]
+    if unmerged:
+        raise RuntimeError(f"unmerge: {len(unmerged)} of {len(layers)} LoRA layers are not merged "
+                           f"(e.g. {unmerged[0]!r})")
+    for layer in layers.values():
         layer.unmerge()
     return model
 
 
-def merge_and_unload(model):
-    """Merge every adapter and put the plain layers back (nn.Linear, or Conv1D where inject found
-    one), in place; returns `model`. The base weights are updated in place, no copy is kept."""
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter of `model` and put the plain layers back (nn.Linear, or Conv1D where inject found
+    one), in place; returns `model`. The base weights are updated in place, no copy is kept.
+    Merged layers keep their merged weight; the others are checked first as merge() checks them,
+    and nothing is changed if one is refused."""
     inner = unwrap(model)   # the layer names are the bare model's
-    for name, layer in require_lora_layers(inner, "merge_and_unload").items():
+    layers = require_lora_layers(inner, "merge_and_unload")
+    _check_mergeable(inner, {name: layer for name, layer in layers.items() if not layer.merged},
+                     "merge_and_unload")
+    for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(inner.get_submodule(parent_name), child, layer.to_base())
     inner.__dict__.pop("lora_fast_config", None)
     return model
 
 
-def mark_only_lora_as_trainable(model):
-    """requires_grad on the lora_A/lora_B parameters, off on every other parameter."""
+def _check_mergeable(model, layers, what):
+    """Raise, changing nothing, unless every layer of {name: LoRALinear} can fold its adapter into
+    its weight: one layer at a time (LoRALinear.check_mergeable), and no weight that shares memory
+    with another parameter of the model (tied weights: one tensor cannot hold two layers' deltas,
+    and a delta folded into a tied head would change the embedding too)."""
+    for name, layer in layers.items():
+        try:
+            layer.check_mergeable()
+        except RuntimeError as err:
+            raise RuntimeError(f"{what}: layer {name!r}: {str(err).removeprefix('merge: ')}") from None
+    # Every (module, parameter) pair, a tied parameter once per module holding it: another
+    # module's reference to the very same Parameter object is a tie too.
+    by_storage = {}   # (device, storage address) -> [(first byte, end byte, name, owner)]
+    for owner_name, owner in model.named_modules(remove_duplicate=False):
+        for param_name, param in owner.named_parameters(recurse=False):
+            extent = storage_extent(param)
+            if extent is not None:
+                by_storage.setdefault(extent[:2], []).append(
+                    (*extent[2:], f"{owner_name}.{param_name}".lstrip("."), owner))
+    for name, layer in layers.items():
+        extent = storage_extent(layer.weight)
+        for start, end, other_name, owner in by_storage.get(extent[:2] if extent else None, ()):
+            if owner is not layer and start < extent[3] and extent[2] < end:
+                raise RuntimeError(f"{what}: layer {name!r} has its weight tied to {other_name!r} "
+                                   "(they share memory): merging would add the adapter into both. "
+                                   "Untie them first (e.g. clone one), or keep the adapter unmerged")
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
+    """requires_grad on the lora_A/lora_B parameters of `model`, off on every other parameter;
+    returns `model`."""
     lora_params = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
     for p in model.parameters():
         p.requires_grad_(id(p) in lora_params)
@@ -156,6 +235,7 @@ def mark_only_lora_as_trainable(model):
 
 
 class ParameterCount(NamedTuple):
+    """(trainable, total) parameter counts; str() formats them as PEFT does."""
     trainable: int
     total: int
 
@@ -165,18 +245,19 @@ class ParameterCount(NamedTuple):
                 f"|| trainable%: {share:.4f}")
 
 
-def trainable_parameters(model):
-    """(trainable, total) parameter counts, each shared tensor counted once; str() prints them as
-    PEFT's print_trainable_parameters does."""
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """(trainable, total) parameter counts of `model`, each shared tensor counted once; str()
+    prints them as PEFT's print_trainable_parameters does."""
     params = {id(p): p for p in model.parameters()}.values()
     return ParameterCount(sum(p.numel() for p in params if p.requires_grad),
                           sum(p.numel() for p in params))
 
 
 @contextlib.contextmanager
-def disable_adapters(model):
-    """Within the block every LoRALinear computes its base linear alone (as PEFT's
-    ``disable_adapter()``); the previous state is restored on exit, also on error."""
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """A context manager: within the block every LoRALinear of `model` computes its base linear alone, merged or not (a merged
+    layer uses the copy of its base weight that merge() keeps), as PEFT's ``disable_adapter()``;
+    the previous state is restored on exit, also on error."""
     layers = list(require_lora_layers(model, "disable_adapters").values())
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:

@@ -1,30 +1,93 @@
 """LoRALinear: a drop-in nn.Linear with a trainable low-rank update on a frozen base weight."""
+from __future__ import annotations
+
 import math
 import numbers
+import weakref
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .function import lora_linear
 
 
-def is_conv1d(module):
-    """A transformers ``Conv1D`` (GPT-2's linear, weight stored (in, out)), without importing
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is a transformers ``Conv1D`` (GPT-2's linear, weight stored (in, out)), without importing
     transformers when it is not loaded already."""
     import sys
     pytorch_utils = sys.modules.get("transformers.pytorch_utils")
     return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
 
 
-def _check_hparams(r, lora_alpha, lora_dropout):
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
-        raise ValueError(f"r: expected a positive integer, got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha: expected a positive number, got {lora_alpha!r}")
+# r bounds: the kernels index the rank dimension with 32-bit integers.
+_MAX_R = 2**31 - 1
+
+
+def _check_hparams(r, lora_alpha, lora_dropout, use_rslora=False):
+    """The hyper-parameters as plain Python numbers (a numpy scalar is taken, and stored as int or
+    float so that adapter_config.json can hold it), or a ValueError naming the bad one."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 0 < r <= _MAX_R:
+        raise ValueError(f"r: expected a positive integer up to 2**31 - 1, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise ValueError(f"lora_alpha: expected a positive number (finite), got {lora_alpha!r}")
+    try:
+        alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+        finite = math.isfinite(alpha)
+    except OverflowError:   # an int beyond float's range
+        finite = False
+    if not finite or not alpha > 0:
+        raise ValueError(f"lora_alpha: expected a positive number (finite), got {lora_alpha!r}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
-            or not 0.0 <= lora_dropout < 1.0:
+            or not 0.0 <= float(lora_dropout) < 1.0:
         raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
+    if not isinstance(use_rslora, (bool, np.bool_)):
+        raise ValueError(f"use_rslora: expected True or False, got {use_rslora!r}")
+    return int(r), alpha, float(lora_dropout), bool(use_rslora)
+
+
+def _check_adapter_dtype(adapter_dtype, weight_dtype=None, name=None):
+    """adapter_dtype: None, or a floating dtype that lora_linear runs with a weight of
+    `weight_dtype` (when given): the weight's own, or float32 master adapters on fp16/bf16."""
+    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype)
+                                          and adapter_dtype.is_floating_point):
+        raise ValueError(f"adapter_dtype: expected a floating torch.dtype or None, got {adapter_dtype!r}")
+    if adapter_dtype is None or weight_dtype is None:
+        return
+    usable = {weight_dtype} | ({torch.float32} if weight_dtype in (torch.float16, torch.bfloat16) else set())
+    if adapter_dtype not in usable:
+        where = f" for {name!r}" if name else ""
+        raise ValueError(f"adapter_dtype: {adapter_dtype} cannot run with a {weight_dtype} weight"
+                         f"{where}; expected {' or '.join(sorted(map(str, usable)))} (or None)")
+
+
+def storage_extent(t):
+    """(device, storage address, first byte, end byte) of the memory tensor `t` reads, or None for
+    a tensor without ordinary storage (meta, empty)."""
+    t = getattr(t, "_local_tensor", t)   # a DTensor's shard
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    try:
+        base = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    start = t.storage_offset() * t.element_size()
+    return t.device, base, start, start + span * t.element_size()
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether tensors a and b read overlapping bytes of one storage (tied or aliased weights)."""
+    ea, eb = storage_extent(a), storage_extent(b)
+    return (ea is not None and eb is not None and ea[:2] == eb[:2]
+            and ea[2] < eb[3] and eb[2] < ea[3])
+
+
+# The layers merged now, to refuse a second merge into a weight one of them already holds.
+_MERGED = weakref.WeakSet()
 
 
 class LoRALinear(nn.Linear):
@@ -40,26 +103,65 @@ class LoRALinear(nn.Linear):
     and regenerated in backward from a seed: no mask and no dropped copy of x is kept, so a training
     step saves the same bytes at p = 0.1 as at p = 0. In eval mode dropout is the identity.
 
-    ``merge()`` folds ``scaling · lora_B @ lora_A`` into ``weight`` (computed in fp32, rounded
-    once) so forward is a plain linear; ``unmerge()`` restores the original weight bit for bit.
-    That guarantee costs a copy of the original weight, ``out·in·itemsize`` bytes on the weight's
-    device, held only while merged (merging in place and subtracting back is not exact in
-    bf16/fp16). While merged the adapter gets no gradients: merge is for inference.
+    State. Two flags decide what forward computes, and every entrance respects both:
+
+    ============  ==========  ==========================================================
+    merged        enabled     forward
+    ============  ==========  ==========================================================
+    no            yes         the base linear plus the adapter (the kernels)
+    yes           yes         F.linear with the merged weight W0 + s·B@A
+    no            no          F.linear with W0 (inside ``disable_adapters``)
+    yes           no          F.linear with the copy of W0 that merge() keeps
+    ============  ==========  ==========================================================
+
+    ``merge()`` folds ``scaling · lora_B @ lora_A`` into ``weight`` (computed in float32, or in the
+    weight's dtype if wider, rounded once) so forward is a plain linear; ``unmerge()`` restores the
+    original weight bit for bit. That guarantee costs a copy of the original weight,
+    ``out·in·itemsize`` bytes on the weight's device, held only while merged (merging in place
+    and subtracting back is not exact in bf16/fp16). While merged the adapter gets no gradients:
+    merge is for inference. merge() refuses a weight it cannot fold into and restore: one that
+    another merged layer's weight overlaps (tied weights: both deltas would land in one tensor)
+    or one computed by a parametrization (the fold would write into a temporary).
+
+    ``state_dict()`` always holds the base model's weight as the base model stores it: W0, not
+    the merged weight, while merged (so loading it anywhere counts the adapter once), and (in, out)
+    for a layer made from a transformers Conv1D (so GPT-2 checkpoints load both ways).
+    ``load_state_dict`` into a merged layer unmerges, loads and merges again, so forward uses
+    what was loaded.
     """
 
-    def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
-                 use_rslora=False, device=None, dtype=None):
-        _check_hparams(r, lora_alpha, lora_dropout)
+    # 2: the state dict holds a Conv1D-made layer's weight as (in, out) and a merged layer's W0
+    _version = 2
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """A new layer with a freshly initialised base weight (nn.Linear's init) and adapter.
+
+        Args:
+            in_features, out_features: the linear's sizes.
+            r: the adapter's rank, a positive integer (lora_A is (r, in), lora_B (out, r)).
+            lora_alpha: positive finite number; scaling = lora_alpha / r (or / √r, use_rslora).
+            lora_dropout: probability in [0, 1) of dropping an element of the LoRA branch's
+                input in training mode.
+            bias: whether the base linear has a bias.
+            use_rslora: rank-stabilised scaling lora_alpha / √r (PEFT's ``use_rslora``).
+            device, dtype: of every parameter, as for nn.Linear.
+        """
+        r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout,
+                                                                 use_rslora)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.r = int(r)
+        self.r = r
         self.lora_alpha = lora_alpha
-        self.lora_dropout = float(lora_dropout)
-        self.use_rslora = bool(use_rslora)
+        self.lora_dropout = lora_dropout
+        self.use_rslora = use_rslora
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty((self.r, in_features), **factory))
         self.lora_B = nn.Parameter(torch.empty((out_features, self.r), **factory))
-        self._original_weight = None
+        # W0 while merged: a buffer, so .to() / .half() / .cuda() move it with the weight; not
+        # persistent (the state dict's weight is W0 already, see _save_to_state_dict)
+        self.register_buffer("_original_weight", None, persistent=False)
         self.adapter_enabled = True   # False: forward is the base linear alone (disable_adapters)
         self.from_conv1d = False      # set by from_linear for a transformers Conv1D
         self.reset_lora_parameters()
@@ -68,22 +170,32 @@ class LoRALinear(nn.Linear):
             self.bias.requires_grad_(False)
 
     @classmethod
-    def from_linear(cls, linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    adapter_dtype=None):
+    def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8,
+                    lora_dropout: float = 0.0, use_rslora: bool = False,
+                    adapter_dtype: torch.dtype | None = None) -> "LoRALinear":
         """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which are frozen.
-        The adapter lives on the linear's device, in `adapter_dtype` (default: the weight's dtype;
-        float32 on a float16/bfloat16 base gives float32 master adapters). Right after this the
-        output equals the linear's.
+        Right after this the output equals the linear's.
 
-        A transformers ``Conv1D`` (GPT-2's layers: weight stored (in, out)) is taken too: the new
-        layer's weight is the transposed *view* of the Conv1D weight (same storage, no copy; the
-        kernels take strides), and ``to_base()`` gives a Conv1D back."""
+        Args:
+            linear: an nn.Linear (not already a LoRALinear), or a transformers ``Conv1D``
+                (GPT-2's layers: weight stored (in, out)); the new layer's weight is then the
+                transposed *view* of the Conv1D weight (same storage, no copy; the kernels take
+                strides), its state dict keeps the Conv1D layout, and ``to_base()`` gives a
+                Conv1D back.
+            r, lora_alpha, lora_dropout, use_rslora: as for ``LoRALinear(...)``.
+            adapter_dtype: floating dtype of lora_A/lora_B (default: the weight's dtype; float32
+                on a float16/bfloat16 base gives float32 master adapters). They live on the
+                linear's device.
+        """
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise TypeError(f"linear: expected an nn.Linear or a transformers Conv1D, got "
                             f"{type(linear).__name__}")
         if isinstance(linear, LoRALinear):
             raise TypeError("linear: already a LoRALinear")
+        _check_adapter_dtype(adapter_dtype, linear.weight.dtype)
+        r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout,
+                                                                 use_rslora)
         weight = nn.Parameter(linear.weight.detach().t(), requires_grad=False) if conv1d \
             else linear.weight
         out_features, in_features = weight.shape
@@ -103,42 +215,72 @@ class LoRALinear(nn.Linear):
             linear.bias.requires_grad_(False)
         return layer
 
-    def reset_lora_parameters(self):
+    def reset_lora_parameters(self) -> None:
+        """lora_A kaiming-uniform (a=√5), lora_B zeros: the layer computes its base linear."""
+        if self.merged:
+            raise RuntimeError("reset_lora_parameters: the adapter is merged; call unmerge() first")
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
     @property
-    def merged(self):
+    def merged(self) -> bool:
+        """Whether the adapter is folded into ``weight`` now (merge() without unmerge())."""
         return self._original_weight is not None
 
-    @torch.no_grad()
-    def merge(self):
-        """Fold the adapter into weight: W ← round(W + scaling · B @ A), the sum taken in fp32."""
+    def check_mergeable(self) -> None:
+        """Raise, saying why, if merge() could not fold the adapter into this weight and restore
+        it; nothing is changed."""
         if self.merged:
             raise RuntimeError("merge: the adapter is already merged; call unmerge() first")
-        self._original_weight = self.weight.detach().clone()
-        self._fold_adapter_into_weight()
-
-    def _fold_adapter_into_weight(self):
-        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        if parametrize.is_parametrized(self, "weight"):
+            raise RuntimeError("merge: weight is computed by a parametrization "
+                               "(torch.nn.utils.parametrize); folding the adapter into it would "
+                               "write into a temporary. Remove the parametrization first "
+                               "(parametrize.remove_parametrizations(layer, 'weight'))")
+        for other in list(_MERGED):
+            if other is not self and shares_memory(other.weight, self.weight):
+                raise RuntimeError("merge: weight shares its memory with the weight of another "
+                                   f"merged LoRALinear ({other.out_features}x{other.in_features}); "
+                                   "tied weights cannot hold two adapters' deltas")
 
     @torch.no_grad()
-    def unmerge(self):
+    def merge(self) -> None:
+        """Fold the adapter into weight: W ← round(W + scaling · B @ A), the sum taken in float32
+        (or in the weight's dtype if wider). Raises (changing nothing) if already merged, if the
+        weight is parametrized, or if it is tied to another merged layer's weight. The state dict
+        keeps W0 while merged: to export the merged weights, use to_base() (or merge_and_unload)."""
+        self.check_mergeable()
+        original = self.weight.detach().clone()
+        self._fold_adapter_into_weight()
+        self._original_weight = original
+        _MERGED.add(self)
+
+    def _fold_adapter_into_weight(self):
+        # float32 at least; float64 for a float64 weight (float32 would cost it 1e-7 relative error)
+        compute = torch.promote_types(torch.promote_types(self.weight.dtype, self.lora_A.dtype),
+                                      torch.float32)
+        delta = self.scaling * (self.lora_B.to(compute) @ self.lora_A.to(compute))
+        self.weight.copy_((self.weight.to(compute) + delta).to(self.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
         """Restore the weight held before merge(), bit for bit."""
         if not self.merged:
             raise RuntimeError("unmerge: the adapter is not merged")
         self.weight.copy_(self._original_weight)
         self._original_weight = None
+        _MERGED.discard(self)
 
     @torch.no_grad()
-    def to_base(self):
+    def to_base(self) -> nn.Module:
         """The plain layer this one wraps, with the adapter merged into its weight (W + s·B@A,
-        in fp32, rounded once; in place, no copy kept): an nn.Linear, or a Conv1D for one made
+        computed as merge() does; in place, no copy kept): an nn.Linear, or a Conv1D for one made
         from a Conv1D. Sharing the weight storage, so do not use this LoRALinear afterwards."""
         if not self.merged:
+            self.check_mergeable()
             self._fold_adapter_into_weight()
         self._original_weight = None
+        _MERGED.discard(self)
         weight = self.weight.detach()
         if self.from_conv1d:
             from transformers.pytorch_utils import Conv1D
@@ -151,13 +293,59 @@ class LoRALinear(nn.Linear):
         base.bias = self.bias
         return base
 
-    def forward(self, x):
-        if self.merged or not self.adapter_enabled:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y (..., out) for x (..., in), as the table in the class docstring says."""
+        if not self.adapter_enabled:
+            return F.linear(x, self._original_weight if self.merged else self.weight, self.bias)
+        if self.merged:
             return F.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
                            dropout_p=self.lora_dropout, training=self.training)
 
-    def extra_repr(self):
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The base model's weight as the base model stores it (see the class docstring).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if key not in destination:   # parametrized: saved under parametrizations.weight.original
+            return
+        if self.merged:
+            destination[key] = self._original_weight
+        if self.from_conv1d:
+            destination[key] = destination[key].t()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        incoming = state_dict.get(key)
+        if isinstance(incoming, torch.Tensor) and (self.from_conv1d or self.merged):
+            state_dict = dict(state_dict)   # the caller's dict is left as it was
+            if self.from_conv1d and self._conv1d_layout(prefix, state_dict, local_metadata):
+                if tuple(incoming.shape) == (self.in_features, self.out_features):
+                    incoming = incoming.t()   # Conv1D's (in, out) -> this layer's (out, in)
+                else:
+                    error_msgs.append(f"{key}: a LoRALinear made from a Conv1D takes Conv1D's "
+                                      f"(in, out) = {(self.in_features, self.out_features)} layout")
+            if self.merged:   # merge() below folds into the weight: never into the caller's tensor
+                incoming = incoming.clone()
+            state_dict[key] = incoming
+        merged = self.merged
+        if merged:   # load into the base weight and the adapter, then fold the new adapter in
+            self.unmerge()
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            if merged:
+                self.merge()
+
+    def _conv1d_layout(self, prefix, state_dict, local_metadata):
+        """Whether the weight in `state_dict` is in Conv1D's (in, out) layout: a plain GPT-2
+        checkpoint, or one saved by this version (_version 2); not one of a LoRALinear saved by a
+        version before that (_version 1, lora_A beside it), which held (out, in)."""
+        version = local_metadata.get("version")
+        return not (version is not None and version < 2 and prefix + "lora_A" in state_dict)
+
+    def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}"
                 + ("" if self.adapter_enabled else ", adapter disabled"))

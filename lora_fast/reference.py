@@ -11,7 +11,10 @@ layer's 1-element int64 tensor), from which the kernels' mask is rebuilt here by
 lora_fast.dropout's plain-PyTorch implementation (not the C++ or Triton one the backends use);
 with neither there is none. Results come back as float64 CPU tensors.
 """
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from .dropout import keep_mask
 
@@ -34,9 +37,21 @@ def _dropped(x, keep, dropout_p):
     return x if keep is None else x * keep.reshape(x.shape) / (1.0 - dropout_p)
 
 
-def lora_linear_ref(x, weight, lora_A, lora_B, bias=None, scaling=1.0, dropout_mask=None, dropout_p=0.0,
-                    seed=None):
-    """Forward in float64: returns y of shape (..., out)."""
+def lora_linear_ref(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                    bias: Optional[Tensor] = None, scaling: float = 1.0,
+                    dropout_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                    seed: Optional[Tensor] = None) -> Tensor:
+    """Forward in float64: returns y of shape (..., out), a float64 CPU tensor.
+
+    Args:
+        x: (..., in), any dtype and device (copied to float64 on the CPU, as every operand).
+        weight: (out, in) base weight W0; bias: (out,) or None.
+        lora_A: (r, in); lora_B: (out, r); scaling: the factor s on the LoRA term.
+        dropout_mask: a bool keep-mask of x's shape, or None; dropout_p: the dropout probability
+            (the kept elements are scaled by 1 / (1 - dropout_p)).
+        seed: instead of dropout_mask, the 1-element int64 seed a layer drew: the kernels' mask
+            is rebuilt from it (lora_fast.dropout, plain PyTorch).
+    """
     keep = _mask(x, dropout_mask, seed, dropout_p)
     x, weight, lora_A, lora_B, bias = map(_f64, (x, weight, lora_A, lora_B, bias))
     y = x @ weight.T + scaling * ((_dropped(x, keep, dropout_p) @ lora_A.T) @ lora_B.T)
@@ -45,10 +60,18 @@ def lora_linear_ref(x, weight, lora_A, lora_B, bias=None, scaling=1.0, dropout_m
     return y
 
 
-def lora_linear_backward_ref(grad_out, x, weight, lora_A, lora_B, scaling=1.0, dropout_mask=None,
-                             dropout_p=0.0, seed=None):
+def lora_linear_backward_ref(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
+                             lora_B: Tensor, scaling: float = 1.0,
+                             dropout_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                             seed: Optional[Tensor] = None) -> dict[str, Tensor]:
     """Backward in float64: returns dict with grads 'x', 'weight', 'bias', 'lora_A', 'lora_B'
-    (the base weight and bias gradients are given even though LoRA training freezes them)."""
+    (the base weight and bias gradients are given even though LoRA training freezes them).
+
+    Args:
+        grad_out: dY, (..., out), the gradient of the loss with respect to y.
+        x, weight, lora_A, lora_B, scaling, dropout_mask, dropout_p, seed: as for
+            lora_linear_ref (the same mask or seed as the forward being checked).
+    """
     in_shape = x.shape
     keep = _mask(x, dropout_mask, seed, dropout_p)
     dy, x, weight, lora_A, lora_B = map(_f64, (grad_out, x, weight, lora_A, lora_B))

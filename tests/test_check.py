@@ -1,11 +1,14 @@
 """`python -m lora_fast.check` / `lora-fast-check`: passes on the installed kernels, and fails (exit
-1, FAIL rows) on a deliberately wrong implementation. Each run is a subprocess with the interpreter
-switch removed from its environment: the command must switch it on itself."""
+1, FAIL rows) on a deliberately wrong implementation and on one that writes to its inputs; usage
+errors exit 2 with one line. The end-to-end runs are subprocesses with the interpreter switch
+removed from their environment (the command must switch it on itself); the others call main()."""
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 BROKEN = textwrap.dedent('''
     """lora_fast's torch path with dA off by 5% in one row: the check must catch it."""
@@ -128,3 +131,93 @@ def test_missing_extension_is_reported_not_skipped(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "C++ reference: MISSING (lora_fast._cref is not built (test))" in out
     assert all(cells[9] == "-" for cells in _ok_rows(out))
+
+
+# ---- implementations that write to their inputs: the references come from copies taken first -------
+
+def _hostile(monkeypatch, name, forward=None, backward=None):
+    """A module `name` (importable by --impl) with lora_fast's torch path, forward or backward
+    replaced."""
+    import types
+
+    from lora_fast import torch_path
+    module = types.ModuleType(name)
+    module.lora_forward = forward or torch_path.lora_forward
+    module.lora_backward = backward or torch_path.lora_backward
+    monkeypatch.setitem(sys.modules, name, module)
+    return name
+
+
+def _rows(stdout, result):
+    return [l.split() for l in stdout.splitlines() if l.rstrip().endswith(f" {result}")]
+
+
+def test_check_fails_an_impl_that_zeroes_lora_A_and_lora_B(monkeypatch, capsys):
+    """With A = B = 0 the output is x·W0ᵀ + b, and references computed afterwards from the same
+    (zeroed) tensors agreed with it: such an implementation passed."""
+    from lora_fast import check, torch_path
+
+    def forward(x, weight, lora_A, lora_B, bias, scaling, **dropout):
+        lora_A.zero_()
+        lora_B.zero_()
+        return torch_path.lora_forward(x, weight, lora_A, lora_B, bias, scaling, **dropout)
+
+    impl = _hostile(monkeypatch, "zeroes_adapters", forward=forward)
+    assert check.main(["--shapes", "9x12x10", "--ranks", "3", "--dtypes", "fp32", "--impl", impl]) == 1
+    out = capsys.readouterr().out
+    assert {c[7] for c in _rows(out, "FAIL")} >= {"y", "dA", "dB"}, out   # against the true adapters
+    assert out.count("FAIL: zeroes_adapters.lora_forward modified its input(s) lora_A, lora_B in place") == 2, out
+    assert "FAILED: " in out and "2 call(s) modified their inputs" in out
+
+
+def test_check_fails_a_right_impl_that_writes_to_x(monkeypatch, capsys):
+    """Right outputs, x overwritten after use: every output row passes (the references did not
+    see the overwritten x), and the write fails the check."""
+    from lora_fast import check, torch_path
+
+    def backward(dy, x, xs, weight, lora_A, lora_B, scaling, **dropout):
+        grads = torch_path.lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, **dropout)
+        x.mul_(-1.0)
+        return grads
+
+    impl = _hostile(monkeypatch, "writes_x", backward=backward)
+    assert check.main(["--shapes", "9x12x10", "--ranks", "3", "--dtypes", "fp32", "--impl", impl]) == 1
+    out = capsys.readouterr().out
+    assert not _rows(out, "FAIL") and len(_rows(out, "ok")) == 2 * 4, out
+    assert out.count("FAIL: writes_x.lora_backward modified its input(s) x in place") == 2, out
+
+
+def test_same_bits_sees_signed_zeros_and_keeps_nans_equal():
+    import torch
+
+    from lora_fast.check import _same_bits
+    a = torch.tensor([0.0, float("nan"), 1.0])
+    assert _same_bits(a, a.clone())
+    assert not _same_bits(a, torch.tensor([-0.0, float("nan"), 1.0]))
+    assert not _same_bits(a, a.double())
+    assert not _same_bits(a, a[:2])
+
+
+# ---- usage errors: exit 2 and one line, never a traceback --------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--impl", "os"], "--impl os: expected a module defining the functions lora_forward and lora_backward"),
+    (["--impl", "no_such_module_here"], "--impl no_such_module_here: expected an importable module, got "
+                                        "ModuleNotFoundError"),
+    (["--impl", "lora_fast.kernels.lora_forward"], "--impl lora_fast.kernels.lora_forward: expected an "
+                                                   "importable module"),
+    (["--impl", ""], "--impl '': expected a module name"),
+    (["--seed", str(2**70)], f"argument --seed: expected an integer in [0, 2**32), got {2**70}"),
+    (["--seed", "-1"], "argument --seed: expected an integer in [0, 2**32), got -1"),
+    (["--seed", "one"], "argument --seed: expected an integer in [0, 2**32), got 'one'"),
+])
+def test_usage_errors_exit_2_with_one_line(args, message, capsys):
+    from lora_fast import check
+    with pytest.raises(SystemExit) as exit_:
+        check.main(["--shapes", "5x9x7", "--ranks", "2", "--dtypes", "fp32", *args])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and not captured.out
+    last = captured.err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("lora-fast-check: error: ") and message in last, captured.err
+    assert captured.err.startswith("usage: lora-fast-check")   # argparse's usage, then the one error line

@@ -140,10 +140,11 @@ def test_function_and_lora_linear_agree(backend):
     a = {k: v.clone().requires_grad_(True) for k, v in t.items()}
     b = {k: v.clone().requires_grad_(True) for k, v in t.items()}
     seed = torch.tensor([11], device=DEVICE)
-    y_f = LoRALinearFunction.apply(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 0.5, backend,
-                                   0.25, seed)
-    y_op, _ = OPS[backend].forward(b["x"], b["weight"], b["lora_A"], b["lora_B"], b["bias"], 0.5, 0.25, seed)
-    assert torch.equal(y_f, y_op)
+    # (y, xs), as the forward op returns (the forward / setup_context split that torch.func needs)
+    y_f, xs_f = LoRALinearFunction.apply(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 0.5,
+                                         backend, 0.25, seed)
+    y_op, xs_op = OPS[backend].forward(b["x"], b["weight"], b["lora_A"], b["lora_B"], b["bias"], 0.5, 0.25, seed)
+    assert torch.equal(y_f, y_op) and torch.equal(xs_f, xs_op)
     dy = torch.randn(y_f.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     y_f.backward(dy)
     y_op.backward(dy)

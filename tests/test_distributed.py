@@ -220,8 +220,8 @@ def test_documented_fsdp2_command_runs(tmp_path):
     assert args[:2] == ["torchrun", "--nproc_per_node=2"]
     (tmp_path / "examples").symlink_to(ROOT / "examples")   # the command's relative path; output here
     output = _torchrun(args[2:], cwd=tmp_path)
-    assert re.search(r"loss per step: ([\d.]+ ){4}\| adapter in adapter", output), output[-3000:]
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert re.search(r"loss per step: ([\d.]+ ){4}\| adapter in runs/adapter$", output, re.M), output[-3000:]
+    config = json.loads((tmp_path / "runs" / "adapter" / "adapter_config.json").read_text())
     assert config["lora_dropout"] == 0.05
 
 

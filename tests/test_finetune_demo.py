@@ -79,7 +79,7 @@ def _tiny_bert(vocab_size):
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft on transformers 5
-def test_finetune_saves_an_adapter_that_reproduces_the_model(split, tmp_path):
+def test_finetune_saves_an_adapter_that_reproduces_the_model(split, tmp_path, capsys):
     train, test = split[0][:128], split[1][:64]
     tokenizer = _char_tokenizer(tmp_path, [t for t, _ in train + test] + list(demo.LABEL_PROMPTS))
     model = _tiny_bert(len(tokenizer))
@@ -95,6 +95,8 @@ def test_finetune_saves_an_adapter_that_reproduces_the_model(split, tmp_path):
                                           batch_size=16)
     after = demo.evaluate(model, tokenizer, train, DEVICE)
     assert len(epoch_losses) == 8 and len(step_times) == 8 * 8
+    progress = capsys.readouterr().err   # pytest's capture, not a terminal: lines, no '\r' bar
+    assert "\r" not in progress and "epoch 8/8: 8/8 steps, " in progress, progress
     assert after.loss < 0.85 * before.loss, (before.loss, after.loss)   # 0.705 -> 0.537 here
     assert not model.training
 
