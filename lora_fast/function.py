@@ -195,7 +195,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     lora_Aᵀ, the (M, r) tensor kept for backward, is float16 too (on both backends): where |xs|
     passes 65504 the output is inf or NaN, where PEFT, which computes the LoRA branch in float32,
     stays finite. The sums themselves run in float32 and are rounded once, so no partial sum
-    overflows (on the CPU's bfloat16 torch path the LoRA term is rounded once more before the base
+    overflows (on the bfloat16 torch path the LoRA term is rounded once more before the base
     GEMM adds to it: bfloat16 has float32's range).
     """
     autocast = _autocast_dtype(x)

@@ -14,7 +14,7 @@ path can be captured in a CUDA graph). The mask comes as 0/1 in x's dtype: multi
 then a same-dtype, vectorised product (a bool operand makes torch cast per element: 9x slower
 on the CPU at 204 x 384), and backward draws it once for its two uses.
 
-float16 (and bfloat16 on CUDA): every sum in an fp32 accumulator, rounded once, as in the kernels
+float16: every sum in an fp32 accumulator, rounded once, as in the kernels
 (`_fp32_sums`; the base GEMM first, into an fp32 y, then the rank-r term). Rounding the LoRA term
 to float16 before the base GEMM is added to it overflows (65504) where the whole is finite:
 xs·Bᵀ ≈ 70000 and x·W0ᵀ = -60000 gave inf for 10016 (tests/test_entrance.py).
@@ -29,19 +29,24 @@ def _keep(seed, x, p):
 
 
 def _fp32_sums(t):
-    """Whether t's passes sum in fp32 and round once: float16, whose partial sums can overflow where
-    the whole is finite; bfloat16 on CUDA, where cuBLAS writes its fp32 accumulator at little cost.
-    bfloat16 on the CPU keeps the in-place order (float32's range: nothing overflows; one more
-    rounding, <= u·|LoRA term|): the exact way there runs fp32 GEMMs on fp32 copies, 5.8x the step
-    of its bf16 (AMX) GEMMs (8.2 -> 47.9 ms, M=2048, 1024->1024, r=16, 2 threads). float16 on the
-    CPU pays 1.04-1.16x its in-place step for those copies (its fp16 GEMMs are no faster than fp32)."""
-    return t.dtype == torch.float16 or (t.dtype == torch.bfloat16 and t.device.type == "cuda")
+    """Whether t's passes sum in fp32 and round once: float16, whose partial sums can overflow
+    (65504) where the whole is finite. bfloat16 keeps the in-place order (float32's range: nothing
+    overflows; one more rounding, <= u·|LoRA term|): on the CPU the exact way runs fp32 GEMMs on
+    fp32 copies, 5.8x the step of its bf16 (AMX) GEMMs (8.2 -> 47.9 ms, M=2048, 1024->1024, r=16,
+    2 threads), and on CUDA it would write y in fp32 first, an output pass the dispatcher's cublas
+    path (bf16 is the GPU's main dtype) has not been measured with. float16 on the CPU pays
+    1.04-1.16x its in-place step for those copies (its fp16 GEMMs are no faster than fp32)."""
+    return t.dtype == torch.float16
+
+
+# cuBLAS GEMMs that write their fp32 accumulator (aten::mm.dtype, CUDA only; torch >= 2.8)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
 def _operand(t):
     """t as an operand of _mm32: itself on CUDA, whose cuBLAS GEMMs can write their fp32
     accumulator (out_dtype); an fp32 copy elsewhere (the CPU has no such GEMM), made once per pass."""
-    return t if t.device.type == "cuda" else t.float()
+    return t if t.device.type == "cuda" and _MM_OUT_DTYPE else t.float()
 
 
 def _mm32(a, b):
