@@ -35,7 +35,7 @@ def _fp32_sums(t):
     fp32 copies, 5.8x the step of its bf16 (AMX) GEMMs (8.2 -> 47.9 ms, M=2048, 1024->1024, r=16,
     2 threads), and on CUDA it would write y in fp32 first, an output pass the dispatcher's cublas
     path (bf16 is the GPU's main dtype) has not been measured with. float16 on the CPU pays
-    1.04-1.16x its in-place step for those copies (its fp16 GEMMs are no faster than fp32)."""
+    1.12-1.17x its in-place step for those copies (forward 1.01x) (its fp16 GEMMs are no faster than fp32)."""
     return t.dtype == torch.float16
 
 
