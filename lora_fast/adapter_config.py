@@ -107,10 +107,10 @@ def _check_init(init, where):
 
 
 def _check_unclassified(config, where):
-    """Keys outside lora_fast's classification: a field of the installed PEFT's LoraConfig added
-    since, or no LoraConfig field at all (a typo, another PEFT method's config). Either is taken
-    only when off (PEFT writes every field, at its default when unused), else refused by name:
-    lora_fast cannot know what it computes."""
+    """Keys outside lora_fast's classification, refused by name (PEFT only warns): lora_fast cannot
+    know what they compute. A field of the installed PEFT's LoraConfig added since is taken when
+    off or at its default (PEFT writes every field); a key that is no field of it is refused
+    whatever its value. Without peft installed, keys at an off value are taken."""
     unclassified = [key for key in config if key not in CLASSIFIED_FIELDS]
     if not unclassified:
         return
@@ -123,9 +123,13 @@ def _check_unclassified(config, where):
             if not (_is_off(value) or value == default):
                 refused.append(f"{key}={short(value)} (a PEFT LoraConfig field lora_fast does not "
                                f"know{', a LoRA variant' if variant else ''})")
-        elif not _is_off(value):
-            refused.append(f"{key}={short(value)} (not a LoraConfig field"
-                           f"{'' if fields else ' lora_fast knows; peft is not installed'})")
+        elif fields:   # not a field of the installed PEFT's LoraConfig: refused, whatever its value
+            refused.append(f"{key}={short(value)} (not a field of the installed peft's LoraConfig: a "
+                           "typo, another method's config, or a newer peft's field; upgrade peft or "
+                           "remove the key)")
+        elif not _is_off(value):   # without peft, a newer field at its default cannot be told apart
+            refused.append(f"{key}={short(value)} (not a LoraConfig field lora_fast knows; peft is "
+                           "not installed)")
     if refused:
         raise ValueError(f"{where}: keys lora_fast does not implement: " + "; ".join(refused))
 

@@ -44,6 +44,10 @@ def resolve_backend(backend, device, dtype):
         if dtype not in _TRITON_DTYPES:
             raise ValueError(f"{source}='triton': expected float16, bfloat16 or float32 tensors, "
                              f"got {dtype}; use backend='torch' for float64")
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            raise ValueError(f"{source}='triton' on CPU tensors runs the Triton interpreter, which does "
+                             "no bfloat16 arithmetic (its tl.dot returns garbage); use backend='torch' "
+                             "or float16/float32")
         if device.type == "cpu" and not interpreter_enabled():
             raise ValueError(f"{source}='triton' on CPU tensors needs the Triton interpreter: set "
                              "TRITON_INTERPRET=1 before triton is imported, or use backend='torch'")

@@ -222,6 +222,21 @@ def build_parser():
     return parser
 
 
+def _check_case_sizes(parser, shapes, ranks):
+    """A usage error for a case whose tensors cannot fit in this machine's memory (the float64
+    references and private copies hold ~4 float64 copies of x, W, A, B and y)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # not a POSIX system: no bound
+        return
+    for M, K, N in shapes:
+        for r in ranks:
+            need = 4 * 8 * (M * K + N * K + r * (K + N) + M * N)
+            if need > memory:
+                parser.error(f"--shapes {M}x{K}x{N} --ranks {r}: needs ~{need / 2**30:.0f} GiB for its "
+                             f"tensors and references, this machine has {memory / 2**30:.0f} GiB")
+
+
 def _load_impl(parser, name):
     """The --impl module; a usage error (exit 2, one line) when it cannot be imported or lacks one of
     the two functions. Only a failure to find a module is caught here: an exception raised by the
@@ -236,10 +251,11 @@ def _load_impl(parser, name):
         parser.error(f"--impl {name}: expected an importable module, got {type(e).__name__}: {e}")
     except (ValueError, TypeError) as e:   # an empty or relative name
         parser.error(f"--impl {name!r}: expected a module name such as lora_fast.kernels ({e})")
-    lacking = [f for f in ("lora_forward", "lora_backward") if not callable(getattr(impl, f, None))]
+    lacking = [f"no {f}" if not hasattr(impl, f) else f"a {f} that is not callable"
+               for f in ("lora_forward", "lora_backward") if not callable(getattr(impl, f, None))]
     if lacking:
         parser.error(f"--impl {name}: expected a module defining the functions lora_forward and lora_backward "
-                     f"(the interface in --help); it has no {' and no '.join(lacking)}")
+                     f"(the interface in --help); it has {' and '.join(lacking)}")
     return impl
 
 
@@ -264,14 +280,15 @@ def main(argv=None):
     if "bf16" in names and not cuda:
         parser.error("--dtypes bf16 needs a GPU: the Triton interpreter does no bf16 arithmetic")
     for r in args.ranks or []:
-        if r < 1:
-            parser.error(f"--ranks: expected r >= 1, got {r}")
+        if not 1 <= r <= 2**31 - 1:
+            parser.error(f"--ranks: expected 1 <= r <= 2**31 - 1, got {r}")
     dropouts = args.dropout if args.dropout is not None else DEFAULT_DROPOUT
     for p in dropouts:
         if not 0.0 <= p < 1.0:
             parser.error(f"--dropout: expected probabilities in [0, 1), got {p}")
     shapes = args.shapes or [_parse_shape(s) for s in (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)]
     ranks = args.ranks or (QUICK_RANKS if args.quick else DEFAULT_RANKS)
+    _check_case_sizes(parser, shapes, ranks)
     if args.all_paths and args.impl != "lora_fast.kernels":
         parser.error("--all-paths checks lora_fast.dispatch's paths: it cannot be combined with --impl")
     impl = _load_impl(parser, "lora_fast.dispatch" if args.all_paths else args.impl)

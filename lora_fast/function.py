@@ -194,7 +194,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     Range: float32 adapters on a float16 input are rounded to float16, and xs = scaling · d(x) @
     lora_Aᵀ, the (M, r) tensor kept for backward, is float16 too (on both backends): where |xs|
     passes 65504 the output is inf or NaN, where PEFT, which computes the LoRA branch in float32,
-    stays finite. The sums themselves run in float32 and are rounded once, so no partial sum
+    stays finite; in backward the same holds for gs = scaling · dY @ lora_B (M, r), which both
+    backends keep in float16 too (dX and dA are then inf where |gs| passes 65504). The sums themselves run in float32 and are rounded once, so no partial sum
     overflows (on the bfloat16 torch path the LoRA term is rounded once more before the base
     GEMM adds to it: bfloat16 has float32's range).
     """

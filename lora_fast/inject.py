@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple, Sequence, Union
 import torch
 from torch import nn
 
-from .module import LoRALinear, _check_adapter_dtype, _check_hparams, is_conv1d, storage_extent
+from .module import LoRALinear, _check_adapter_dtype, _check_base, _check_hparams, is_conv1d, storage_extent
 
 ALL_LINEAR = "all-linear"
 # target_modules / exclude_modules: a regex, names (exact or dotted suffix), or ALL_LINEAR
@@ -62,6 +62,7 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
 
     names = select_modules(model, target_modules, exclude_modules)
     for name in names:   # every layer checked before from_linear freezes the first one
+        _check_base(model.get_submodule(name), name)
         _check_adapter_dtype(adapter_dtype, model.get_submodule(name).weight.dtype, name)
     replaced = {}
     for name in names:

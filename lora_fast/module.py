@@ -64,6 +64,22 @@ def _check_adapter_dtype(adapter_dtype, weight_dtype=None, name=None):
                          f"{where}; expected {' or '.join(sorted(map(str, usable)))} (or None)")
 
 
+_BASE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_base(linear, name=None):
+    """A linear LoRALinear can wrap: a plain (not parametrized) floating weight that lora_linear
+    runs. Checked for every target before inject changes anything."""
+    what = f"{name!r}" if name else "linear"
+    if parametrize.is_parametrized(linear, "weight"):
+        raise TypeError(f"{what}: its weight is computed by a parametrization (weight_norm, "
+                        "torch.nn.utils.parametrize); LoRA needs the stored weight: remove it first "
+                        "(parametrize.remove_parametrizations(module, 'weight'))")
+    if linear.weight.dtype not in _BASE_DTYPES:
+        raise TypeError(f"{what}: has a {linear.weight.dtype} weight; LoRA here needs a floating base "
+                        "weight (float16, bfloat16, float32 or float64): dequantize it first")
+
+
 def storage_extent(t):
     """(device, storage address, first byte, end byte) of the memory tensor `t` reads, or None for
     a tensor without ordinary storage (meta, empty)."""
@@ -193,6 +209,7 @@ class LoRALinear(nn.Linear):
                             f"{type(linear).__name__}")
         if isinstance(linear, LoRALinear):
             raise TypeError("linear: already a LoRALinear")
+        _check_base(linear)
         _check_adapter_dtype(adapter_dtype, linear.weight.dtype)
         r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout,
                                                                  use_rslora)

@@ -262,7 +262,6 @@ def test_peft_features_lora_fast_does_not_implement_are_refused(tmp_path, change
     {"init_lora_weights": "eva", "eva_config": {"rho": 2.0}}, {"loftq_config": {"loftq_bits": 4}},
     {"task_type": "CAUSAL_LM", "inference_mode": True, "revision": "main", "peft_version": "9.9"},
     {"use_dora": False, "rank_pattern": {}, "modules_to_save": None, "arrow_config": None},
-    {"a_field_of_a_newer_peft": None, "another_one": False},
 ], ids=lambda v: "-".join(v))
 def test_fields_that_do_not_change_the_computation_are_taken(tmp_path, changes):
     model, good = saved(tmp_path)
@@ -273,8 +272,20 @@ def test_fields_that_do_not_change_the_computation_are_taken(tmp_path, changes):
 
 def test_unknown_keys_are_refused_by_name(tmp_path):
     _, good = saved(tmp_path)
-    with pytest.raises(ValueError, match=r"frobnicate=3 \(not a LoraConfig field"):
+    with pytest.raises(ValueError, match=r"frobnicate=3 \(not a field of the installed peft's LoraConfig"):
         lora_fast.load_adapter(tiny_llama(), edited(tmp_path, good, "unknown", {"frobnicate": 3}))
+
+
+@pytest.mark.parametrize("value", [None, False, "", [], {}])
+def test_unknown_keys_are_refused_whatever_their_value(tmp_path, value):
+    """Not a field of the installed peft's LoraConfig: refused even at an "off" value (PEFT
+    writes every field, but lora_fast cannot know what one it does not know computes)."""
+    _, good = saved(tmp_path)
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="a_field_of_a_newer_peft=.*not a field of the installed peft"):
+        lora_fast.load_adapter(model, edited(tmp_path, good, "newer", {"a_field_of_a_newer_peft": value}))
+    assert_unchanged(model, before)
 
 
 def test_every_field_of_the_installed_peft_is_classified():

@@ -210,6 +210,8 @@ def test_same_bits_sees_signed_zeros_and_keeps_nans_equal():
     (["--seed", str(2**70)], f"argument --seed: expected an integer in [0, 2**32), got {2**70}"),
     (["--seed", "-1"], "argument --seed: expected an integer in [0, 2**32), got -1"),
     (["--seed", "one"], "argument --seed: expected an integer in [0, 2**32), got 'one'"),
+    (["--ranks", str(2**31)], f"--ranks: expected 1 <= r <= 2**31 - 1, got {2**31}"),
+    (["--shapes", "99999999x99999x9999", "--ranks", "4"], "--shapes 99999999x99999x9999 --ranks 4: needs ~"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message, capsys):
     from lora_fast import check

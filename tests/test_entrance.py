@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-from helpers import DEVICE, KERNEL_DTYPES, assert_close, make_inputs
+from helpers import DEVICE, HAS_CUDA, KERNEL_DTYPES, assert_close, make_inputs
 from lora_fast import LoRALinearFunction, dispatch, lora_linear
 from lora_fast.reference import lora_linear_backward_ref, lora_linear_ref
 
@@ -127,6 +127,20 @@ def test_float32_adapters_on_float16_keep_xs_in_float16(backend):
     y = lora_linear(x, weight, lora_A, lora_B, scaling=1.0, backend=backend)
     peft = (F.linear(x, weight).float() + (x.float() @ lora_A.t()) @ lora_B.t()).half()   # 150 + 240
     assert torch.isfinite(peft).all() and not torch.isfinite(y).any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float16_backward_keeps_gs_in_float16(backend):
+    """Documented beside xs: gs = s·dY·B (M, r) is float16 too, so |gs| > 65504 makes dX inf where
+    PEFT (dY·B in float32 with float32 adapters) stays finite. Pinned: changing it is a decision."""
+    x = torch.full((2, 3), 1.0, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    weight = torch.full((4, 3), 0.5, device=DEVICE, dtype=torch.float16)
+    lora_A = torch.full((2, 3), 1e-3, device=DEVICE)
+    lora_B = torch.full((4, 2), 400.0, device=DEVICE)   # float32 masters: dY·B = 4 · 100 · 400 = 160000
+    dy = torch.full((2, 4), 100.0, device=DEVICE, dtype=torch.float16)
+    lora_linear(x, weight, lora_A, lora_B, scaling=1.0, backend=backend).backward(dy)
+    peft = ((dy.float() @ lora_B) @ lora_A + dy.float() @ weight.float()).half()   # 480 + 200
+    assert torch.isfinite(peft).all() and not torch.isfinite(x.grad).any()
 
 
 # --- 10. autocast: check, then cast as nn.Linear does --------------------------------------------
@@ -465,3 +479,16 @@ def test_forced_backward_holds_when_autograd_runs_backward_on_another_thread():
     thread.start()
     thread.join(120)
     assert len(errors) == 1 and "forced backward path 'tma' does not apply" in str(errors[0]), errors
+
+
+def test_bfloat16_on_the_triton_interpreter_is_refused():
+    """The interpreter does no bfloat16 arithmetic (its tl.dot returns garbage): refused, not a
+    silently wrong answer."""
+    if HAS_CUDA:
+        pytest.skip("on a GPU the kernels run compiled")
+    t = make_inputs(5, 16, 12, 2, torch.float32)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in t.items()}
+    with pytest.raises(ValueError, match="does no bfloat16 arithmetic"):
+        lora_linear(**bf16, backend="triton")
+    y = lora_linear(**bf16, backend="torch")
+    assert_close("torch backend", y, lora_linear_ref(**bf16), torch.bfloat16)

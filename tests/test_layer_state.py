@@ -346,3 +346,29 @@ def test_an_adapter_dtype_the_layers_cannot_run_is_refused_before_anything_chang
     assert not lora_fast.lora_layers(model) and all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="adapter_dtype"):
         LoRALinear.from_linear(model[0], r=2, adapter_dtype=adapter_dtype)
+
+
+class TwoTargets(nn.Module):
+    def __init__(self, second):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = second
+
+
+def _int8_linear():
+    layer = nn.Linear(8, 6)
+    layer.weight = nn.Parameter(torch.zeros(6, 8, dtype=torch.int8), requires_grad=False)
+    return layer
+
+
+@pytest.mark.parametrize("second, match", [
+    (lambda: torch.nn.utils.parametrizations.weight_norm(nn.Linear(8, 6)), "'b': its weight is computed by a parametrization"),
+    (_int8_linear, "'b': has a torch.int8 weight; LoRA here needs a floating base weight"),
+], ids=["weight_norm", "int8"])
+def test_a_target_lora_cannot_wrap_is_refused_before_any_layer_changes(second, match):
+    model = TwoTargets(second())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match=match):
+        lora_fast.inject(model, r=2, lora_alpha=4, target_modules=["a", "b"])
+    assert not lora_fast.lora_layers(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags   # a not frozen
