@@ -28,7 +28,8 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Ridge point of an H100 in bf16: ~700 TFLOP/s (dense, achievable) / ~3 TB/s ~= 230 FLOP/byte.
+# Ridge point in dense bf16 (datasheet peaks): 989 TFLOP/s / 3.35 TB/s ~= 295 FLOP/byte on an H100,
+# 989 / 4.8 ~= 206 on the H200 the GPU sessions use (bench/NOTES.md, the same numbers).
 # A GEMM with M rows has arithmetic intensity ~M, so for M up to about this it is bound by
 # reading W0, and the r/BLOCK_N extra MMA work of computing x·Aᵀ inside the main loop is free,
 # while a separate first pass costs a launch (~4 us on a ~10 us decode GEMM). Above it the GEMM
