@@ -30,6 +30,16 @@ def device_name(device):
     return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
+def add_cpu_timing_arguments(parser, rounds, each, out_name):
+    """The options every interleaved CPU benchmark takes: --rounds (each runs every `each` once),
+    --warmup, --threads, and --out (a CSV under bench/results/)."""
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"timed rounds (each runs every {each} once)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", default=RESULTS_DIR / out_name, metavar="CSV",
+                        help="CSV to append the rows to (bench/results/ is the project's committed log)")
+
+
 def run_metadata(device, module, argv):
     """The columns that say where, when and how a row was measured; `module` is the bench module
     that ran (layer, model, cpu_step) and argv its arguments."""

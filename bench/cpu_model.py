@@ -67,16 +67,12 @@ def make_adapter(r, seed=0):
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_model", description=__doc__,
                                      formatter_class=common.HelpFormatter)
-    parser.add_argument("--rounds", type=int, default=60, help="timed rounds (each runs every job once)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    common.add_cpu_timing_arguments(parser, rounds=60, each="job", out_name="cpu_model.csv")
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05], metavar="P",
                         help="LoRA dropout probabilities, each timed for both implementations")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scaling alpha / r)")
     parser.add_argument("--batch-size", type=int, default=32, help="lexicon entries per step (plus the 2 prompts)")
-    parser.add_argument("--out", default=common.RESULTS_DIR / "cpu_model.csv", metavar="CSV",
-                        help="CSV to append the rows to (bench/results/ is the project's committed log)")
     return parser
 
 

@@ -24,11 +24,7 @@ def build_parser():
                                      formatter_class=common.HelpFormatter)
     parser.add_argument("--M", type=int, default=2048, help="tokens: rows of x")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--rounds", type=int, default=40, help="timed rounds (each runs every layer once)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    parser.add_argument("--out", default=common.RESULTS_DIR / "cpu_step.csv", metavar="CSV",
-                        help="CSV to append the rows to (bench/results/ is the project's committed log)")
+    common.add_cpu_timing_arguments(parser, rounds=40, each="layer", out_name="cpu_step.csv")
     return parser
 
 

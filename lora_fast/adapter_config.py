@@ -8,6 +8,7 @@ import functools
 import json
 import math
 
+from .checks import short
 from .inject import _check_targets
 
 # --- how load_adapter treats each LoraConfig field ---------------------------------------------
@@ -66,7 +67,7 @@ def read(config_file):
                          "a JSON object") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_file}: expected a JSON object (PEFT's adapter config), got "
-                         f"{type(config).__name__} {short(config)}")
+                         f"{type(config).__name__} {short(config, 80)}")
     return config
 
 
@@ -80,7 +81,7 @@ def check(config, config_file):
         raise ValueError(f"{where}: bias={config['bias']!r} (trained biases) is not supported; "
                          "expected 'none'")
     _check_init(config.get("init_lora_weights", True), where)
-    used = [f"{key}={short(config[key])} ({why})" for key, why in _REFUSED_FIELDS.items()
+    used = [f"{key}={short(config[key], 80)} ({why})" for key, why in _REFUSED_FIELDS.items()
             if key in config and not _is_off(config[key])]
     if used:
         raise ValueError(f"{where}: uses PEFT features lora_fast does not implement: "
@@ -121,14 +122,14 @@ def _check_unclassified(config, where):
         if key in fields:
             default, variant = fields[key]
             if not (_is_off(value) or value == default):
-                refused.append(f"{key}={short(value)} (a PEFT LoraConfig field lora_fast does not "
+                refused.append(f"{key}={short(value, 80)} (a PEFT LoraConfig field lora_fast does not "
                                f"know{', a LoRA variant' if variant else ''})")
         elif fields:   # not a field of the installed PEFT's LoraConfig: refused, whatever its value
-            refused.append(f"{key}={short(value)} (not a field of the installed peft's LoraConfig: a "
+            refused.append(f"{key}={short(value, 80)} (not a field of the installed peft's LoraConfig: a "
                            "typo, another method's config, or a newer peft's field; upgrade peft or "
                            "remove the key)")
         elif not _is_off(value):   # without peft, a newer field at its default cannot be told apart
-            refused.append(f"{key}={short(value)} (not a LoraConfig field lora_fast knows; peft is "
+            refused.append(f"{key}={short(value, 80)} (not a LoraConfig field lora_fast knows; peft is "
                            "not installed)")
     if refused:
         raise ValueError(f"{where}: keys lora_fast does not implement: " + "; ".join(refused))
@@ -163,7 +164,7 @@ def _is_off(value):
 
 def _config_hparams(config, where):
     def bad(key, expected):
-        return ValueError(f"{where}: {key}={short(config.get(key))}, expected {expected}")
+        return ValueError(f"{where}: {key}={short(config.get(key), 80)}, expected {expected}")
 
     for key in ("r", "lora_alpha", "target_modules"):
         if config.get(key) in (None, [], ""):
@@ -192,8 +193,3 @@ def _config_hparams(config, where):
     return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "use_rslora": rslora,
             "fan_in_fan_out": fan_in_fan_out, "target_modules": config["target_modules"],
             "exclude_modules": config.get("exclude_modules")}
-
-
-def short(value, limit=80):
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."

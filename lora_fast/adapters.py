@@ -22,7 +22,7 @@ from torch import nn
 
 from . import adapter_config, atomic_files
 from .inject import inject, lora_layers, require_lora_layers, select_modules, unwrap
-from .module import is_conv1d
+from .module import adapter_dtypes, is_conv1d
 
 class KeyMismatchError(KeyError, ValueError):
     """A weights file whose keys do not fit the model's LoRA layers (a KeyError as before, and a
@@ -363,9 +363,7 @@ def _usable_file_dtype(targets, tensors):
     if len(dtypes) != 1:
         return None
     (dtype,) = dtypes
-    usable = all(target.dtype == dtype or (dtype == torch.float32 and
-                                           target.dtype in (torch.float16, torch.bfloat16))
-                 for target in targets.values())
+    usable = all(dtype in adapter_dtypes(target.dtype) for target in targets.values())
     return dtype if usable else None
 
 

@@ -5,7 +5,7 @@ import sys
 import torch
 
 _FLOAT_MAX = sys.float_info.max
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _shape(t):
@@ -22,9 +22,7 @@ def _named(x, weight, lora_A, lora_B, bias):
 def check_tensor_kinds(x, weight, lora_A, lora_B, bias):
     """Each input a dense (strided, not nested) floating tensor; TypeError naming the one that is
     not. Run before anything touches them (autocast's cast included)."""
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
+    for name, t in _named(x, weight, lora_A, lora_B, bias).items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         # Sparse (COO, CSR, ...), mkldnn and nested tensors have no strides for the kernels (nor
@@ -37,7 +35,7 @@ def check_tensor_kinds(x, weight, lora_A, lora_B, bias):
             else:
                 kind, hint = str(t.layout).replace("torch.", ""), "convert it with .to_dense()"
             raise TypeError(f"{name}: expected a dense (strided) tensor, got a {kind} tensor: {hint}")
-        if t.dtype not in _FLOATS:
+        if t.dtype not in FLOATING_DTYPES:
             raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, "
                             f"float64), got {t.dtype}")
 
@@ -52,7 +50,7 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, t
     # torch.compile turns a scaling that changes between calls into a symbolic float.
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not scaling - scaling == 0 \
             or (type(scaling) is int and abs(scaling) > _FLOAT_MAX):   # an int beyond float's range
-        raise TypeError(f"scaling: expected a finite real number, got {_short(scaling)}")
+        raise TypeError(f"scaling: expected a finite real number, got {short(scaling)}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
@@ -89,6 +87,7 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, t
                             f"float32 on a float16/bfloat16 input{cast}), got {t.dtype}")
 
 
-def _short(value):
+def short(value, limit=40):
+    """repr(value) for an error message, cut to `limit` characters with its length said."""
     text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)"

@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from . import dropout
 from .backend import resolve_backend
 from .checks import check_lora_inputs, check_tensor_kinds
-from .ops import OPS, _rows, input_grads, run_backward, run_forward
+from .ops import OPS, _rows, input_grads, passes, run_backward, run_forward
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -79,7 +79,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.seed = seed   # 8 bytes, not an activation: on ctx, not among the saved tensors
         # dispatch.forced() paths of the forward's thread, for the backward: autograd runs a CUDA
         # backward on its device thread, which does not see the caller's context variables
-        ctx.forced = _dispatch().forced_paths() if backend == "triton" else None
+        ctx.forced = passes(backend).forced_paths() if backend == "triton" else None
 
     @staticmethod
     def backward(ctx, grad_out, _):
@@ -131,17 +131,13 @@ def _backward(ctx, grad_out):
     need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
     x, xs, weight, lora_A, lora_B = ctx.saved_tensors
     # the forward's forced paths, if any; else those of the thread calling backward (on the CPU)
-    forcing = _dispatch().forcing(ctx.forced) if ctx.forced else contextlib.nullcontext()
+    forcing = passes(ctx.backend).forcing(ctx.forced) if ctx.forced else contextlib.nullcontext()
     with forcing:
         dx, dw, da, db, dbias = input_grads(
             functools.partial(run_backward, ctx.backend), grad_out, x, xs, weight, lora_A, lora_B,
             ctx.scaling, ctx.dropout_p, ctx.seed, need_x, need_w, need_a, need_lb, need_b)
     return dx, dw, dbias, da, db, None, None, None, None
 
-
-def _dispatch():
-    from . import dispatch   # imports triton: only for the triton backend
-    return dispatch
 
 
 def _transform_backward(ctx, dy):
@@ -193,11 +189,12 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
 
     Range: float32 adapters on a float16 input are rounded to float16, and xs = scaling · d(x) @
     lora_Aᵀ, the (M, r) tensor kept for backward, is float16 too (on both backends): where |xs|
-    passes 65504 the output is inf or NaN, where PEFT, which computes the LoRA branch in float32,
-    stays finite; in backward the same holds for gs = scaling · dY @ lora_B (M, r), which both
-    backends keep in float16 too (dX and dA are then inf where |gs| passes 65504). The sums themselves run in float32 and are rounded once, so no partial sum
-    overflows (on the bfloat16 torch path the LoRA term is rounded once more before the base
-    GEMM adds to it: bfloat16 has float32's range).
+    passes 65504 the output is inf or NaN, where PEFT, which computes the LoRA branch in
+    float32, stays finite; in backward the same holds for gs = scaling · dY @ lora_B (M, r),
+    which both backends keep in float16 too (dX and dA are then inf where |gs| passes 65504).
+    The sums themselves run in float32 and are rounded once, so no partial sum overflows (on the
+    bfloat16 torch path the LoRA term is rounded once more before the base GEMM adds to it:
+    bfloat16 has float32's range).
     """
     autocast = _autocast_dtype(x)
     check_tensor_kinds(x, weight, lora_A, lora_B, bias)   # before any cast: autocast's or the adapters'

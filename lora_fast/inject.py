@@ -151,10 +151,10 @@ def require_lora_layers(model: nn.Module, what: str) -> dict[str, LoRALinear]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Merge every adapter of `model` (an nn.Module, or DDP / torch.compile wrapping one) into its base weight (see LoRALinear.merge); unmerge undoes it exactly.
-    Every layer is checked first (none merged already, no parametrized weight, no weight tied to
-    another parameter of the model); if one is refused, or a merge fails, no layer stays merged.
-    Returns `model`."""
+    """Merge every adapter of `model` (an nn.Module, or DDP / torch.compile wrapping one) into
+    its base weight (see LoRALinear.merge); unmerge undoes it exactly. Every layer is checked
+    first (none merged already, no parametrized weight, no weight tied to another parameter of
+    the model); if one is refused, or a merge fails, no layer stays merged. Returns `model`."""
     layers = require_lora_layers(model, "merge")
     _check_mergeable(unwrap(model), layers, "merge")
     done = []
@@ -170,8 +170,8 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Restore every merged base weight of `model` bit for bit; raises, changing nothing, if a layer is not
-    merged. Returns `model`."""
+    """Restore every merged base weight of `model` bit for bit; raises, changing nothing, if a
+    layer is not merged. Returns `model`."""
     layers = require_lora_layers(model, "unmerge")
     unmerged = [name for name, layer in layers.items() if not layer.merged]
     if unmerged:
@@ -183,8 +183,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter of `model` and put the plain layers back (nn.Linear, or Conv1D where inject found
-    one), in place; returns `model`. The base weights are updated in place, no copy is kept.
+    """Merge every adapter of `model` and put the plain layers back (nn.Linear, or Conv1D where
+    inject found one), in place; returns `model`. The base weights are updated in place, no copy is kept.
     Merged layers keep their merged weight; the others are checked first as merge() checks them,
     and nothing is changed if one is refused."""
     inner = unwrap(model)   # the layer names are the bare model's
@@ -256,9 +256,9 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """A context manager: within the block every LoRALinear of `model` computes its base linear alone, merged or not (a merged
-    layer uses the copy of its base weight that merge() keeps), as PEFT's ``disable_adapter()``;
-    the previous state is restored on exit, also on error."""
+    """A context manager: within the block every LoRALinear of `model` computes its base linear
+    alone, merged or not (a merged layer uses the copy of its base weight that merge() keeps),
+    as PEFT's ``disable_adapter()``; the previous state is restored on exit, also on error."""
     layers = list(require_lora_layers(model, "disable_adapters").values())
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:

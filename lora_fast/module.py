@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .checks import FLOATING_DTYPES
 from .function import lora_linear
 
 
@@ -49,6 +50,12 @@ def _check_hparams(r, lora_alpha, lora_dropout, use_rslora=False):
     return int(r), alpha, float(lora_dropout), bool(use_rslora)
 
 
+def adapter_dtypes(weight_dtype):
+    """The adapter dtypes lora_linear runs with a base weight of `weight_dtype`: its own, and
+    float32 master adapters on a float16/bfloat16 base."""
+    return {weight_dtype} | ({torch.float32} if weight_dtype in (torch.float16, torch.bfloat16) else set())
+
+
 def _check_adapter_dtype(adapter_dtype, weight_dtype=None, name=None):
     """adapter_dtype: None, or a floating dtype that lora_linear runs with a weight of
     `weight_dtype` (when given): the weight's own, or float32 master adapters on fp16/bf16."""
@@ -57,14 +64,11 @@ def _check_adapter_dtype(adapter_dtype, weight_dtype=None, name=None):
         raise ValueError(f"adapter_dtype: expected a floating torch.dtype or None, got {adapter_dtype!r}")
     if adapter_dtype is None or weight_dtype is None:
         return
-    usable = {weight_dtype} | ({torch.float32} if weight_dtype in (torch.float16, torch.bfloat16) else set())
+    usable = adapter_dtypes(weight_dtype)
     if adapter_dtype not in usable:
         where = f" for {name!r}" if name else ""
         raise ValueError(f"adapter_dtype: {adapter_dtype} cannot run with a {weight_dtype} weight"
                          f"{where}; expected {' or '.join(sorted(map(str, usable)))} (or None)")
-
-
-_BASE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_base(linear, name=None):
@@ -75,7 +79,7 @@ def _check_base(linear, name=None):
         raise TypeError(f"{what}: its weight is computed by a parametrization (weight_norm, "
                         "torch.nn.utils.parametrize); LoRA needs the stored weight: remove it first "
                         "(parametrize.remove_parametrizations(module, 'weight'))")
-    if linear.weight.dtype not in _BASE_DTYPES:
+    if linear.weight.dtype not in FLOATING_DTYPES:
         raise TypeError(f"{what}: has a {linear.weight.dtype} weight; LoRA here needs a floating base "
                         "weight (float16, bfloat16, float32 or float64): dequantize it first")
 
