@@ -120,11 +120,10 @@ class Sizes:
 
 GPU = Sizes(
     # cheap files first: when the limit cuts a run, it cuts the inductor tests of test_compile.py
-    tests=(("smoke-gpu", ("-m", "gpu", "tests/test_kernels.py", "tests/test_dropout.py",
+    tests=(("smoke-gpu", ("-m", "gpu", "tests/test_paths.py", "tests/test_dropout.py",
                           "tests/test_dispatch.py", "tests/test_compile.py"), 65),
            # on a GPU helpers.KERNEL_DTYPES has bf16; its cases' ids say torch.bfloat16
-           ("smoke-bf16", ("-k", "bfloat16", "tests/test_kernels.py", "tests/test_splitk.py",
-                           "tests/test_tma.py"), 40)),
+           ("smoke-bf16", ("-k", "bfloat16", "tests/test_paths.py"), 40)),
     check=("--quick", "--all-paths", "--dtypes", "bf16"), check_s=30,
     headline=("--shapes", "llama3-8b-qo", "--M", "8192", "--r", "16", "--dtype", "bf16",
               "--dropout", "0", "0.1"), headline_s=55,
@@ -136,7 +135,7 @@ GPU = Sizes(
     rounds=(), install_s=45, env_s=15, report_s=15,
 )
 DRY = Sizes(
-    tests=(("smoke", ("tests/test_kernels.py", "-k", "test_empty_batch"), 30),),
+    tests=(("smoke", ("tests/test_paths.py", "-k", "empty_batch"), 30),),
     check=("--quick", "--all-paths", "--shapes", "1x64x33", "--ranks", "3", "--dtypes", "fp32", "--dropout", "0"),
     check_s=30,
     headline=("--shapes", "tiny", "--M", "33", "--r", "4", "--dtype", "fp32", "--dropout", "0.1"),

@@ -56,7 +56,8 @@ def gpu_first_step(capability, sms):
 
     patches = [(dispatch, "can_measure", lambda t: True), (dispatch, "timer", timer),
                (dispatch, "tma_possible", lambda x, weight: capability >= 9 and kernels.tma_eligible(x, weight)),
-               (configs, "sm_count", lambda device: sms), (configs, "device_capability", lambda: capability),
+               (configs, "sm_count", lambda device: sms), (launch, "sm_count", lambda device: sms),
+               (configs, "device_capability", lambda: capability),
                (launch, "RECORDER", launches)]
     with contextlib.ExitStack() as stack:
         for target, name, value in patches:

@@ -1,10 +1,13 @@
 """Triton kernels of lora_fast, installed as ``lora_fast.kernels`` (never as a top-level ``kernels``).
 
-One file per pass: forward.py (fused forward GEMM), backward.py (fused dX/dA/dB GEMM), skinny.py
-(the x @ Aᵀ / dY @ B first pass of the split path), forward_tma.py and backward_tma.py (the split
-path's GEMMs with a TMA, persistent main loop, for Hopper), splitk.py (the split-K decode forward),
-dropout.py (the in-kernel mask); configs.py holds every block size, autotune list and path
-heuristic; lora_fast.dispatch chooses among the paths.
+One file per pass, each holding its kernel's grid and program mapping and its launcher:
+forward.py (fused forward GEMM), backward.py (fused dX/dA/dB GEMM), skinny.py (the x @ Aᵀ / dY @ B
+first pass of the split path), forward_tma.py and backward_tma.py (the split path's GEMMs with a
+TMA, persistent main loop, for Hopper), splitk.py (the split-K decode forward). They are built
+from blocks.py (the shared K-loop, epilogues and dropout mask); launch.py holds what every
+launcher does before a launch; configs.py every block size, autotune list and register limit;
+dropout.py the mask as a tensor, for tests and the torch path. lora_fast.dispatch chooses the path
+(its table names each path's launcher), and the launchers do what they are told.
 """
 if __name__ == "kernels":
     # Imported as a top-level "kernels": the repository root is on sys.path (`python -m ...` from a
@@ -15,7 +18,8 @@ if __name__ == "kernels":
 else:
     from .backward import lora_backward
     from .forward import lora_forward
-    from .forward_tma import lora_forward_tma, tma_eligible
+    from .forward_tma import lora_forward_tma
+    from .launch import tma_eligible
     from .splitk import lora_forward_split_k
 
     __all__ = ["lora_forward", "lora_backward", "lora_forward_split_k", "lora_forward_tma", "tma_eligible"]

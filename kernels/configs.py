@@ -7,9 +7,10 @@ tutorial and cuBLAS heuristics settle on for bf16, cut to two or three per kerne
 (a class is the BLOCK_M the rows call for: 16, 32 or 64 up to 64 rows, 128 above) so that a first step
 compiles and times few of them (`python -m bench.tuning`: counts per kernel, bench/NOTES.md v7),
 each kept only where `python -m lora_fast.aot --all-configs` builds it without a spill on sm_80 and
-sm_90 under Triton 3.6 and 3.9 (the pruners below). Each list is ordered by prediction, best first:
-the first config a pruner keeps is the one a launch uses when it cannot be tuned (inside a CUDA
-graph capture, kernels/tuning.py).
+sm_90 under Triton 3.6 and 3.9 (LIMITS and the pruners below). Each list is ordered by prediction,
+best first: the first config a pruner keeps for large M (decode rows for split-K) is the main tile
+the AOT report builds (`python -m lora_fast.aot`), and a key whose pruner keeps one config runs it
+untimed (kernels/tuning.py).
 
 Tuning keys: Triton's autotuner keys its cache on the `key` arguments plus the argument dtypes, and
 reuses a tuned config for every launch with the same key, without pruning again. So each key below
@@ -22,11 +23,11 @@ Under the interpreter (TRITON_INTERPRET=1) every kernel gets a single small conf
 interpreter runs programs one by one in numpy, so small tiles keep tests fast, and tiles smaller
 than the test shapes make every mask, tail and cross-program reduction run.
 """
-import os
+from collections import namedtuple
 
 import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .launch import INTERPRET, cdiv, device_capability, next_power_of_2, sm_count
 
 # Ridge point in dense bf16 (datasheet peaks): 989 TFLOP/s / 3.35 TB/s ~= 295 FLOP/byte on an H100,
 # 989 / 4.8 ~= 206 on the H200 the GPU sessions use (bench/NOTES.md, the same numbers).
@@ -46,21 +47,6 @@ MAX_BLOCK_R = 64
 # to lose (r/BLOCK_N redundant MMA work, 12.5% at r=16) and every candidate a first step times costs
 # compiles; the margin up to 1024 is for the GPU measurement to confirm or move (bench/NOTES.md v7).
 IN_LOOP_CANDIDATE_MAX_M = 1024
-
-
-def next_power_of_2(n):
-    """triton.next_power_of_2 for an int n >= 1 without its call overhead (~6 us a call in Triton
-    3.9, a few of them per launch: the whole budget of a decode step); a symbolic size (torch.compile
-    with dynamic shapes) goes to Triton's."""
-    if type(n) is int:
-        return 1 << (n - 1).bit_length()
-    return triton.next_power_of_2(n)
-
-
-def cdiv(a, b):
-    """Ceiling division, for ints and symbolic sizes alike, written as triton.cdiv is (whose call
-    costs as much as next_power_of_2's)."""
-    return (a + b - 1) // b
 
 
 def block_r(r):
@@ -108,29 +94,8 @@ def row_class(m):
     return 64 if bool(m <= 64) else 128
 
 
-def device_capability():
-    """Major compute capability of the current CUDA device (0 when there is none)."""
-    import torch
-    return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
-
-
 # Opt-in shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).
 SHARED_MEMORY = {8: 166912, 9: 232448}
-
-
-def fits_registers(rows, cols, num_warps, capability, dropout=False):
-    """Whether a (rows x cols) fp32 accumulator leaves the rest of the kernel room in 255
-    registers/thread. From `python -m lora_fast.aot --all-configs` (bench/NOTES.md, v1): 64
-    accumulator values per thread never spilled; 128 spilled everywhere on sm_80 (mma.sync keeps
-    operand fragments in registers too) and with 4 warps on sm_90, but not with 8 warps on sm_90,
-    where wgmma reads its operands from shared memory (the 128x256 Hopper tile). With dropout the
-    Philox draws for a tile of the same shape need about as much again: 32 per thread never
-    spilled, 64 did (up to 2.5 KB of stack on sm_80)."""
-    per_thread = rows * cols // (32 * num_warps)
-    if dropout:
-        return per_thread <= 32
-    limit = 128 if capability >= 9 and num_warps == 8 else 64
-    return per_thread <= limit
 
 
 def fits_shared_memory(stages, tile_elements, itemsize, capability):
@@ -141,18 +106,101 @@ def fits_shared_memory(stages, tile_elements, itemsize, capability):
     return buffers * tile_elements * itemsize <= SHARED_MEMORY[9 if capability >= 9 else 8]
 
 
-def _launch_arg(name, named_args, kwargs):
-    """A launch argument as early_config_prune receives it: the positional ones in named_args,
-    the constexprs the launchers pass by keyword in kwargs."""
-    return kwargs[name] if name in kwargs else named_args[name]
+def values_per_thread(rows, cols, num_warps):
+    """fp32 values per thread of a (rows x cols) register tile spread over num_warps warps: the
+    measure of register pressure in LIMITS."""
+    return rows * cols // (32 * num_warps)
 
 
-def _pruning(capability):
-    """None under the interpreter at run time (one config, nothing to prune); else the capability to
-    prune for (the AOT report and bench.tuning pass theirs explicitly)."""
-    if capability is None:
-        return None if INTERPRET else device_capability()
-    return capability
+# A config of one of `kernels` launched where `when` holds (each named fact equal: fp32 operands, ieee
+# dots, dropout, in_loop (XS_IN_LOOP), partial (WITH_PARTIAL), hopper (sm_90 and later), decode
+# (BLOCK_M <= 32), warps) must meet every bound given. Its tile is BLOCK_M x cols: BLOCK_N of y
+# (forward, split-K, TMA), BLOCK_K of dX (backward, TMA backward), BLOCK_L of the skinny pass's src;
+# max_per_thread bounds its values_per_thread; the step is its reduction tile (BLOCK_K; BLOCK_N of dX).
+Limit = namedtuple("Limit", "kernels when max_per_thread max_cols max_step min_step warps",
+                   defaults=({}, None, None, None, None, None))
+
+GEMMS = ("forward", "backward", "split_k", "tma")
+# Register limits, from `python -m lora_fast.aot --all-configs` (bench/NOTES.md, "Static check" and
+# v7; a stack frame is a spill): a config meets every row its launch matches. The lists hold 4- and
+# 8-warp configs only.
+LIMITS = (
+    # 64 accumulator values per thread never spilled; 128 spilled everywhere on sm_80 (mma.sync keeps
+    # operand fragments in registers too) and with 4 warps on sm_90, but not with 8 warps on sm_90,
+    # where wgmma reads its operands from shared memory (the 128x256 Hopper tile)
+    Limit(GEMMS, max_per_thread=128),
+    Limit(GEMMS, dict(hopper=False), max_per_thread=64),
+    Limit(GEMMS, dict(warps=4), max_per_thread=64),
+    # the Philox draws for a tile of the same shape need about as much again: 32 per thread never
+    # spilled, 64 did (up to 2.5 KB of stack on sm_80); the skinny pass draws for its src tile
+    Limit(GEMMS + ("skinny", "backward_tma"), dict(dropout=True), max_per_thread=32),
+    # forward decode tiles, fp32 operands and the in-loop dropout draw: 32 spilled (32x128 with 4
+    # warps: 24 B on sm_80, 88 B on sm_90), 16 did not, except 16x128 under Triton 3.6 on sm_80
+    # (64 B): 64 columns; the 64x64 GEMM tile at 32 did not spill
+    Limit(("forward",), dict(fp32=True, dropout=True, decode=True), max_per_thread=16, max_cols=64),
+    # fp32 (tf32) in-loop tiles with 4 warps: 64 beside the x·Aᵀ accumulator spilled 8 B on sm_80
+    # under Triton 3.6 (64x128); 32 did not, nor did 64 with 8 warps
+    Limit(("forward",), dict(fp32=True, ieee=False, in_loop=True, warps=4), max_per_thread=32),
+    # with the dB partial the src tile is also transposed into an MMA operand: 128 per thread spilled
+    # in fp32 on sm_80 and sm_90, 64 never
+    Limit(("skinny",), dict(partial=True), max_per_thread=64),
+    # fp32 (tf32) decode rows: 128-wide steps at 32 rows spilled 8 B on sm_90 (72 registers: ptxas's
+    # choice, not pressure; Triton 3.6 and 3.9 alike)
+    Limit(("skinny",), dict(fp32=True, decode=True), max_cols=64),
+    # split-K with fp32 (tf32) operands and dropout: the forward decode tiles' 16 per thread
+    Limit(("split_k",), dict(fp32=True, ieee=False, dropout=True), max_per_thread=16),
+    # with dropout the x tile is drawn too: 64x128 used 254-255 registers everywhere and spilled 16-32 B
+    # with 8 warps on sm_80 (and fp32 on sm_90), 128-wide steps 56-80 B at 32 rows; 64x64 at most 238
+    # registers, no spill
+    Limit(("split_k",), dict(dropout=True), max_step=64),
+    # decode rows, 16-bit, no dropout: 64-wide K steps spilled 8-16 B (sm_80 under Triton 3.9, sm_90
+    # under 3.6, 96 registers); 128-wide did not
+    Limit(("split_k",), dict(fp32=False, dropout=False, decode=True), min_step=128),
+    # ieee (FMA) tiles: of those tried (both Triton versions, with and without dropout) only these
+    # spilled nowhere: 8 warps and 2 stages up to 32 rows, 4 warps at 64
+    Limit(("split_k",), dict(ieee=True, decode=True), warps=8),
+    Limit(("split_k",), dict(ieee=True, decode=False), warps=4),
+    # TMA dX: the epilogue holds the gs·A product, the x tile and the dA operands beside the
+    # accumulator, so not the GEMMs' 128 for 8-warp Hopper tiles: 128x256 spilled 280 B on sm_90;
+    # 64 per thread used at most 248 registers, no spill
+    Limit(("backward_tma",), max_per_thread=64),
+)
+
+
+def _facts(capability, itemsize, ieee, dropout, in_loop=False, partial=False):
+    """The launch facts LIMITS rows are matched on (decode and warps come per config)."""
+    return {"hopper": capability >= 9, "fp32": itemsize == 4, "ieee": ieee, "dropout": bool(dropout),
+            "in_loop": bool(in_loop), "partial": bool(partial)}
+
+
+def _within_limits(kernel, facts, config, rows, cols, step):
+    """Whether a config of `kernel` (tile rows x cols, reduction step `step`) meets every LIMITS row
+    its launch (facts) matches."""
+    facts = {**facts, "decode": rows <= 32, "warps": config.num_warps}
+    per_thread = values_per_thread(rows, cols, config.num_warps)
+    for limit in LIMITS:
+        if kernel in limit.kernels and all(facts[k] == v for k, v in limit.when.items()):
+            maxima = ((limit.max_per_thread, per_thread), (limit.max_cols, cols), (limit.max_step, step))
+            if (any(bound is not None and value > bound for bound, value in maxima)
+                    or step < (limit.min_step or 0) or limit.warps not in (None, config.num_warps)):
+                return False
+    return True
+
+
+def _pruner(keep):
+    """keep(configs, args, capability) as an early_config_prune(configs, named_args, capability=None,
+    **kwargs): args are the launch arguments as the autotuner passes them (the positional ones in
+    named_args, the launchers' keyword constexprs in kwargs), capability the caller's (the AOT report
+    and bench.tuning pass theirs) or the device's. Under the interpreter at run time nothing is
+    pruned (one config)."""
+    def prune(configs, named_args, capability=None, **kwargs):
+        if capability is None:
+            if INTERPRET:
+                return configs
+            capability = device_capability()
+        return keep(configs, {**named_args, **kwargs}, capability)
+    prune.__name__, prune.__qualname__, prune.__doc__ = keep.__name__, keep.__qualname__, keep.__doc__
+    return prune
 
 
 def bench_config(kernel_call, quantiles):
@@ -188,37 +236,21 @@ def forward_configs():
         (32, 64, 16, 3, 4), (64, 64, 16, 3, 4), (128, 64, 16, 3, 8))]
 
 
-def keep_forward_config(configs, named_args, capability=None, **kwargs):
-    """The M bucket's row class (row_class), accumulators that fit the registers (with the in-loop
-    dropout draw: at most 32 values per thread; fp32 decode tiles at most 16) and pipelines that fit
-    shared memory on this device."""
-    cap = _pruning(capability)
-    if cap is None:
-        return configs
-    ieee = _launch_arg("INPUT_PRECISION", named_args, kwargs) == "ieee"
-    rows = row_class(_launch_arg("M_BUCKET", named_args, kwargs))
-    rows = max(32, rows) if ieee else rows
-    itemsize = _launch_arg("x_ptr", named_args, kwargs).element_size()
-    rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("XS_IN_LOOP", named_args, kwargs) else 0
-    dropout = _launch_arg("DROPOUT", named_args, kwargs)
-    # Decode tiles with fp32 (tf32) operands and the in-loop dropout draw: 32 accumulator values
-    # per thread spilled (32x128 with 4 warps: 24 B of stack on sm_80, 88 B on sm_90, `python -m
-    # lora_fast.aot --all-configs`), 16 did not, except 16x128 under Triton 3.6 on sm_80 (64 B):
-    # at most 16 and 64 columns; the 64x64 GEMM tile at 32 did not spill either.
-    tight = dropout and itemsize == 4
-    # fp32 (tf32) in-loop tiles with 4 warps: 64 accumulator values per thread beside the x·Aᵀ one
-    # spilled 8 B on sm_80 under Triton 3.6 (64x128); 32 did not, nor did 64 with 8 warps
-    in_loop_fp32 = rank and itemsize == 4 and not ieee
-    kept = []
-    for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        per_thread = bm * bn // (32 * c.num_warps)
-        if (bm == rows and (bk == 16) == ieee and fits_registers(bm, bn, c.num_warps, cap, dropout)
-                and not (tight and bm < 64 and (per_thread > 16 or bn > 64))
-                and not (in_loop_fp32 and c.num_warps == 4 and per_thread > 32)
-                and fits_shared_memory(c.num_stages, bk * (bm + bn + rank), itemsize, cap)):
-            kept.append(c)
-    return kept
+@_pruner
+def keep_forward_config(configs, a, cap):
+    """The M bucket's row class (row_class; at least 32 rows for the ieee tiles), the ieee tiles for
+    ieee dots only, LIMITS, and pipelines (x, W0 and with x·Aᵀ in the loop A tiles) that fit shared
+    memory on this device."""
+    ieee = a["INPUT_PRECISION"] == "ieee"
+    rows = max(32, row_class(a["M_BUCKET"])) if ieee else row_class(a["M_BUCKET"])
+    itemsize = a["x_ptr"].element_size()
+    rank = a["BLOCK_R"] if a["XS_IN_LOOP"] else 0
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], in_loop=a["XS_IN_LOOP"])
+    return [c for c in configs
+            if c.kwargs["BLOCK_M"] == rows and (c.kwargs["BLOCK_K"] == 16) == ieee
+            and _within_limits("forward", facts, c, rows, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+            and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (rows + c.kwargs["BLOCK_N"] + rank),
+                                   itemsize, cap)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,26 +270,23 @@ def backward_configs():
         (16, 32, 3, 4))]                               # fp32 "ieee" (BLOCK_N 16 marks it; <= 32 rows)
 
 
-def keep_backward_config(configs, named_args, capability=None, **kwargs):
-    """Accumulators that fit the registers and pipelines that fit shared memory; decode rows
-    (BLOCK_M <= 32) get the narrow tiles, the others the wide ones; the dA-only launch (no dX: the
-    epilogue alone, no N-loop) gets one config, as its tiles do not change its work."""
-    cap = _pruning(capability)
-    if cap is None:
-        return configs
-    bm = _launch_arg("BLOCK_M", named_args, kwargs)
-    itemsize = _launch_arg("dy_ptr", named_args, kwargs).element_size()
-    rank = _launch_arg("BLOCK_R", named_args, kwargs) if _launch_arg("G_IN_LOOP", named_args, kwargs) else 0
-    dropout = _launch_arg("DROPOUT", named_args, kwargs)
-    width = 16 if _launch_arg("INPUT_PRECISION", named_args, kwargs) == "ieee" else 32 if bm <= 32 else 64
+@_pruner
+def keep_backward_config(configs, a, cap):
+    """The tile class by its BLOCK_N (ieee, decode rows (BLOCK_M <= 32), the others), LIMITS, and
+    pipelines (dY, W0 and with gs in the loop B tiles) that fit shared memory; the dA-only launch
+    (no dX: the epilogue alone, no N-loop) gets one config, as its tiles do not change its work."""
+    bm = a["BLOCK_M"]
+    itemsize = a["dy_ptr"].element_size()
+    rank = a["BLOCK_R"] if a["G_IN_LOOP"] else 0
+    ieee = a["INPUT_PRECISION"] == "ieee"
+    width = 16 if ieee else 32 if bm <= 32 else 64
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"])
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] == width
-            and fits_registers(bm, c.kwargs["BLOCK_K"], c.num_warps, cap, dropout)
+            and _within_limits("backward", facts, c, bm, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"])
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_N"] * (bm + c.kwargs["BLOCK_K"] + rank),
                                    itemsize, cap)]
-    if not _launch_arg("COMPUTE_DX", named_args, kwargs):
-        return kept[:1]
-    return kept
+    return kept if a["COMPUTE_DX"] else kept[:1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,27 +303,18 @@ def skinny_configs():
                              (16, 3, 4))]   # fp32 "ieee" (BLOCK_L 16 marks it): 64+ spilled with the partial
 
 
-def keep_skinny_config(configs, named_args, capability=None, **kwargs):
-    """Pipelines that fit shared memory; with the dB partial the src tile is also transposed into an
-    MMA operand, which at 128 values per thread spilled in fp32 on sm_80 and sm_90 (AOT report) and
-    at 64 never did; with dropout the Philox draws for the src tile need 32."""
-    cap = _pruning(capability)
-    if cap is None:
-        return configs
-    bm = _launch_arg("BLOCK_M", named_args, kwargs)
-    rank = _launch_arg("BLOCK_R", named_args, kwargs)
-    itemsize = _launch_arg("src_ptr", named_args, kwargs).element_size()
-    partial = _launch_arg("WITH_PARTIAL", named_args, kwargs)
-    dropout = _launch_arg("DROPOUT", named_args, kwargs)
-    per_thread = 32 if dropout else 64    # src values per thread; the dropout draws need room too
-    ieee = _launch_arg("INPUT_PRECISION", named_args, kwargs) == "ieee"
-    # fp32 (tf32) at 32 rows with 128-wide steps spilled 8 B on sm_90 (72 registers: ptxas's
-    # choice, not pressure; Triton 3.6 and 3.9 alike): 64-wide steps below 64 rows
+@_pruner
+def keep_skinny_config(configs, a, cap):
+    """The ieee tile exactly for ieee dots, LIMITS (the src tile BLOCK_M x BLOCK_L), and pipelines (src
+    and the rank matrix) that fit shared memory."""
+    bm, rank = a["BLOCK_M"], a["BLOCK_R"]
+    itemsize = a["src_ptr"].element_size()
+    ieee = a["INPUT_PRECISION"] == "ieee"
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], partial=a["WITH_PARTIAL"])
     return [c for c in configs
             if (c.kwargs["BLOCK_L"] == 16) == ieee
-            and not (itemsize == 4 and bm < 64 and c.kwargs["BLOCK_L"] > 64)
-            and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_L"] * (bm + rank), itemsize, cap)
-            and (not (partial or dropout) or bm * c.kwargs["BLOCK_L"] // (32 * c.num_warps) <= per_thread)]
+            and _within_limits("skinny", facts, c, bm, c.kwargs["BLOCK_L"], c.kwargs["BLOCK_L"])
+            and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_L"] * (bm + rank), itemsize, cap)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,19 +324,9 @@ SPLIT_K_MAX_M = 64
 SPLIT_K_BLOCK_N = 16 if INTERPRET else 64
 # Each split covers a multiple of this many K (a multiple of every tuned BLOCK_K), at least once.
 SPLIT_K_GRANULE = 32 if INTERPRET else 256
+# The reduce kernel is not autotuned: split_k_plan's tile, this many warps, Triton's default stages.
+SPLIT_K_REDUCE_WARPS = 4
 SPLIT_K_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_R", "DROPOUT", "INPUT_PRECISION"]
-_SM_COUNT = {}
-
-
-def sm_count(device):
-    """Streaming multiprocessors of a CUDA device (cached); None under the interpreter or on CPU."""
-    if device.type != "cuda" or INTERPRET:
-        return None
-    index = device.index if device.index is not None else 0
-    if index not in _SM_COUNT:
-        import torch
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def split_k_target_programs(device):
@@ -345,47 +355,26 @@ def split_k_configs():
              (16, 2, 8), (16, 3, 4))]                # fp32 "ieee" (BLOCK_K 16 marks it): <= 32, 64 rows
 
 
-def keep_split_k_config(configs, named_args, capability=None, **kwargs):
-    """Pipelines that fit shared memory, accumulators that fit registers (the fp32 + dropout cap of
-    the decode tiles, keep_forward_config's, included). With dropout the x tile is drawn too: at
-    64x128 it used 254-255 registers everywhere and spilled 16-32 B with 8 warps on sm_80 (and fp32
-    on sm_90); at 64x64 at most 238, no spill (AOT report) — so at most 64x64 with dropout."""
-    cap = _pruning(capability)
-    if cap is None:
-        return configs
-    bm = _launch_arg("BLOCK_M", named_args, kwargs)
-    bn = _launch_arg("BLOCK_N", named_args, kwargs)
-    rank = _launch_arg("BLOCK_R", named_args, kwargs)
-    itemsize = _launch_arg("x_ptr", named_args, kwargs).element_size()
-    dropout = _launch_arg("DROPOUT", named_args, kwargs)
-    ieee = _launch_arg("INPUT_PRECISION", named_args, kwargs) == "ieee"
-    tight = dropout and itemsize == 4 and not ieee    # the tf32 MMA tiles' cap; ieee has its own tiles
-    # Decode rows (<= 32) without dropout: 64-wide K steps spilled 8-16 B in bf16/fp16 (sm_80
-    # under Triton 3.9, sm_90 under 3.6, 96 registers); 128-wide did not. With dropout 128-wide
-    # steps spilled 56-80 B at 32 rows: 64 there.
+@_pruner
+def keep_split_k_config(configs, a, cap):
+    """The ieee tiles exactly for ieee dots, LIMITS (the tile BLOCK_M x BLOCK_N, step BLOCK_K), and
+    pipelines (x, W0, A) that fit shared memory; of those, the 4-warp ones where there are any."""
+    bm, bn, rank = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_R"]
+    itemsize = a["x_ptr"].element_size()
+    ieee = a["INPUT_PRECISION"] == "ieee"
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"])
     kept = [c for c in configs
-            if (c.kwargs["BLOCK_K"] == 16) == ieee and fits_registers(bm, bn, c.num_warps, cap, dropout)
-            and not (tight and bm * bn // (32 * c.num_warps) > 16)
-            and not (dropout and c.kwargs["BLOCK_K"] > 64)
-            and not (not dropout and itemsize == 2 and bm <= 32 and c.kwargs["BLOCK_K"] < 128)
+            if (c.kwargs["BLOCK_K"] == 16) == ieee
+            and _within_limits("split_k", facts, c, bm, bn, c.kwargs["BLOCK_K"])
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (bm + bn + rank), itemsize, cap)]
-    if ieee:
-        # of the FMA tiles tried (AOT, both Triton versions, with and without dropout), only these
-        # spilled nowhere: 8 warps and 2 stages up to 32 rows, 4 warps at 64
-        return [c for c in kept if (c.num_warps == 8) == (bm <= 32)]
-    # 8 warps only where no 4-warp config fits (fp32 with dropout at 64 rows): memory-bound, more
-    # warps per program would only halve the programs' count of loads in flight per warp
+    # 8 warps only where no 4-warp config fits (fp32 with dropout at 64 rows, ieee decode rows):
+    # memory-bound, more warps per program would only halve the programs' count of loads in flight per warp
     return [c for c in kept if c.num_warps == 4] or kept
 
 
-def persistent_programs(device):
-    """Programs of a persistent kernel: one per SM (3 under the interpreter, so that test shapes
-    give each program several tiles)."""
-    return sm_count(device) or 3
-
-
 # ---------------------------------------------------------------------------------------------
-# TMA forward (forward_tma.py): Hopper GEMM tiles, a 64-row warpgroup MMA per warpgroup.
+# TMA forward (forward_tma.py): Hopper GEMM tiles, a 64-row warpgroup MMA per warpgroup; it runs
+# for M > 64 with 16-bit operands.
 TMA_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R"]
 
 
@@ -399,15 +388,13 @@ def tma_configs(pre_hook):
                           num_stages=s, num_warps=w, pre_hook=pre_hook) for bm, bn, bk, s, w in shapes]
 
 
-def keep_tma_config(configs, named_args, capability=None, **kwargs):
-    """Accumulators that fit the registers and pipelines that fit shared memory (the epilogue's xs
-    and B tiles are loaded once per tile, outside the pipelined loop); 128-row tiles only, as it
-    runs for M > 64."""
-    cap = _pruning(capability)
-    if cap is None:
-        return configs
+@_pruner
+def keep_tma_config(configs, a, cap):
+    """LIMITS and pipelines (x and W0 tiles) that fit shared memory: the epilogue's xs and B tiles
+    are loaded once per tile, outside the pipelined loop."""
+    facts = _facts(cap, 2, False, False)
     return [c for c in configs
-            if fits_registers(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, cap)
+            if _within_limits("tma", facts, c, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]),
                                    2, cap)]
 
@@ -429,16 +416,11 @@ def backward_tma_configs(pre_hook):
                           pre_hook=pre_hook) for bn, bk, s, w in shapes]
 
 
-def keep_backward_tma_config(configs, named_args, capability=None, **kwargs):
-    """dX accumulators of at most 64 fp32 values per thread (32 with the dropout draw) and pipelines
-    that fit shared memory. Not fits_registers' 128 for 8-warp Hopper tiles: this epilogue holds
-    the gs·A product, the x tile and the dA operands beside the accumulator, and the 128x256 tile
-    spilled 280 B on sm_90 (AOT report); 64 per thread used at most 248 registers, no spill."""
-    cap = _pruning(capability)
-    if cap is None:
-        return configs
-    bm = _launch_arg("BLOCK_M", named_args, kwargs)
-    dropout = _launch_arg("DROPOUT", named_args, kwargs)
+@_pruner
+def keep_backward_tma_config(configs, a, cap):
+    """LIMITS and pipelines (dY and W0 tiles) that fit shared memory."""
+    bm = a["BLOCK_M"]
+    facts = _facts(cap, 2, False, a["DROPOUT"])
     return [c for c in configs
-            if bm * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= (32 if dropout else 64)
+            if _within_limits("backward_tma", facts, c, bm, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"])
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_N"] * (bm + c.kwargs["BLOCK_K"]), 2, cap)]

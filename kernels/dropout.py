@@ -9,12 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def keep_mask(seed, offs_m, offs_k, K, p):
-    """Boolean keep-mask for the rows offs_m and columns offs_k of x (M, K): independent of tiling,
-    strides and pass. Offsets are int64 (m·K passes 2**31 on large activations)."""
-    return tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+from .blocks import keep_mask
 
 
 @triton.jit

@@ -1,13 +1,132 @@
-"""How the launchers start a kernel: directly on real tensors, through torch.library.wrap_triton
-while torch.compile traces them (lora_fast.ops registers the launchers as triton_ops)."""
+"""What every launcher does before and while it starts a kernel, written once: the launch-time facts
+(interpreter, SM count, the dots' fp32 precision, TMA readability), the prologue every pass shares
+(the dropout rescale, the seed argument, dummy pointers), and `launch` itself — directly on real
+tensors, through torch.library.wrap_triton while torch.compile traces them (lora_fast.ops registers
+the passes as triton_ops).
+
+Nothing here chooses a path or checks a shape: lora_fast.checks has checked the call and
+lora_fast.dispatch has chosen the path before a launcher runs.
+"""
+import os
+from typing import NamedTuple
+
 import torch
 from triton.runtime.autotuner import Autotuner
 
-from . import configs, tuning
+from lora_fast.backend import tf32_allowed
+
+from . import tuning
+
+try:   # host-side TMA descriptors; with a Triton that has none, the dispatcher runs the other paths
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # While a list, launches are appended to it as (kernel, args, kwargs) instead of running:
 # bench.tuning replays the launchers' real autotune calls this way without a GPU.
 RECORDER = None
+
+
+def next_power_of_2(n):
+    """triton.next_power_of_2 for an int n >= 1 without its call overhead (~6 us a call in Triton
+    3.9, a few of them per launch: the whole budget of a decode step); a symbolic size (torch.compile
+    with dynamic shapes) goes to Triton's."""
+    if type(n) is int:
+        return 1 << (n - 1).bit_length()
+    import triton
+    return triton.next_power_of_2(n)
+
+
+def cdiv(a, b):
+    """Ceiling division, for ints and symbolic sizes alike, written as triton.cdiv is (whose call
+    costs as much as next_power_of_2's)."""
+    return (a + b - 1) // b
+
+
+_SM_COUNT = {}
+
+
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device (cached); None under the interpreter or on CPU."""
+    if device.type != "cuda" or INTERPRET:
+        return None
+    index = device.index if device.index is not None else 0
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def persistent_programs(device):
+    """Programs of a persistent kernel: one per SM (3 under the interpreter, so that test shapes
+    give each program several tiles)."""
+    return sm_count(device) or 3
+
+
+def device_capability():
+    """Major compute capability of the current CUDA device (0 when there is none)."""
+    return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
+
+
+def input_precision(dtype):
+    """tl.dot precision for fp32 operands, following torch's own matmul setting: tf32 only
+    when torch allows it (lora_fast.backend.tf32_allowed: float32_matmul_precision != "highest")."""
+    if dtype == torch.float32 and not tf32_allowed():
+        return "ieee"
+    return "tf32"
+
+
+def tma_eligible(x, weight):
+    """Whether TMA can read x (M, K) and weight (N, K): a Triton with host descriptors, fp16/bf16,
+    contiguous along K, 16-byte aligned base addresses and row strides (the descriptors' rules)."""
+    if TensorDescriptor is None:
+        return False
+    for t in (x, weight):
+        if (t.dtype not in (torch.float16, torch.bfloat16) or t.stride(1) != 1
+                or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16):
+            return False
+    return True
+
+
+def descriptor(t):
+    """A TMA descriptor of t with placeholder block shapes (no config has them): the autotuner's
+    pre-hook sets each config's."""
+    return TensorDescriptor.from_tensor(t, [8, 8])
+
+
+class Prologue(NamedTuple):
+    """What every pass computes before its launches, the same way."""
+    scale: float                  # s / (1 - p): the dropout rescale rides on the (M, r) products
+    dropout: bool
+    dropout_p: float
+    seed: torch.Tensor            # the seed, or a dummy pointer (never read: DROPOUT=False)
+    precision: str                # tl.dot input precision (input_precision)
+
+
+def prologue(like, scaling, dropout_p, seed):
+    """The shared prologue of a pass whose first operand is `like` (x, or dY in backward)."""
+    dropout = dropout_p > 0
+    return Prologue(scaling / (1.0 - dropout_p), dropout, dropout_p, seed if dropout else like,
+                    input_precision(like.dtype))
+
+
+def optional(t, dummy):
+    """A pointer argument that may be absent: `dummy` stands in (never read: its constexpr is off)."""
+    return dummy if t is None else t
+
+
+def strides(t):
+    """The two strides of a 2-D operand, or (0, 0) for an absent one."""
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def bias_arg(bias, y):
+    """The bias pointer argument of the forward kernels: they read bias as N contiguous values
+    (bias_ptr + offs_n), so a strided view (bias[::2], an expanded scalar) is copied first — N
+    values, against reading its stride in every epilogue; y stands in for an absent bias (never
+    read: HAS_BIAS=False)."""
+    return y if bias is None else bias.contiguous()
 
 
 def launch(kernel, grid, like):
@@ -20,16 +139,23 @@ def launch(kernel, grid, like):
     An autotuned kernel goes through kernels/tuning.py first (disk, capture, parallel compiles)."""
     if RECORDER is not None:
         return lambda *args, **kwargs: RECORDER.append((kernel, args, kwargs))
-    if not configs.INTERPRET and _traced(like):
+    if not INTERPRET and traced(like):
         return torch.library.wrap_triton(kernel)[grid]
     if isinstance(kernel, Autotuner) and len(kernel.configs) > 1:
         return lambda *args, **kwargs: tuning.run(kernel, grid, args, kwargs)
     return kernel[grid]
 
 
-def _traced(t):
+def traced(t):
+    """Whether t is a fake or functional tensor (a graph being traced), not a real one."""
     if type(t) is torch.Tensor:   # fake and functional tensors are subclasses: a plain one is real
         return False
     from torch._subclasses.fake_tensor import is_fake
     from torch._subclasses.functional_tensor import FunctionalTensor
     return is_fake(t) or isinstance(t, FunctionalTensor)
+
+
+def empty(like, rows, cols, dtype=None):
+    """An uninitialised (rows, cols) output on like's device, in like's dtype unless given."""
+    return torch.empty((rows, cols), device=like.device, dtype=dtype or like.dtype)
+

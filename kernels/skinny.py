@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .dropout import keep_mask
-from .launch import launch
+from .blocks import keep_mask
+from .launch import cdiv, launch
 
 
 @triton.autotune(configs=configs.skinny_configs(), key=configs.SKINNY_KEY,
@@ -90,12 +90,12 @@ def skinny(src, mat, scale, input_precision, side=None, dropout_p=0.0, seed=None
     R = mat.shape[1]
     block_m = configs.partial_block_m(M, precision=input_precision)
     block_r = configs.block_r(R)
-    grid_m = configs.cdiv(M, block_m)
+    grid_m = cdiv(M, block_m)
     out = torch.empty((M, R), device=src.device, dtype=src.dtype)
     part = None
     if side is not None:
         part = torch.empty((grid_m, L, R), device=src.device, dtype=torch.float32)
-    launch(_lora_skinny_kernel, (grid_m, configs.cdiv(R, block_r)), src)(
+    launch(_lora_skinny_kernel, (grid_m, cdiv(R, block_r)), src)(
         src, mat, out, side if side is not None else out, part if part is not None else out,
         seed if dropout_p > 0 else out,
         M, L, R, configs.m_bucket(M),

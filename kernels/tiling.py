@@ -1,4 +1,4 @@
-"""Program-to-tile mapping shared by the GEMM kernels."""
+"""Program-to-tile mapping shared by the GEMM kernels: which tile a program computes, and its offsets."""
 import triton
 import triton.language as tl
 
@@ -16,3 +16,12 @@ def grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.const
     pid_row = first_pid_row + (pid % num_pid_in_group) % group_size
     pid_col = (pid % num_pid_in_group) // group_size
     return pid_row, pid_col
+
+
+@triton.jit
+def tile_offsets(pid_rows, pid_cols, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """(row offsets, column offsets, row mask, column mask) of tile (pid_rows, pid_cols); int64
+    offsets: row · stride can pass 2**31."""
+    offs_rows = pid_rows.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    offs_cols = pid_cols.to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    return offs_rows, offs_cols, offs_rows < rows, offs_cols < cols

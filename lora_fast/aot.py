@@ -6,9 +6,10 @@ variant, specialised as the launchers specialise it for contiguous tensors (inne
 the constant 1, pointers and the other strides 16-divisible), and returns what the compiler
 reports. The variants mirror the launchers' constexpr choices one for one.
 
-    python -m lora_fast.aot [--arch 80 90] [--dtype bf16 fp16 fp32 fp32-ieee] [--all-configs] [--json]
+    python -m lora_fast.aot [--arch 80 90] [--dtype bf16 fp16 fp32 fp32-ieee] [--all-configs] [--strided] [--json]
 
-compiles every variant at its main tile (or every config its pruner keeps, per row class) and
+compiles every variant at its main tile (the first config its pruner keeps for large M, for 16
+rows on the split-K path) or at every config its pruner keeps (--all-configs, per row class) and
 prints registers, stack (spill) bytes, shared memory and whether the PTX uses mma / wgmma. fp32 is
 built twice: as tf32 dots (tensor cores, when torch allows tf32) and as ieee ones (FMAs: torch's
 default "highest" precision). It checks whichever Triton is imported: `PYTHONPATH=build/triton-3.6`
@@ -117,41 +118,11 @@ def _variants():
 VARIANTS = {v.name: v for v in _variants()}
 
 
-def main_config(variant, rank=16):
-    """The tile a large-M launch would use most: 128-row GEMM tiles (64 for the fused backward,
-    which only runs for small M), 8 warps."""
-    kernel = VARIANTS[variant].kernel
-    if kernel is splitk._lora_split_k_partial_kernel:
-        return {"BLOCK_M": 16, "BLOCK_N": configs.SPLIT_K_BLOCK_N, "BLOCK_K": 128,
-                "BLOCK_R": configs.block_r(rank), "num_warps": 4, "num_stages": 4}
-    if kernel is splitk._lora_split_k_reduce_kernel:
-        return _split_k_reduce_config(16, rank)
-    if kernel is forward_tma._lora_forward_tma_kernel:
-        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": configs.block_r(rank),
-                "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    if kernel is backward_tma._lora_backward_tma_kernel:   # the dropout draw needs half the tile
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64 if VARIANTS[variant].constexprs["DROPOUT"] else 128,
-                "BLOCK_R": configs.block_r(rank), "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    if kernel is skinny._lora_skinny_kernel:
-        return {"BLOCK_M": 128, "BLOCK_L": 64, "BLOCK_R": configs.block_r(rank),
-                "num_warps": 8 if VARIANTS[variant].constexprs["DROPOUT"] else 4, "num_stages": 3}
-    dropout = VARIANTS[variant].constexprs["DROPOUT"]
-    if kernel is backward._lora_backward_kernel:
-        fused = VARIANTS[variant].constexprs["G_IN_LOOP"]
-        return {"BLOCK_M": configs.partial_block_m(1 << 20, fused), "BLOCK_N": 64,
-                "BLOCK_K": 64 if dropout else 128,     # the dropout draws need half the tile
-                "BLOCK_R": configs.block_r(rank), "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    if VARIANTS[variant].constexprs["DROPOUT"]:   # in-loop only, i.e. M <= 256
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": configs.block_r(rank),
-                "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": configs.block_r(rank),
-            "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-
-
-def _split_k_reduce_config(block_m, rank):
-    """The reduce kernel is not autotuned: its launcher's tile, 4 warps, Triton's default stages."""
-    return {"BLOCK_M": block_m, "BLOCK_N": configs.SPLIT_K_BLOCK_N, "BLOCK_R": configs.block_r(rank),
-            "num_warps": 4, "num_stages": 3}
+def main_config(variant, arch, dtype_name, rank=16):
+    """The variant's main tile on this arch and dtype: the first config its pruner keeps (the lists
+    are ordered best first) for large M, or for 16 rows where the kernel is split-K's (decode)."""
+    split_k = VARIANTS[variant].kernel in (splitk._lora_split_k_partial_kernel, splitk._lora_split_k_reduce_kernel)
+    return _pruned(variant, arch, dtype_name, 16 if split_k else 1 << 20, rank)[0]
 
 
 def compile_variant(variant, dtype_name, arch, config, strided=False):
@@ -222,49 +193,49 @@ def resource_usage(cubin):
             "local_bytes": int(found["LOCAL"])}
 
 
-def autotune_configs(variant, arch, dtype_name, rank=16):
-    """Every config the autotuner may launch for the variant on this arch and dtype: its config
-    list through the kernel's own early_config_prune, called as the autotuner calls it (positional
-    arguments in named_args, the launcher's keyword constexprs in kwargs), for each M regime
-    (decode and GEMM tiles); BLOCK_M set as the launchers set it where it is not tuned."""
+def _pruned(variant, arch, dtype_name, m, rank=16):
+    """The configs the variant's kernel keeps for M rows: its config list through its own
+    early_config_prune, called as the autotuner calls it (positional arguments in named_args, the
+    launcher's keyword constexprs in kwargs), BLOCK_M (and split-K's BLOCK_N) set as the launchers
+    set them where they are not tuned; each config as the meta-parameters a build takes. The
+    split-K reduce kernel is not autotuned: the launcher's tile."""
     spec = VARIANTS[variant]
     kernel = spec.kernel
     if kernel is splitk._lora_split_k_reduce_kernel:
-        return [_split_k_reduce_config(bm, rank) for bm in (16, 32, 64)]
+        block_m, block_n = configs.split_k_plan(m, 1, 1, 1)[:2]
+        return [{"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": configs.block_r(rank),
+                 "num_warps": configs.SPLIT_K_REDUCE_WARPS, "num_stages": 3}]   # Triton's default stages
     dtype, precision = BUILD_DTYPES[dtype_name]
-    fused = spec.constexprs.get("G_IN_LOOP", False)
     pointer = torch.empty(0, dtype=dtype)
+    named_args = {"M_BUCKET": m, "x_ptr": pointer, "dy_ptr": pointer, "src_ptr": pointer}
+    kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank), "INPUT_PRECISION": precision}
+    if kernel is splitk._lora_split_k_partial_kernel:
+        kwargs["BLOCK_M"], kwargs["BLOCK_N"] = configs.split_k_plan(m, 1, 1, 1)[:2]
+    elif kernel not in (forward._lora_forward_kernel, forward_tma._lora_forward_tma_kernel):
+        kwargs["BLOCK_M"] = configs.partial_block_m(m, spec.constexprs.get("G_IN_LOOP", False), precision)
+    kept = kernel.early_config_prune(kernel.configs, named_args, capability=arch // 10, **kwargs)
+    if not kept:   # the autotuner would launch with no config at all: a pruning bug
+        raise RuntimeError(f"{variant} {dtype_name} sm_{arch}: the pruner leaves no config at M_BUCKET={m}")
+    launcher = {k: v for k, v in kwargs.items() if k not in spec.constexprs and k != "INPUT_PRECISION"}
+    return [{**launcher, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
+
+
+def autotune_configs(variant, arch, dtype_name, rank=16):
+    """Every config the autotuner may launch for the variant on this arch and dtype: what its pruner
+    keeps (_pruned) in each M regime — every row class (configs.row_class, partial_block_m); split-K
+    (M <= SPLIT_K_MAX_M) at 1, 32 and 64 rows, the TMA kernels (M > SPLIT_K_MAX_M) at the large ones."""
+    kernel = VARIANTS[variant].kernel
+    if kernel in (splitk._lora_split_k_partial_kernel, splitk._lora_split_k_reduce_kernel):
+        regimes = (1, 32, configs.SPLIT_K_MAX_M)
+    elif kernel in (forward_tma._lora_forward_tma_kernel, backward_tma._lora_backward_tma_kernel):
+        regimes = (128, 1 << 20)
+    else:
+        regimes = (16, 32, 64, 128, 1 << 20)
     out = []
-    if kernel is splitk._lora_split_k_partial_kernel:   # its tile is the launcher's: M = 1, 32, 64
-        for m in (1, 32, configs.SPLIT_K_MAX_M):
-            block_m = max(16, configs.next_power_of_2(m))
-            kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank), "BLOCK_M": block_m,
-                      "BLOCK_N": configs.SPLIT_K_BLOCK_N, "INPUT_PRECISION": precision}
-            kept = kernel.early_config_prune(kernel.configs, {"M_BUCKET": m, "x_ptr": pointer},
-                                             capability=arch // 10, **kwargs)
-            if not kept:
-                raise RuntimeError(f"{variant} {dtype} sm_{arch}: the pruner leaves no config at M={m}")
-            out += [{**{k: v for k, v in kwargs.items() if k not in spec.constexprs and k != "INPUT_PRECISION"},
-                     **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
-        return out
-    # every row class (configs.row_class, partial_block_m); the TMA kernels run above SPLIT_K_MAX_M
-    tma = kernel in (forward_tma._lora_forward_tma_kernel, backward_tma._lora_backward_tma_kernel)
-    regimes = (128, 1 << 20) if tma else (16, 32, 64, 128, 1 << 20)
     for m in regimes:
-        block_m = configs.partial_block_m(m, fused, precision)
-        named_args = {"M_BUCKET": m, "x_ptr": pointer, "dy_ptr": pointer, "src_ptr": pointer}
-        kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank), "INPUT_PRECISION": precision}
-        if kernel not in (forward._lora_forward_kernel, forward_tma._lora_forward_tma_kernel):
-            kwargs["BLOCK_M"] = block_m
-        kept = kernel.early_config_prune(kernel.configs, named_args, capability=arch // 10, **kwargs)
-        if not kept:   # the autotuner would launch with no config at all: a pruning bug
-            raise RuntimeError(f"{variant} {dtype} sm_{arch}: the pruner leaves no config at M_BUCKET={m}")
-        for c in kept:
-            cfg = {"BLOCK_M": block_m, **kwargs, **c.kwargs, "num_warps": c.num_warps,
-                   "num_stages": c.num_stages}
-            cfg = {k: v for k, v in cfg.items() if k not in spec.constexprs and k != "INPUT_PRECISION"}
-            if cfg not in out:
-                out.append(cfg)
+        for c in _pruned(variant, arch, dtype_name, m, rank):
+            if c not in out:
+                out.append(c)
     return out
 
 
@@ -280,7 +251,7 @@ def report(archs=(80, 90), dtypes=tuple(BUILD_DTYPES), jobs=None, all_configs=Fa
     at every autotune config; one dict per build."""
     work = [(v, d, a, c, strided) for v in VARIANTS for d in dtypes for a in archs
             if a in VARIANTS[v].archs and d in VARIANTS[v].dtypes
-            for c in (autotune_configs(v, a, d) if all_configs else [main_config(v)])]
+            for c in (autotune_configs(v, a, d) if all_configs else [main_config(v, a, d)])]
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         return list(pool.map(_compile_row, work))
 

@@ -4,9 +4,9 @@
                               [--dropout 0 0.1]
     lora-fast-check ...                      (the same, as a console script)
 
-Runs the forward and backward launchers of the implementation under test (`--impl`, default the
-Triton kernels, `lora_fast.kernels`; compiled on a GPU when there is one, else under the Triton
-interpreter, which this command switches on itself) on fresh random inputs, and compares y, dX, dA
+Runs the forward and backward passes of the implementation under test (`--impl`, default the
+Triton kernels on the path lora_linear would run them, `lora_fast.dispatch`; compiled on a GPU when
+there is one, else under the Triton interpreter, which this command switches on itself) on fresh random inputs, and compares y, dX, dA
 and dB with the float64 PyTorch reference and the C++ reference (reported as missing, not skipped,
 when the package was built without it). Prints one row per output: relative error ‖out − ref‖/‖ref‖
 against each reference and the bound (lora_fast.tolerances: the dtype's bound, or twice plain
@@ -19,9 +19,10 @@ elements are checked one by one, not only in distribution.
 
 --all-paths checks every path the GPU dispatcher can pick (lora_fast.dispatch: in_loop / split /
 split_k / tma / cublas forward × fused / split / tma / cublas backward, those that apply to the shape), one row
-group per pair and dropout p, instead of the launchers' default path.
+group per pair and dropout p, instead of the one the dispatcher picks.
 
---impl MODULE names any module with the launchers' interface:
+--impl MODULE names any module with the passes' interface (lora_fast.kernels is accepted as a name
+for lora_fast.dispatch: the kernels' launchers take an explicit path):
     lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, seed=None) -> (y, xs)
     lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=None) -> (dx, dA, dB)
 (dropout_p and seed, a 1-element int64 tensor, are passed only when p > 0). The references are
@@ -186,8 +187,8 @@ def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p):
         yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p)
         return
     x, w, *_, dy = _inputs(M, K, N, r, dtype, device, seed)
-    for forward in impl.forward_paths(M, r, tma=impl.tma_possible(x, w)):
-        for backward in impl.backward_paths(r, need_dx=True, M=M, tma=impl.tma_possible(dy, w)):
+    for forward in impl.candidates("forward", impl.Call(M, r, operands=(x, w))):
+        for backward in impl.candidates("backward", impl.Call(M, r, operands=(dy, w))):
             with impl.forced(forward=forward, backward=backward):
                 yield f"{forward}/{backward}", check_case(impl, M, K, N, r, dtype, device, seed, p)
 
@@ -209,13 +210,14 @@ def build_parser():
     parser.add_argument("--dropout", nargs="+", type=float, metavar="P",
                         help="LoRA dropout probabilities in [0, 1) (default: "
                              f"{' '.join(f'{p:g}' for p in DEFAULT_DROPOUT)}: without and with dropout)")
-    parser.add_argument("--impl", default="lora_fast.kernels", metavar="MODULE",
+    parser.add_argument("--impl", default="lora_fast.dispatch", metavar="MODULE",
                         help="the module under test, imported by name: it must define lora_forward and "
-                             "lora_backward with the launchers' interface (given in the description); "
-                             "lora_fast.torch_path checks the torch backend, which needs no Triton")
+                             "lora_backward with the passes' interface (given in the description); the "
+                             "default runs the kernels as lora_linear does (lora_fast.kernels means the "
+                             "same); lora_fast.torch_path checks the torch backend, which needs no Triton")
     parser.add_argument("--all-paths", action="store_true",
                         help="check every forward x backward path the GPU dispatcher can pick "
-                             "(lora_fast.dispatch) instead of the launchers' default path; not with --impl")
+                             "(lora_fast.dispatch) instead of the one it picks; not with another --impl")
     parser.add_argument("--seed", type=_parse_seed, default=0,
                         help="an integer in [0, 2**32) from which every case's inputs and dropout seed are "
                              "drawn (case i of n uses seed * n + i)")
@@ -242,6 +244,8 @@ def _load_impl(parser, name):
     the two functions. Only a failure to find a module is caught here: an exception raised by the
     module's own code is that module's bug, and keeps its traceback."""
     try:
+        if name == "lora_fast.dispatch":   # it imports the kernels (and Triton) on its first call only
+            importlib.import_module("lora_fast.kernels")
         impl = importlib.import_module(name)
     except ImportError as e:
         missing = (e.name or "").partition(".")[0]
@@ -250,7 +254,7 @@ def _load_impl(parser, name):
                          f"for {TRITON_PLATFORMS} only: check the torch backend with --impl lora_fast.torch_path")
         parser.error(f"--impl {name}: expected an importable module, got {type(e).__name__}: {e}")
     except (ValueError, TypeError) as e:   # an empty or relative name
-        parser.error(f"--impl {name!r}: expected a module name such as lora_fast.kernels ({e})")
+        parser.error(f"--impl {name!r}: expected a module name such as lora_fast.dispatch ({e})")
     lacking = [f"no {f}" if not hasattr(impl, f) else f"a {f} that is not callable"
                for f in ("lora_forward", "lora_backward") if not callable(getattr(impl, f, None))]
     if lacking:
@@ -289,9 +293,11 @@ def main(argv=None):
     shapes = args.shapes or [_parse_shape(s) for s in (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)]
     ranks = args.ranks or (QUICK_RANKS if args.quick else DEFAULT_RANKS)
     _check_case_sizes(parser, shapes, ranks)
-    if args.all_paths and args.impl != "lora_fast.kernels":
+    if args.impl == "lora_fast.kernels":
+        args.impl = "lora_fast.dispatch"
+    if args.all_paths and args.impl != "lora_fast.dispatch":
         parser.error("--all-paths checks lora_fast.dispatch's paths: it cannot be combined with --impl")
-    impl = _load_impl(parser, "lora_fast.dispatch" if args.all_paths else args.impl)
+    impl = _load_impl(parser, args.impl)
 
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
     print(f"lora_fast.check: {args.impl} on {where}; torch {torch.__version__}")

@@ -16,13 +16,16 @@ Every path computes the same function with the same saved tensors (x, and xs = s
 with dropout, drops the same elements (the torch path reproduces the kernels' Philox mask,
 lora_fast.dropout), so any forward pairs with any backward and each stands in for the others.
 
-Which paths apply (`forced` accepts these): in_loop/fused/split_k/tma need the whole rank in one
-tile (r <= 64); fused and tma need dX; split_k runs for 1 <= M <= 64; tma needs a Hopper-or-later
-GPU, fp16/bf16 and TMA-readable (16-byte-aligned) inputs, and M > 64. Which of them are timed (the
-candidates): all that apply, except in_loop/fused above configs.IN_LOOP_CANDIDATE_MAX_M rows (each
-candidate costs a first step its compiles), and only cublas for fp32 on a GPU when torch does not
-allow tf32: the kernels' "ieee" fp32 dots run on FMAs with small tiles, a correctness path that
-cuBLAS's SGEMM outruns (bench/NOTES.md v7).
+The path table (`table()`, one per pass) names each path's launcher and the predicate saying
+whether it applies to a call; the dispatcher, `forced` and `lora-fast-check --all-paths` all read
+it, and the launchers do what they are told (they neither choose nor re-check). Which paths apply:
+in_loop/fused/split_k/tma need the whole rank in one tile (r <= 64); fused and tma need dX;
+split_k runs for 1 <= M <= 64; tma needs a Hopper-or-later GPU, fp16/bf16 and TMA-readable
+(16-byte-aligned) inputs, and M > 64. Which of them are timed (`candidates`): all that apply,
+except in_loop/fused above configs.IN_LOOP_CANDIDATE_MAX_M rows (each candidate costs a first step
+its compiles), and only cublas for fp32 on a GPU when torch does not allow tf32: the kernels'
+"ieee" fp32 dots run on FMAs with small tiles, a correctness path that cuBLAS's SGEMM outruns
+(bench/NOTES.md v7).
 
 LORA_FAST_DISPATCH picks how a choice is made:
   measure (default)  the first call of a key on a CUDA device runs every candidate on the call's
@@ -32,8 +35,8 @@ LORA_FAST_DISPATCH picks how a choice is made:
                      the fastest for the process and in the cache file. Where timing cannot run
                      (CUDA-graph capture, torch.compile tracing, the interpreter), a cached choice
                      is used if there is one, else the heuristic.
-  heuristic          the static rule (kernels.configs.IN_LOOP_MAX_M): in_loop/fused for
-                     M <= 256, split above; never times, never reads the cache file (the same
+  heuristic          the static rule (`heuristic`, kernels.configs.IN_LOOP_MAX_M): in_loop/fused
+                     for M <= 256, split above; never times, never reads the cache file (the same
                      choice on every machine). Read when a key is first met: set it before the
                      first call (choices already kept in the process stay).
 A path that raises — while measured (a compile error, out of resources, a TMA launch a driver
@@ -46,11 +49,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import statistics
 import time
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -58,6 +62,8 @@ from . import cache_file, torch_path
 
 FORWARD_PATHS = ("in_loop", "split", "split_k", "tma", "cublas")
 BACKWARD_PATHS = ("fused", "split", "tma", "cublas")
+# The single-kernel path of each pass: the heuristic's choice at small M.
+_SINGLE = {"forward": "in_loop", "backward": "fused"}
 MODES = ("measure", "heuristic")
 REPS = 5
 
@@ -71,14 +77,16 @@ _settled = {}        # key -> path decided without timing for good: one candidat
 _warned = set()      # (pass, path, error type) already warned about in this process
 
 
-def _kernels():
-    from lora_fast import kernels   # imports triton: only when a triton-backend call runs
-    return kernels
+_CONFIGS = []
 
 
 def _configs():
-    from lora_fast.kernels import configs
-    return configs
+    """kernels.configs, imported on first use (it imports triton: only when a triton-backend call
+    runs) and kept: the predicates read it several times a call."""
+    if not _CONFIGS:
+        from lora_fast.kernels import configs
+        _CONFIGS.append(configs)
+    return _CONFIGS[0]
 
 
 def mode():
@@ -88,153 +96,174 @@ def mode():
     return value
 
 
-def applicable_forward(M, R, tma=False):
-    """The forward paths that can run M rows at rank R (tma: whether the inputs allow the TMA kernel,
-    `tma_possible`). A symbolic M (torch.compile, dynamic shapes) is not compared with anything,
-    which would guard on it: no split_k or tma then."""
-    configs = _configs()
-    one_tile = R <= configs.IN_LOOP_MAX_R
-    known = type(M) is int
-    decode = known and 1 <= M <= configs.SPLIT_K_MAX_M
-    return (("in_loop",) if one_tile else ()) + ("split",) + (("split_k",) if one_tile and decode else ()) + \
-        (("tma",) if tma and one_tile and known and M > configs.SPLIT_K_MAX_M else ()) + ("cublas",)
+class Call:
+    """What the path table's predicates read of one call: M (an int, or symbolic under
+    torch.compile with dynamic shapes: then compared with nothing, which would guard on it), the
+    rank, whether dX is asked, and — computed when a predicate first asks — whether the TMA kernels
+    can read its first operand and weight here (`tma_possible`)."""
+    __slots__ = ("M", "R", "need_dx", "_operands", "_tma")
+
+    def __init__(self, M, R, need_dx=True, operands=None, tma=None):
+        self.M, self.R, self.need_dx, self._operands, self._tma = M, R, need_dx, operands, tma
+
+    @property
+    def tma(self):
+        if self._tma is None:
+            self._tma = self._operands is not None and tma_possible(*self._operands)
+        return self._tma
+
+    @property
+    def one_tile(self):   # the whole rank in one tile: in_loop, fused, split_k, tma
+        return self.R <= _configs().IN_LOOP_MAX_R
+
+    @property
+    def decode(self):
+        return type(self.M) is int and 1 <= self.M <= _configs().SPLIT_K_MAX_M
+
+    @property
+    def above_decode(self):
+        return type(self.M) is int and self.M > _configs().SPLIT_K_MAX_M
 
 
-def applicable_backward(R, need_dx, M=None, tma=False):
-    """The backward paths that can run (tma: whether dY and the weight allow the TMA kernel,
-    `tma_possible`; it also needs a known M > 64)."""
-    configs = _configs()
-    one_tile = R <= configs.IN_LOOP_MAX_R
-    big = type(M) is int and M > configs.SPLIT_K_MAX_M
-    return (("fused",) if need_dx and one_tile else ()) + ("split",) + \
-        (("tma",) if tma and need_dx and one_tile and big else ()) + ("cublas",)
+class Path(NamedTuple):
+    applies: Callable[[Call], bool]
+    launcher: Callable    # the pass's signature: lora_forward's or lora_backward's below
 
 
-def _timed(paths, single, M, fp32_ieee_gpu):
-    """The candidates among applicable `paths`: no `single`-kernel path (in_loop / fused) above
+def _always(call):
+    return True
+
+
+@functools.cache
+def table() -> dict[str, dict[str, Path]]:
+    """{pass: {path: Path(applies, launcher)}}, in FORWARD_PATHS / BACKWARD_PATHS order."""
+    from lora_fast import kernels   # imports triton: only when a triton-backend call runs
+    return {
+        "forward": {
+            "in_loop": Path(lambda c: c.one_tile, functools.partial(kernels.lora_forward, in_loop=True)),
+            "split": Path(_always, functools.partial(kernels.lora_forward, in_loop=False)),
+            "split_k": Path(lambda c: c.one_tile and c.decode, kernels.lora_forward_split_k),
+            "tma": Path(lambda c: c.one_tile and c.above_decode and c.tma, kernels.lora_forward_tma),
+            "cublas": Path(_always, torch_path.lora_forward),
+        },
+        "backward": {
+            "fused": Path(lambda c: c.need_dx and c.one_tile, functools.partial(kernels.lora_backward, path="fused")),
+            "split": Path(_always, functools.partial(kernels.lora_backward, path="split")),
+            "tma": Path(lambda c: c.need_dx and c.one_tile and c.above_decode and c.tma,
+                        functools.partial(kernels.lora_backward, path="tma")),
+            "cublas": Path(_always, torch_path.lora_backward),
+        },
+    }
+
+
+def applicable(pass_name: str, call: Call) -> tuple[str, ...]:
+    """The paths of `pass_name` that can run `call` (those `forced` accepts)."""
+    return tuple(name for name, path in table()[pass_name].items() if path.applies(call))
+
+
+def candidates(pass_name: str, call: Call, fp32_ieee_gpu: bool = False) -> tuple[str, ...]:
+    """The applicable paths the dispatcher times: no single-kernel path (in_loop / fused) above
     IN_LOOP_CANDIDATE_MAX_M rows, only cublas for fp32 "ieee" on a GPU."""
     if fp32_ieee_gpu:
         return ("cublas",)
-    big = type(M) is int and M > _configs().IN_LOOP_CANDIDATE_MAX_M
-    return tuple(p for p in paths if not (big and p == single))
+    big = type(call.M) is int and call.M > _configs().IN_LOOP_CANDIDATE_MAX_M
+    return tuple(p for p in applicable(pass_name, call) if not (big and p == _SINGLE[pass_name]))
 
 
-def forward_paths(M, R, tma=False, fp32_ieee_gpu=False):
-    """The forward paths the dispatcher times for M rows at rank R (the applicable ones, less those
-    predicted not to pay their compile time; see the module docstring)."""
-    return _timed(applicable_forward(M, R, tma), "in_loop", M, fp32_ieee_gpu)
-
-
-def backward_paths(R, need_dx, M=None, tma=False, fp32_ieee_gpu=False):
-    """The backward paths the dispatcher times."""
-    return _timed(applicable_backward(R, need_dx, M, tma), "fused", M, fp32_ieee_gpu)
+def heuristic(pass_name: str, call: Call) -> str:
+    """The static rule, used where nothing is timed: the single-kernel path up to
+    configs.IN_LOOP_MAX_M rows (the GEMM is bound by reading W0 there, and the redundant low-rank
+    MMA work is free), split above."""
+    single = _SINGLE[pass_name]
+    if table()[pass_name][single].applies(call) and call.M <= _configs().IN_LOOP_MAX_M:
+        return single
+    return "split"
 
 
 def tma_possible(x, weight):
     """Whether the TMA kernels can read x (the forward's x, or the backward's dY) and weight here: a
     Hopper-or-later GPU (or the interpreter, for tests), real tensors (not traced: descriptors are
-    built on the host), and kernels.tma_eligible's rules."""
-    from lora_fast.kernels.launch import _traced
-    configs = _configs()
-    if configs.INTERPRET:
+    built on the host), and kernels.launch.tma_eligible's rules."""
+    from lora_fast.kernels import launch
+    if launch.INTERPRET:
         device_ok = True
     else:
         device_ok = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return device_ok and not _traced(x) and _kernels().tma_eligible(x, weight)
+    return device_ok and not launch.traced(x) and launch.tma_eligible(x, weight)
 
 
 def fp32_ieee_gpu(t):
     """fp32 on a GPU without tf32 (torch's default "highest" precision): the kernels' dots would
     be ieee FMAs."""
-    return (t.dtype == torch.float32 and t.device.type == "cuda" and not _configs().INTERPRET
-            and _kernels().forward.input_precision(t.dtype) == "ieee")
+    from lora_fast.kernels import launch
+    return (t.dtype == torch.float32 and t.device.type == "cuda" and not launch.INTERPRET
+            and launch.input_precision(t.dtype) == "ieee")
 
 
-def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
-    """kernels.lora_forward or the torch path, whichever this (device, dtype, shape) runs fastest."""
+def _forward_call(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
     M, K = x.shape
     N, R = lora_B.shape
-
-    def run(path):
-        if path == "cublas":
-            return torch_path.lora_forward(x, weight, lora_A, lora_B, bias, scaling, save_xs=save_xs,
-                                           dropout_p=dropout_p, seed=seed)
-        if path == "split_k":
-            return _kernels().lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling,
-                                                   save_xs=save_xs, dropout_p=dropout_p, seed=seed)
-        if path == "tma":
-            if tma_possible(x, weight):
-                return _kernels().lora_forward_tma(x, weight, lora_A, lora_B, bias, scaling,
-                                                   save_xs=save_xs, dropout_p=dropout_p, seed=seed)
-            path = "split"  # the key's choice, but these tensors' alignment (or a trace) rules TMA out
-        return _kernels().lora_forward(x, weight, lora_A, lora_B, bias, scaling, save_xs=save_xs,
-                                       in_loop=path == "in_loop", dropout_p=dropout_p, seed=seed)
-
-    def heuristic():
-        return "in_loop" if _kernels().forward.xs_in_loop(M, R) else "split"
-
-    def paths(timed):
-        tma = key is not None and tma_possible(x, weight)
-        return forward_paths(M, R, tma, fp32_ieee_gpu(x)) if timed else applicable_forward(M, R, tma)
-
-    shape = (M, N, K, R, dropout_p > 0, bias is not None, save_xs)
-    key = _key("forward", x, shape) if M != 0 else None   # M = 0 shares no key with M = 1
-    return _dispatch("forward", key, x, shape, paths, heuristic, run)
+    return Call(M, R, operands=(x, weight)), x, (M, N, K, R, dropout_p > 0, bias is not None, save_xs)
 
 
-def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
-                  need_dx=True, need_da=True, need_db=True, dropout_p=0.0, seed=None):
-    """kernels.lora_backward or the torch path, whichever this (device, dtype, shape) runs fastest."""
+def _backward_call(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, need_da=True, need_db=True,
+                   dropout_p=0.0, seed=None):
     M, N = dy.shape
     K, R = x.shape[1], lora_A.shape[0]
-
-    def run(path):
-        if path == "cublas":
-            return torch_path.lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, need_dx=need_dx,
-                                            need_da=need_da, need_db=need_db, dropout_p=dropout_p, seed=seed)
-        # a key that chose tma, on tensors TMA cannot read (or traced), runs split
-        tma = path == "tma" and tma_possible(dy, weight)
-        return _kernels().lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, need_dx=need_dx,
-                                        need_da=need_da, need_db=need_db, fused=path == "fused",
-                                        tma=tma, dropout_p=dropout_p, seed=seed)
-
-    def heuristic():
-        return "fused" if need_dx and _kernels().backward.g_in_loop(M, R) else "split"
-
-    def paths(timed):
-        tma = key is not None and tma_possible(dy, weight)
-        if timed:
-            return backward_paths(R, need_dx, M, tma, fp32_ieee_gpu(dy))
-        return applicable_backward(R, need_dx, M, tma)
-
-    shape = (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db)
-    key = _key("backward", dy, shape) if M != 0 else None
-    return _dispatch("backward", key, dy, shape, paths, heuristic, run)
+    return Call(M, R, need_dx, (dy, weight)), dy, (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db)
 
 
-def _key(pass_name, t, shape):
-    """(device, dtype, pass, M rounded up to a power of two, the rest of shape); None for a
-    symbolic M (torch.compile with dynamic shapes), which has no key."""
-    M = shape[0]
-    if type(M) is not int:
-        return None
-    return (t.device, t.dtype, pass_name, _configs().m_bucket(M)) + shape[1:]
+def _empty_forward(x, weight, lora_A, lora_B, *args, **kwargs):
+    return x.new_empty((0, lora_B.shape[0])), x.new_empty((0, lora_B.shape[1]))
 
 
-def _dispatch(pass_name, key, t, shape, paths, heuristic, run):
-    """Run the call on its key's path (a dict lookup when kept: decode sizes have a few µs to
-    spare), choosing it first if the key is new; a kept path that raises falls back."""
+def _empty_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, need_da=True, need_db=True,
+                    **kwargs):
+    return (dy.new_empty((0, x.shape[1])) if need_dx else None,
+            torch.zeros_like(lora_A) if need_da else None, torch.zeros_like(lora_B) if need_db else None)
+
+
+_PASSES = {"forward": (_forward_call, _empty_forward), "backward": (_backward_call, _empty_backward)}
+
+
+def run(pass_name, *args, **kwargs):
+    """Run one pass of the "triton" backend on its key's path: args as lora_forward's or
+    lora_backward's. A kept path is a dict lookup (decode sizes have a few µs to spare); a new key
+    is chosen first (`choose`); a kept path that raises falls back to the next. M = 0 runs nothing
+    (after a forced path is checked: forcing one that cannot apply is an error whatever M)."""
+    describe, empty = _PASSES[pass_name]
+    call, like, shape = describe(*args, **kwargs)
+    paths = table()[pass_name]
     forced_paths = _forced.get()
+    key = _key(pass_name, like, shape)
     path = None if forced_paths else _choices.get(key) or _settled.get(key)
     if path is None:
-        path = choose(pass_name, key, t, shape, paths, heuristic, run)
+        path = choose(pass_name, key, like, call, shape, lambda p: paths[p].launcher(*args, **kwargs))
+    elif not paths[path].applies(call):
+        path = "split"   # the key chose tma, but these tensors' alignment (or a trace) rules it out
+    if shape[0] == 0:
+        return empty(*args, **kwargs)
     try:
-        return run(path)
+        return paths[path].launcher(*args, **kwargs)
     except Exception as error:
         if forced_paths.get(pass_name):
             raise
-        _raise_unless_path_failure(pass_name, path, error, t)
-        return _fall_back(pass_name, key, t, path, error, paths, heuristic, run)
+        _raise_unless_path_failure(pass_name, path, error, like)
+        return _fall_back(pass_name, key, like, call, path, error, lambda p: paths[p].launcher(*args, **kwargs))
+
+
+# The module-level face of the passes (lora_fast.torch_path's signatures), as `--impl` modules have.
+lora_forward = functools.partial(run, "forward")
+lora_backward = functools.partial(run, "backward")
+
+
+def _key(pass_name, t, shape):
+    """(device, dtype, pass, M rounded up to a power of two, the rest of shape); None for M = 0
+    (it shares no key with M = 1) and for a symbolic M (torch.compile with dynamic shapes)."""
+    M = shape[0]
+    if type(M) is not int or M == 0:
+        return None
+    return (t.device, t.dtype, pass_name, _configs().m_bucket(M)) + shape[1:]
 
 
 def _raise_unless_path_failure(pass_name, path, error, t):
@@ -255,35 +284,34 @@ def _raise_unless_path_failure(pass_name, path, error, t):
             raise error from None
 
 
-def choose(pass_name, key, t, shape, paths, heuristic, run):
+def choose(pass_name, key, t, call, shape, run):
     """The path for a call whose key has no kept choice: forced, the only candidate, the cache
-    file's, measured, or the heuristic. `paths(timed)` gives the candidates (timed=True) or every
-    applicable path (False)."""
+    file's, measured, or the heuristic. run(path) runs the call on a path (to time it)."""
     forced = _forced.get().get(pass_name)
     if forced is not None:
-        applicable = paths(False)
-        if forced not in applicable:
+        paths = applicable(pass_name, call)
+        if forced not in paths:
             raise ValueError(f"forced {pass_name} path {forced!r} does not apply to this call "
-                             f"(M, N, K, r = {shape[:4]}, dropout {shape[4]}): expected one of {applicable}")
+                             f"(M, N, K, r = {shape[:4]}, dropout {shape[4]}): expected one of {paths}")
         return forced
     if key is None:
-        return heuristic()
-    candidates = _usable(key, paths(True))
-    if len(candidates) == 1:
-        _settled[key] = candidates[0]
-        return candidates[0]
+        return heuristic(pass_name, call)
+    timed = _usable(key, candidates(pass_name, call, fp32_ieee_gpu(t)))
+    if len(timed) == 1:
+        _settled[key] = timed[0]
+        return timed[0]
     if mode() == "heuristic":
-        return _preferred(heuristic(), candidates)
-    path = _from_cache_file(key, candidates)
+        return _preferred(heuristic(pass_name, call), timed)
+    path = _from_cache_file(key, timed)
     if path is not None:
         return path
     if not can_measure(t):
-        path = _preferred(heuristic(), candidates)
+        path = _preferred(heuristic(pass_name, call), timed)
         if t.device.type != "cuda":     # never timed on this device (CPU, the interpreter): decide once
             _settled[key] = path
         return path
     times = {}
-    for p in candidates:
+    for p in timed:
         try:
             times[p] = timer(lambda p=p: run(p), t.device)
         except Exception as error:      # this path cannot run here: the others still can
@@ -308,20 +336,22 @@ def _preferred(path, candidates):
     return path if path in candidates else candidates[0]
 
 
-def _fall_back(pass_name, key, t, path, error, paths, heuristic, run):
+def _fall_back(pass_name, key, t, call, path, error, run):
     """`path` raised on this call: drop it for the key and run the next — the fastest measured one
     that is left, else the heuristic's, else the first applicable (cublas last) — until one runs;
     when none is left, the last error is raised."""
     tried = set()
+    preferred = heuristic(pass_name, call)
     while True:
         tried.add(path)
         _record_failure(pass_name, key, path, error)
         failed = _failed.get(key, {})
-        left = [p for p in paths(True) + paths(False) if p not in tried and p not in failed]
+        left = [p for p in candidates(pass_name, call, fp32_ieee_gpu(t)) + applicable(pass_name, call)
+                if p not in tried and p not in failed]
         if not left:
             raise error
         measured = _times.get(key, {})
-        path = min(left, key=lambda p: (p not in measured, measured.get(p, 0.0), p != heuristic(),
+        path = min(left, key=lambda p: (p not in measured, measured.get(p, 0.0), p != preferred,
                                         p == "cublas"))
         if key is not None:
             _settled.pop(key, None)
@@ -349,10 +379,10 @@ def _record_failure(pass_name, key, path, error):
 
 def can_measure(t):
     """Timing runs on CUDA tensors, eagerly, outside a CUDA-graph capture."""
-    from lora_fast.kernels.launch import _traced
-    return (t.device.type == "cuda" and not _configs().INTERPRET
+    from lora_fast.kernels import launch
+    return (t.device.type == "cuda" and not launch.INTERPRET
             and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
-            and not _traced(t))
+            and not launch.traced(t))
 
 
 _SLEEP_CYCLES_PER_MS = {}

@@ -39,10 +39,53 @@ from torch._functorch.utils import unwrap_dead_wrappers
 from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-from . import dropout
+from . import dropout, ops, torch_path
 from .backend import resolve_backend
 from .checks import check_lora_inputs, check_tensor_kinds
-from .ops import OPS, _rows, input_grads, passes, run_backward, run_forward
+
+
+def passes(backend):
+    """The module whose lora_forward / lora_backward run `backend`'s passes: for "triton", the
+    dispatcher, which picks the kernels' path (or cuBLAS) per shape by measurement."""
+    if backend == "triton":
+        from . import dispatch  # imports triton: only paid for when the kernels run
+        return dispatch
+    return torch_path
+
+
+def rows(x):
+    return x.reshape(-1, x.shape[-1])   # a view whenever the strides allow; the kernels take strides
+
+
+def run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_xs=True):
+    """(y (M, out), xs (M, r) or None) of `backend`'s forward pass, for x of any leading shape."""
+    return passes(backend).lora_forward(rows(x), weight, lora_A, lora_B, bias, scaling,
+                                        save_xs=save_xs, dropout_p=dropout_p, seed=seed)
+
+
+def run_backward(backend, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
+                 need_dx, need_da, need_db):
+    """The asked gradients among [dx (M, in), dA, dB] of `backend`'s backward pass, in that order."""
+    grads = passes(backend).lora_backward(dy, rows(x), xs, weight, lora_A, lora_B, scaling,
+                                          need_dx=need_dx, need_da=need_da, need_db=need_db,
+                                          dropout_p=dropout_p, seed=seed)
+    return [g for g in grads if g is not None]
+
+
+def input_grads(backward_op, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
+                need_x, need_w, need_a, need_lb, need_b):
+    """(dx in x's shape, dW, dA, dB, dbias) for the 2-D dy, None where not asked; `backward_op` is
+    the backward op (lora_fast.ops), or run_backward bound to a backend in eager mode."""
+    lora = need_x or need_a or need_lb
+    asked = iter(backward_op(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
+                             need_x, need_a, need_lb) if lora else ())
+    dx = next(asked).view(x.shape) if need_x else None
+    da = next(asked) if need_a else None
+    db = next(asked) if need_lb else None
+    # The base weight and bias are normally frozen; their gradients, when asked, are plain ops.
+    dw = torch.mm(dy.t(), rows(x)) if need_w else None
+    dbias = dy.sum(0) if need_b else None
+    return dx, dw, da, db, dbias
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -63,7 +106,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, scaling, backend, dropout_p, seed):
-        return run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+        return passes(backend).lora_forward(rows(x), weight, lora_A, lora_B, bias, scaling,
+                                            dropout_p=dropout_p, seed=seed)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -97,8 +141,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if seed is None and all(d is None for d in in_dims[1:]):
             xb = x.movedim(in_dims[0], 0)
             y, xs = LoRALinearFunction.apply(xb, *args[1:])
-            rows = (info.batch_size, math.prod(xb.shape[1:-1]))
-            return (y.view(*rows, y.shape[1]), xs.view(*rows, xs.shape[1])), (0, 0)
+            lead = (info.batch_size, math.prod(xb.shape[1:-1]))
+            return (y.view(*lead, y.shape[1]), xs.view(*lead, xs.shape[1])), (0, 0)
         outs = [LoRALinearFunction.apply(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
                 for i in range(info.batch_size)]
         return tuple(torch.stack(o) for o in zip(*outs)), (0, 0)
@@ -108,11 +152,11 @@ class LoRALinearFunction(torch.autograd.Function):
         """Forward-mode AD: y is linear in each input, so its tangent is the sum of the forward's
         terms with one factor replaced by its tangent (plain PyTorch ops, on either backend)."""
         x, xs, weight, lora_A, lora_B = ctx.saved_tensors
-        x, s, drop = _rows(x), *_dropout(ctx, x)
+        x, s, drop = rows(x), *_dropout(ctx, x)
         # Out of place: under jacfwd / hessian the tangents are batched and the saved tensors not.
         y_t = x.new_zeros((x.shape[0], weight.shape[0]))
         if x_t is not None:
-            x_t = _rows(x_t)
+            x_t = rows(x_t)
             y_t = y_t + x_t @ weight.t() + s * ((drop(x_t) @ lora_A.t()) @ lora_B.t())
         if weight_t is not None:
             y_t = y_t + x @ weight_t.t()
@@ -147,12 +191,12 @@ def _transform_backward(ctx, dy):
     lora_A: the saved one is a non-differentiable output, so dB would not depend on lora_A."""
     need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
     x, _, weight, lora_A, lora_B = ctx.saved_tensors
-    rows, (s, drop) = _rows(x), _dropout(ctx, x)
+    x2d, (s, drop) = rows(x), _dropout(ctx, x)
     gs = s * (dy @ lora_B)
     dx = (dy @ weight + drop(gs @ lora_A)).view(x.shape) if need_x else None
-    da = gs.t() @ drop(rows) if need_a else None
-    db = dy.t() @ (s * (drop(rows) @ lora_A.t())) if need_lb else None
-    dw = dy.t() @ rows if need_w else None
+    da = gs.t() @ drop(x2d) if need_a else None
+    db = dy.t() @ (s * (drop(x2d) @ lora_A.t())) if need_lb else None
+    dw = dy.t() @ x2d if need_w else None
     dbias = dy.sum(0) if need_b else None
     return dx, dw, dbias, da, db, None, None, None, None
 
@@ -199,22 +243,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     autocast = _autocast_dtype(x)
     check_tensor_kinds(x, weight, lora_A, lora_B, bias)   # before any cast: autocast's or the adapters'
     if autocast is not None:
-        cast = [t if t is None or t.dtype == torch.float64 else t.to(autocast)
-                for t in (x, weight, lora_A, lora_B, bias)]
-        with torch.autocast(x.device.type, enabled=False):
-            return _lora_linear(*cast, scaling, dropout_p, training, backend, autocast)
-    return _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, training, backend, None)
-
-
-def _autocast_dtype(x):
-    """The dtype autocast casts lora_linear's inputs to here, or None (off, or x not a CPU/CUDA tensor)."""
-    if (isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu")
-            and torch.is_autocast_enabled(x.device.type)):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
-
-
-def _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, training, backend, autocast):
+        x, weight, lora_A, lora_B, bias = (t if t is None or t.dtype == torch.float64 else t.to(autocast)
+                                           for t in (x, weight, lora_A, lora_B, bias))
     lora_A, lora_B = cast_master_adapters(x, lora_A, lora_B)
     check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, training, autocast)
     chosen = resolve_backend(backend, x.device, x.dtype)
@@ -223,22 +253,32 @@ def _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, training, 
     seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
     tensors = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
     training_step = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if torch.compiler.is_compiling():
-        ops = OPS[chosen]
-        if training_step:
-            y, _ = ops.forward(x, weight, lora_A, lora_B, bias, scaling, p, seed)
-        else:
-            y = ops.inference(x, weight, lora_A, lora_B, bias, scaling, p, seed)
-    elif training_step or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
-        # torch.func and forward-mode AD too: the Function's rules (vmap, jvp), not the kernels'
-        # raw pointers on wrapped or dual tensors
-        y, _ = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, chosen, p, seed)
-    else:   # no autograd node, and the kernels need not keep xs
-        y, _ = run_forward(chosen, x, weight, lora_A, lora_B, bias, scaling, p, seed, save_xs=False)
+    # Under autocast the passes run on the cast tensors with autocast off (as nn.Linear's matmul).
+    with torch.autocast(x.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
+        if torch.compiler.is_compiling():
+            op = ops.OPS[chosen]
+            if training_step:
+                y, _ = op.forward(x, weight, lora_A, lora_B, bias, scaling, p, seed)
+            else:
+                y = op.inference(x, weight, lora_A, lora_B, bias, scaling, p, seed)
+        elif training_step or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+            # torch.func and forward-mode AD too: the Function's rules (vmap, jvp), not the kernels'
+            # raw pointers on wrapped or dual tensors
+            y, _ = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, chosen, p, seed)
+        else:   # no autograd node, and the kernels need not keep xs
+            y, _ = run_forward(chosen, x, weight, lora_A, lora_B, bias, scaling, p, seed, save_xs=False)
     # Reshaped here, outside the op or Function, with _unsafe_view as torch.matmul does (same
     # storage, not a view to autograd): in-place ops on the output (y += residual) are allowed, and
     # FSDP2 does not warn that they would drop its pre-backward hook on a module's output.
     return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
+
+
+def _autocast_dtype(x):
+    """The dtype autocast casts lora_linear's inputs to here, or None (off, or x not a CPU/CUDA tensor)."""
+    if (isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu")
+            and torch.is_autocast_enabled(x.device.type)):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
 
 
 def cast_master_adapters(x, lora_A, lora_B):

@@ -30,7 +30,8 @@ kernels are no JIT functions, which wrap_triton cannot trace (torch 2.11 refuses
 launches them untraced); torch < 2.6 has no triton_op either.
 
 Eagerly, lora_linear does not call these operators (their Python dispatch costs ~30 us a call):
-LoRALinearFunction calls run_forward / run_backward itself.
+LoRALinearFunction runs the passes itself. This file only registers the operators; the passes
+they run are lora_fast.function's.
 """
 import math
 from typing import NamedTuple, Optional
@@ -38,7 +39,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import torch_path
+from . import function   # the passes themselves (run_forward / run_backward / input_grads)
 from .backend import interpreter_enabled
 
 
@@ -46,34 +47,6 @@ class Ops(NamedTuple):
     forward: object
     inference: object
     backward: object
-
-
-def passes(backend):
-    """The module whose lora_forward / lora_backward run `backend`'s passes: for "triton", the
-    dispatcher, which picks the kernels' path (or cuBLAS) per shape by measurement."""
-    if backend == "triton":
-        from . import dispatch  # imports triton: only paid for when the kernels run
-        return dispatch
-    return torch_path
-
-
-def run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_xs=True):
-    """(y (M, out), xs (M, r) or None) of `backend`'s forward pass, for x of any leading shape."""
-    return passes(backend).lora_forward(_rows(x), weight, lora_A, lora_B, bias, scaling,
-                                        save_xs=save_xs, dropout_p=dropout_p, seed=seed)
-
-
-def run_backward(backend, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
-                 need_dx, need_da, need_db):
-    """The asked gradients among [dx (M, in), dA, dB] of `backend`'s backward pass, in that order."""
-    grads = passes(backend).lora_backward(dy, _rows(x), xs, weight, lora_A, lora_B, scaling,
-                                          need_dx=need_dx, need_da=need_da, need_db=need_db,
-                                          dropout_p=dropout_p, seed=seed)
-    return [g for g in grads if g is not None]
-
-
-def _rows(x):
-    return x.reshape(-1, x.shape[-1])   # a view whenever the strides allow; the kernels take strides
 
 
 def _kernels_traceable():
@@ -86,7 +59,7 @@ def _kernels_traceable():
 
 def _define(backend, traceable, prefix=None):
     """Register the three ops of `backend` (named lora_fast::{prefix}_*, prefix = backend by
-    default): run_forward / run_backward as operators."""
+    default): lora_fast.function's run_forward / run_backward as operators."""
     def define(name):
         qualname = f"lora_fast::{prefix or backend}_{name}"
         if traceable:
@@ -96,19 +69,19 @@ def _define(backend, traceable, prefix=None):
     @define("forward")
     def forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                 scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        return run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+        return function.run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
     @define("inference")
     def inference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                   scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
-        return run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
+        return function.run_forward(backend, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed,
                            save_xs=False)[0]
 
     @define("backward")
     def backward(dy: Tensor, x: Tensor, xs: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                  scaling: float, dropout_p: float, seed: Optional[Tensor],
                  need_dx: bool, need_da: bool, need_db: bool) -> list[Tensor]:
-        return run_backward(backend, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
+        return function.run_backward(backend, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
                             need_dx, need_da, need_db)
 
     def setup_context(ctx, inputs, output):
@@ -120,7 +93,7 @@ def _define(backend, traceable, prefix=None):
 
     def grads(ctx, dy, _):
         need_x, need_w, need_a, need_lb, need_b = ctx.needs_input_grad[:5]
-        dx, dw, da, db, dbias = input_grads(backward, dy, *ctx.saved_tensors, ctx.scaling, ctx.dropout_p,
+        dx, dw, da, db, dbias = function.input_grads(backward, dy, *ctx.saved_tensors, ctx.scaling, ctx.dropout_p,
                                             ctx.seed, need_x, need_w, need_a, need_lb, need_b)
         return dx, dw, da, db, dbias, None, None, None
 
@@ -130,22 +103,6 @@ def _define(backend, traceable, prefix=None):
         backward.register_fake(_backward_fake)
     forward.register_autograd(grads, setup_context=setup_context)
     return Ops(forward, inference, backward)
-
-
-def input_grads(backward_op, dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
-                need_x, need_w, need_a, need_lb, need_b):
-    """(dx in x's shape, dW, dA, dB, dbias) for the 2-D dy, None where not asked; `backward_op` is
-    the backward op, or run_backward bound to a backend in eager mode."""
-    lora = need_x or need_a or need_lb
-    asked = iter(backward_op(dy, x, xs, weight, lora_A, lora_B, scaling, dropout_p, seed,
-                             need_x, need_a, need_lb) if lora else ())
-    dx = next(asked).view(x.shape) if need_x else None
-    da = next(asked) if need_a else None
-    db = next(asked) if need_lb else None
-    # The base weight and bias are normally frozen; their gradients, when asked, are plain ops.
-    dw = torch.mm(dy.t(), _rows(x)) if need_w else None
-    dbias = dy.sum(0) if need_b else None
-    return dx, dw, da, db, dbias
 
 
 def _forward_fake(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):

@@ -100,6 +100,18 @@ def test_hopper_builds_without_wgmma_are_the_small_mma_ones(rows):
             assert small, f"{_where(r)}: no wgmma"
 
 
+def test_main_tiles_are_configs_the_pruners_keep():
+    """The quick report's tile of each build (`python -m lora_fast.aot` without --all-configs) is one
+    the autotuner can launch: aot.main_config takes it from configs' lists through the kernel's own
+    pruner (the first kept for large M, for 16 rows on the split-K path), not from a table of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from lora_fast.aot import VARIANTS, autotune_configs, main_config\n"
+            "print([(v, a, d) for v, s in VARIANTS.items() for a in s.archs for d in s.dtypes\n"
+            "       if main_config(v, a, d) not in autotune_configs(v, a, d)])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 def test_operand_offsets_are_64_bit_for_any_strides():
     """Compiled for arbitrary strides (transposed or sliced views), every pointer offset into x, W0,
     dY, A, B and the partial buffers is computed in int64 (row * stride, or k * stride on a

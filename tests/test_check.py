@@ -76,8 +76,8 @@ def test_all_paths_checks_every_pair_the_dispatcher_can_pick():
     assert pairs["67", "0"] == {f"{f}/{b}" for f in ("in_loop", "split", "cublas") for b in backward}
     assert pairs["1", "0"] == {f"{f}/{b}" for f in ("in_loop", "split", "split_k", "cublas") for b in backward}
     for M in (67, 1):
-        offered = {f"{f}/{b}" for f in dispatch.forward_paths(M, 3)
-                   for b in dispatch.backward_paths(3, need_dx=True, M=M)}
+        offered = {f"{f}/{b}" for f in dispatch.candidates("forward", dispatch.Call(M, 3))
+                   for b in dispatch.candidates("backward", dispatch.Call(M, 3))}
         assert pairs[str(M), "0.1"] == pairs[str(M), "0"] == offered
     refused = _check("--all-paths", "--impl", "lora_fast.kernels.forward")
     assert refused.returncode == 2 and "cannot be combined with --impl" in refused.stderr
@@ -118,7 +118,7 @@ def test_console_script():
     res = subprocess.run([str(script), "--shapes", "5x9x7", "--ranks", "2", "--dtypes", "fp32"],
                          env=_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "lora_fast.check: lora_fast.kernels" in res.stdout
+    assert "lora_fast.check: lora_fast.dispatch" in res.stdout
 
 
 def test_missing_extension_is_reported_not_skipped(monkeypatch, capsys):

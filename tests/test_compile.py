@@ -155,11 +155,11 @@ def test_function_and_lora_linear_agree(backend):
 def test_eager_calls_skip_the_operators(monkeypatch):
     """Eagerly lora_linear runs the passes through LoRALinearFunction, not the torch.library
     operators, whose Python dispatch would add ~30 us to every call (a decode step's budget)."""
-    import lora_fast.function as function
+    import lora_fast.ops as ops
 
     def refuse(*args, **kwargs):
         raise AssertionError("an eager call went through a torch.library operator")
-    monkeypatch.setattr(function, "OPS", {b: OPS[b]._replace(forward=refuse, inference=refuse,
+    monkeypatch.setattr(ops, "OPS", {b: OPS[b]._replace(forward=refuse, inference=refuse,
                                                              backward=refuse) for b in BACKENDS})
     t = {k: v.clone().requires_grad_(True) for k, v in make_inputs(6, 8, 5, 2, torch.float32).items()}
     for backend in BACKENDS:

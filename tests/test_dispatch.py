@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import HAS_CUDA, KERNEL_DTYPES, assert_close, make_inputs
-from lora_fast import dispatch, kernels, lora_linear, torch_path
+from lora_fast import dispatch, kernels, lora_linear
 from lora_fast.reference import lora_linear_backward_ref, lora_linear_ref
 
 SCALING = 1.7
@@ -19,21 +19,15 @@ def ran(monkeypatch, tmp_path):
     whose cache file is under tmp_path."""
     calls = []
 
-    def spy(pass_name, fn, path_of):
+    def spy(label, fn):
         def wrapped(*args, **kwargs):
-            calls.append(f"{pass_name}:{path_of(kwargs)}")
+            calls.append(label)
             return fn(*args, **kwargs)
         return wrapped
-    monkeypatch.setattr(kernels, "lora_forward", spy(
-        "forward", kernels.lora_forward, lambda kw: "in_loop" if kw["in_loop"] else "split"))
-    monkeypatch.setattr(kernels, "lora_backward", spy(
-        "backward", kernels.lora_backward,
-        lambda kw: "tma" if kw.get("tma") else "fused" if kw["fused"] else "split"))
-    monkeypatch.setattr(kernels, "lora_forward_split_k", spy(
-        "forward", kernels.lora_forward_split_k, lambda kw: "split_k"))
-    monkeypatch.setattr(kernels, "lora_forward_tma", spy("forward", kernels.lora_forward_tma, lambda kw: "tma"))
-    monkeypatch.setattr(torch_path, "lora_forward", spy("forward", torch_path.lora_forward, lambda kw: "cublas"))
-    monkeypatch.setattr(torch_path, "lora_backward", spy("backward", torch_path.lora_backward, lambda kw: "cublas"))
+    # Each entry of the dispatcher's own path table, wrapped: what runs is what the table names.
+    for pass_name, paths in dispatch.table().items():
+        for name, path in paths.items():
+            monkeypatch.setitem(paths, name, path._replace(launcher=spy(f"{pass_name}:{name}", path.launcher)))
     monkeypatch.setenv("LORA_FAST_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
     monkeypatch.delenv("LORA_FAST_DISPATCH", raising=False)
     dispatch.clear()
@@ -101,8 +95,8 @@ def test_measuring_keeps_the_fastest_and_caches_it(fastest, timed, ran, tmp_path
     timed.update({f"forward:{p}": 1.0 if p == fwd else 2.0 for p in dispatch.FORWARD_PATHS})
     timed.update({f"backward:{p}": 1.0 if p == bwd else 3.0 for p in dispatch.BACKWARD_PATHS})
     t, dy, y, grads = _step(37)
-    forward_paths = dispatch.forward_paths(37, 8)     # fp32: no tma
-    backward_paths = dispatch.backward_paths(8, True, 37)
+    forward_paths = dispatch.candidates("forward", dispatch.Call(37, 8))     # fp32: no tma
+    backward_paths = dispatch.candidates("backward", dispatch.Call(37, 8))
     assert sorted(timed["timed"]) == sorted([f"forward:{p}" for p in forward_paths] +
                                             [f"backward:{p}" for p in backward_paths])
     assert ran == [f"forward:{fwd}", f"backward:{bwd}"]
@@ -154,14 +148,14 @@ def test_only_applicable_paths_are_timed(timed, ran, monkeypatch):
     with torch.no_grad():
         lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], backend="triton")
     assert sorted(timed["timed"]) == ["forward:cublas", "forward:in_loop", "forward:split", "forward:split_k"]
-    assert dispatch.backward_paths(8, need_dx=False) == ("split", "cublas")
+    assert dispatch.candidates("backward", dispatch.Call(20, 8, need_dx=False)) == ("split", "cublas")
     timed["timed"].clear()
     _step(0)      # an empty batch: nothing to time, and no key shared with M = 1
     assert timed["timed"] == []
     monkeypatch.setattr(kernels.configs, "IN_LOOP_CANDIDATE_MAX_M", 128)
     _step(130, seed=3)    # a new bucket (129..256) above the (lowered) limit
     assert sorted(timed["timed"]) == ["backward:cublas", "backward:split", "forward:cublas", "forward:split"]
-    assert "in_loop" in dispatch.applicable_forward(130, 8), "forced runs may still use it"
+    assert "in_loop" in dispatch.applicable("forward", dispatch.Call(130, 8)), "forced runs may still use it"
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
@@ -273,27 +267,17 @@ def test_measuring_on_the_gpu(ran):
     assert_close("y", out, lora_linear_ref(**s), torch.bfloat16)
 
 
-def _break(monkeypatch, module, name, error=RuntimeError("out of resources: shared memory")):
-    """Make one launcher raise, as a compile error or a launch a driver refuses would; returns the
-    list of its calls."""
+def _break(monkeypatch, pass_name, path, error=RuntimeError("out of resources: shared memory")):
+    """Make one path of the dispatcher's table raise, as a compile error or a launch a driver
+    refuses would; returns the list of its calls."""
     calls = []
 
     def broken(*args, **kwargs):
         calls.append(kwargs)
         raise error
-    monkeypatch.setattr(module, name, broken)
+    paths = dispatch.table()[pass_name]
+    monkeypatch.setitem(paths, path, paths[path]._replace(launcher=broken))
     return calls
-
-
-def _break_in_loop(monkeypatch, message):
-    """From now on the forward kernel raises on its in_loop path only (split still runs)."""
-    real = kernels.lora_forward
-
-    def in_loop_breaks(*args, **kwargs):
-        if kwargs["in_loop"]:
-            raise RuntimeError(message)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(kernels, "lora_forward", in_loop_breaks)
 
 
 def test_a_path_failing_while_measured_is_dropped_with_one_warning(timed, ran, monkeypatch, tmp_path):
@@ -304,7 +288,7 @@ def test_a_path_failing_while_measured_is_dropped_with_one_warning(timed, ran, m
     timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
     timed["forward:split_k"] = 0.1            # it would have won
     timed["forward:split"] = 1.0
-    calls = _break(monkeypatch, kernels, "lora_forward_split_k")
+    calls = _break(monkeypatch, "forward", "split_k")
     with pytest.warns(RuntimeWarning, match=r"forward path 'split_k' failed .*out of resources"):
         t, dy, y, grads = _step(20)
     assert calls, "split_k was not tried"
@@ -330,7 +314,7 @@ def test_a_kept_path_that_raises_later_falls_back(timed, ran, monkeypatch, tmp_p
     timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
     _step(40)
     assert ran[0] == "forward:in_loop"
-    _break_in_loop(monkeypatch, "CUDA error: too many resources requested for launch")
+    _break(monkeypatch, "forward", "in_loop", RuntimeError("CUDA error: too many resources requested for launch"))
     ran.clear()
     with pytest.warns(RuntimeWarning, match="forward path 'in_loop' failed"):
         t, dy, y, grads = _step(50, seed=6)
@@ -343,9 +327,8 @@ def test_a_kept_path_that_raises_later_falls_back(timed, ran, monkeypatch, tmp_p
 
 
 def test_every_path_failing_raises_and_forced_paths_are_not_replaced(timed, ran, monkeypatch):
-    for name in ("lora_forward", "lora_forward_split_k", "lora_forward_tma"):
-        _break(monkeypatch, kernels, name)
-    _break(monkeypatch, torch_path, "lora_forward")
+    for path in dispatch.FORWARD_PATHS:
+        _break(monkeypatch, "forward", path)
     timed.update({f"forward:{p}": 1.0 for p in dispatch.FORWARD_PATHS})
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="every forward path failed"):
         _step(20)
@@ -357,32 +340,30 @@ def test_every_path_failing_raises_and_forced_paths_are_not_replaced(timed, ran,
 
 def test_errors_another_path_would_not_cure_are_raised_as_they_are(timed, ran, monkeypatch):
     """Out of memory is the caller's to handle (and says nothing about the path): raised, nothing
-    recorded. With M = 0 (no key) a failing path is not retried forever: every applicable one is
-    tried once, then the error is raised."""
+    recorded. A call without a key (a symbolic M under torch.compile) whose paths fail is not
+    retried forever: every applicable path is tried once, then the error is raised. M = 0 runs
+    no path at all."""
     timed.update({f"forward:{p}": 1.0 for p in dispatch.FORWARD_PATHS})
     timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
-    _break(monkeypatch, kernels, "lora_forward", torch.OutOfMemoryError("CUDA out of memory"))
+    _break(monkeypatch, "forward", "split_k", torch.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(torch.OutOfMemoryError):
         _step(4)
     assert dispatch.failures() == {}
-    calls = _break(monkeypatch, kernels, "lora_forward")
-    torch_calls = _break(monkeypatch, torch_path, "lora_forward")
+    calls = {p: _break(monkeypatch, "forward", p) for p in dispatch.FORWARD_PATHS}
+    t, dy, y, grads = _step(0)
+    assert y.shape == (0, 36) and all(c == [] for c in calls.values()), "M = 0 ran a path"
+    monkeypatch.setattr(dispatch, "_key", lambda *args: None)
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="out of resources"):
-        _step(0)
-    assert len(calls) == 2 and len(torch_calls) == 1     # in_loop, split (the kernels), cublas: once each
+        _step(4)
+    assert {p: len(c) for p, c in calls.items()} == {"in_loop": 1, "split": 1, "split_k": 1, "tma": 0,
+                                                      "cublas": 1}
 
 
 def test_forcing_one_pass_leaves_the_other_its_fallback(timed, ran, monkeypatch):
     timed.update({f"forward:{p}": 1.0 for p in dispatch.FORWARD_PATHS})
     timed.update({"backward:fused": 0.5, "backward:split": 1.0, "backward:cublas": 2.0})
     _step(20)                                            # backward keeps fused
-    real = kernels.lora_backward
-
-    def fused_breaks(*args, **kwargs):
-        if kwargs["fused"]:
-            raise RuntimeError("refused")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(kernels, "lora_backward", fused_breaks)
+    _break(monkeypatch, "backward", "fused", RuntimeError("refused"))
     ran.clear()
     with dispatch.forced(forward="split"), pytest.warns(RuntimeWarning, match="'fused' failed"):
         t, dy, y, grads = _step(20, seed=2)
@@ -394,13 +375,13 @@ def test_a_failure_recorded_in_the_cache_file_is_not_tried_again(timed, ran, mon
     too, the fallback skips the path the file says failed."""
     timed.update({"forward:in_loop": 0.5, "forward:split": 1.0, "forward:split_k": 2.0, "forward:cublas": 3.0})
     timed.update({f"backward:{p}": 1.0 for p in dispatch.BACKWARD_PATHS})
-    calls = _break(monkeypatch, kernels, "lora_forward_split_k")
+    calls = _break(monkeypatch, "forward", "split_k")
     with pytest.warns(RuntimeWarning):
         _step(40)
     dispatch.clear()
     calls.clear()
     monkeypatch.setattr(dispatch, "timer", lambda fn, device: pytest.fail("timed despite the cache file"))
-    _break_in_loop(monkeypatch, "refused")
+    _break(monkeypatch, "forward", "in_loop", RuntimeError("refused"))
     ran.clear()
     with pytest.warns(RuntimeWarning, match="'in_loop' failed"):
         t, dy, y, grads = _step(40, seed=8)
@@ -419,7 +400,7 @@ def test_fp32_without_tf32_on_a_gpu_runs_cublas(timed, ran, monkeypatch):
     with dispatch.forced(forward="split", backward="fused"):
         _step(20)
     assert ran == ["forward:split", "backward:fused"]
-    assert dispatch.forward_paths(20, 8, fp32_ieee_gpu=True) == ("cublas",)
+    assert dispatch.candidates("forward", dispatch.Call(20, 8), fp32_ieee_gpu=True) == ("cublas",)
 
 
 @pytest.mark.gpu

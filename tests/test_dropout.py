@@ -13,9 +13,8 @@ from torch import nn
 
 from bench.common import saved_bytes
 from helpers import DEVICE, KERNEL_DTYPES, assert_close, make_inputs
-from lora_fast import LoRALinear, cref, lora_linear
+from lora_fast import LoRALinear, LoRALinearFunction, cref, dispatch, lora_linear
 from lora_fast.dropout import keep_mask, threshold
-from lora_fast.kernels import lora_backward, lora_forward
 from lora_fast.kernels.dropout import dropout_mask
 from lora_fast.reference import lora_linear_backward_ref, lora_linear_ref
 from lora_fast.tolerances import rel_err
@@ -33,8 +32,10 @@ def _seed(value):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}".format(*s))
 def test_kernels_apply_the_mask_they_regenerate(shape, dtype):
-    """Every path (in-loop or first-pass forward, fused or split backward) equals the float64
-    reference computed with the mask materialised from the same seed."""
+    """Every kernel path (in-loop or first-pass forward, fused or split backward; forced through the
+    dispatcher, run by the autograd Function) equals the float64 reference computed with the mask
+    materialised from the same seed: each applies the mask it regenerates. (Every path with and
+    without dropout, and every forward x backward pair: tests/test_paths.py.)"""
     M, K, N, r = shape
     t = make_inputs(M, K, N, r, dtype, seed=41)
     dy = make_inputs(M, N, 1, 1, dtype, seed=42)["x"]
@@ -42,16 +43,16 @@ def test_kernels_apply_the_mask_they_regenerate(shape, dtype):
     keep = dropout_mask(seed, M, K, P)
     y_ref = lora_linear_ref(**t, scaling=SCALING, dropout_mask=keep, dropout_p=P)
     g_ref = lora_linear_backward_ref(dy, t["x"], t["weight"], t["lora_A"], t["lora_B"], SCALING, keep, P)
-    for in_loop in ([True, False] if r <= 64 else [False]):
-        y, xs = lora_forward(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], SCALING,
-                             in_loop=in_loop, dropout_p=P, seed=seed)
-        assert_close("y", y, y_ref, dtype)
-        for fused in ([True, False] if r <= 64 else [False]):
-            dx, da, db = lora_backward(dy, t["x"], xs, t["weight"], t["lora_A"], t["lora_B"], SCALING,
-                                       fused=fused, dropout_p=P, seed=seed)
-            assert_close("dx", dx, g_ref["x"], dtype)
-            assert_close("dA", da, g_ref["lora_A"], dtype)
-            assert_close("dB", db, g_ref["lora_B"], dtype)
+    one_tile = r <= 64        # in_loop and fused hold the whole rank in one tile
+    for forward, backward in ([("in_loop", "fused")] if one_tile else []) + [("split", "split")]:
+        x, a, b = (t[k].detach().requires_grad_() for k in ("x", "lora_A", "lora_B"))
+        with dispatch.forced(forward=forward, backward=backward):
+            y, _ = LoRALinearFunction.apply(x, t["weight"], t["bias"], a, b, SCALING, "triton", P, seed)
+            dx, da, db = torch.autograd.grad(y, (x, a, b), dy)
+        assert_close(f"y {forward}", y, y_ref, dtype)
+        assert_close(f"dx {forward}/{backward}", dx, g_ref["x"], dtype)
+        assert_close(f"dA {forward}/{backward}", da, g_ref["lora_A"], dtype)
+        assert_close(f"dB {forward}/{backward}", db, g_ref["lora_B"], dtype)
 
 
 # The mask outside the kernels. Seeds: small, past 2**32 (the key's high word), near 2**62 (the

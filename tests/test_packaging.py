@@ -159,7 +159,7 @@ def test_works_without_triton():
     res = subprocess.run([sys.executable, "-c", NO_TRITON], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and "without triton: OK" in res.stdout, res.stdout + res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("lora-fast-check: error:")]
-    assert errors == ["lora-fast-check: error: --impl lora_fast.kernels: needs Triton, which is not installed "
+    assert errors == ["lora-fast-check: error: --impl lora_fast.dispatch: needs Triton, which is not installed "
                       "here (No module named 'triton'); Triton has wheels for Linux x86_64 and aarch64 only: "
                       "check the torch backend with --impl lora_fast.torch_path"], res.stderr
     assert "Traceback" not in res.stderr

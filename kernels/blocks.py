@@ -1,0 +1,219 @@
+"""The pieces every LoRA kernel is built from, each written once as a @triton.jit helper and
+specialised by constexpr flags (Triton inlines them: a helper costs nothing at run time).
+
+  keep_mask     the dropout keep-mask of elements (m, k) of x: one Philox draw each, wherever used
+  load_weight   the one read of a base-weight tile (where another weight format would decode)
+  k_loop        the base GEMM's reduction, with the LoRA product x·Aᵀ (or dY·B) of the same tiles
+                and the dB partial dYᵀ·xs as options
+  tma_k_loop    the same reduction (base GEMM only) from TMA descriptors, for the Hopper kernels
+  y_epilogue    y = acc + xs·Bᵀ + bias, xs from the K-loop's sum or read back; rounded once
+  dx_epilogue   dX = acc + keep ⊙ (gs·A), and the dA partial gsᵀ·(keep ⊙ x) from the same tiles
+
+Each kernel file keeps its own grid and program mapping (tile order, persistent loop, split-K) and
+calls these. Offsets are int64 throughout: row · stride (or k · stride on a transposed view) can
+pass 2**31 on large activations.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def keep_mask(seed, offs_m, offs_k, K, p):
+    """Boolean keep-mask for the rows offs_m and columns offs_k of x (M, K): tl.rand(seed, m·K + k)
+    >= p, independent of tiling, strides and pass (lora_fast/dropout.py reproduces it bit for bit
+    in torch and C++)."""
+    return tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+
+
+@triton.jit
+def load_weight(w_ptrs, mask):
+    """A tile of the frozen base weight, in the compute dtype. Every kernel reads W0 through here
+    and nowhere else, so a weight stored in another format (4-bit blocks and their scales) is
+    decoded in this one place."""
+    return tl.load(w_ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
+           offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K, R, emit_partial,
+           stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, stride_sm, stride_sr,
+           dropout_p,
+           LORA: tl.constexpr, DROPOUT: tl.constexpr, PARTIAL: tl.constexpr,
+           INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(acc, xa) over the reduction range [k_lo, k_hi): acc = x[offs_m, k] @ w[k, offs_n] in fp32
+    and, with LORA, xa = d(x)[offs_m, k] @ a[k, :R] from the x tiles already loaded for acc (d: the
+    dropout keep-mask with DROPOUT, keep_mask's column index k of a K-wide x).
+
+    The backward's dX GEMM is the same loop with x = dY, w = W0 read as (N, K), a = B: its LoRA
+    product is g = dY @ B, and with PARTIAL the programs for which emit_partial holds also write,
+    per reduction step, the dB partial dY_tileᵀ @ side (side = xs) to part_ptr (contiguous
+    (reduction, R) fp32 rows of this M-tile's slice).
+    """
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    mask_r = offs_r < R
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    k_first = k_lo + offs_k
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :] * stride_xk
+    w_ptrs = w_ptr + k_first[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if LORA:
+        a_ptrs = a_ptr + k_first[:, None] * stride_ak + offs_r[None, :] * stride_ar
+        a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
+    if PARTIAL:
+        side_ptrs = side_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+        part_ptrs = part_ptr + k_first[:, None] * R + offs_r[None, :]
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        mask_k = offs_k < k_hi - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = load_weight(w_ptrs, mask_k[:, None] & mask_n[None, :])
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        if LORA:
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
+            x_lora = x
+            if DROPOUT:
+                x_lora = x * keep_mask(seed, offs_m, k0 + offs_k, K, dropout_p).to(x.dtype)
+            xa = tl.dot(x_lora, a, xa, input_precision=INPUT_PRECISION)
+            a_ptrs += a_step
+            if PARTIAL:
+                # The x tile is the same for every output column-tile; one of them emits the
+                # partial. side is re-read from L1/L2 each step rather than held in registers for
+                # the whole loop: holding it spilled on sm_80 (AOT report).
+                if emit_partial:
+                    side = tl.load(side_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                    part = tl.dot(tl.trans(x), side, input_precision=INPUT_PRECISION)
+                    tl.store(part_ptrs, part, mask=mask_k[:, None] & mask_r[None, :])
+                part_ptrs += BLOCK_K * tl.cast(R, tl.int64)
+        x_ptrs += x_step
+        w_ptrs += w_step
+    return acc, xa
+
+
+@triton.jit
+def tma_k_loop(x_desc, w_desc, row0, col0, K,
+               W_TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """acc = x[row0 : row0 + BLOCK_M, :K] @ w[:K, col0 : col0 + BLOCK_N] in fp32, every tile a TMA
+    bulk copy (no masks, no address arithmetic: the hardware zero-fills out-of-bounds rows). The
+    weight descriptor is over W0 as stored, (N, K): the forward reads its [col, k] tiles and
+    transposes them (W_TRANSPOSED), the backward's dX GEMM reads [k, col] tiles as they are."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in range(tl.cdiv(K, BLOCK_K)):
+        x = x_desc.load([row0, ki * BLOCK_K])
+        if W_TRANSPOSED:
+            w = w_desc.load([col0, ki * BLOCK_K]).T
+        else:
+            w = w_desc.load([ki * BLOCK_K, col0])
+        acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit
+def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
+               offs_m, offs_n, mask_m, mask_n, R, store_xs_here,
+               stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scaling,
+               XS: tl.constexpr, STORE_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Store y = acc + xs @ Bᵀ + bias, rounded once to y's dtype. XS says where xs comes from:
+      "sum"     xs = scaling · xa, the K-loop's (or split-K's summed) fp32 product, rounded to the
+                input dtype as a first pass rounds it (so every path feeds B the same xs), padded
+                rank columns zeroed (an inf in x times A's zero padding is NaN there); with
+                STORE_XS the programs for which store_xs_here holds keep it for backward
+      "tile"    read back from xs_ptr, the whole rank in one tile (R <= BLOCK_R)
+      "chunks"  read back over rank chunks of BLOCK_R (any R)
+    A per-column scale of the output (DoRA's magnitude over the column norm) applies to acc here,
+    between the LoRA term and the bias."""
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    # One pass unless XS is "chunks": a loop of one constant trip is folded away by the compiler.
+    for r0 in range(0, R if XS == "chunks" else 1, BLOCK_R):
+        mask_r = offs_r < R - r0
+        if XS == "sum":
+            xs = tl.where(mask_r[None, :], xa * scaling, 0.0).to(y_ptr.dtype.element_ty)
+            if STORE_XS:
+                if store_xs_here:
+                    tl.store(xs_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, xs,
+                             mask=mask_m[:, None] & mask_r[None, :])
+        else:
+            xs = tl.load(xs_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(xs, b, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    _store(y_ptr, offs_m, offs_n, stride_ym, stride_yn, acc, mask_m, mask_n)
+
+
+@triton.jit
+def dx_epilogue(acc, g, gs_ptr, a_ptr, x_ptr, dx_ptr, da_ptr, seed,
+                offs_m, offs_k, mask_m, mask_k, K, R,
+                stride_gm, stride_gr, stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
+                scaling, dropout_p,
+                GS: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr,
+                DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Store dX = acc + keep ⊙ (gs @ A) (acc: the dY @ W0 tile) and, from the x tile of the same
+    (M, K) block, the dA partial gsᵀ @ (keep ⊙ x) to da_ptr (this M-tile's contiguous fp32 (R, K)
+    slice). keep is the forward's dropout mask for these (m, k), regenerated from `seed` (the
+    loaded seed; loaded once by a persistent kernel, not once per tile). GS says where gs comes
+    from, as y_epilogue's XS: "sum" (scaling · g, the N-loop's fp32 dY @ B, rounded to the input
+    dtype, padded rank columns zeroed: an inf in dY times B's zero padding is NaN there), "tile"
+    (read back, R <= BLOCK_R) or "chunks" (read back over rank chunks)."""
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    if DROPOUT and (COMPUTE_DX or COMPUTE_DA):
+        keep = keep_mask(seed, offs_m, offs_k, K, dropout_p)
+    else:
+        keep = 1   # never read: DROPOUT is off
+    # The x tile: "sum" and "chunks" load it first (the loop reads it on every rank chunk); "tile"
+    # (the TMA kernel's 128-row tiles) only after dX is stored, so that the dX accumulator and the
+    # x tile are never live together: loading it first took the 128x128 dropout tile from 242 to
+    # 254 registers on sm_90 under Triton 3.9 (AOT report, bench/NOTES.md v9).
+    if COMPUTE_DA and GS != "tile":
+        x = _dropped_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk, keep, DROPOUT)
+    da_ptrs = da_ptr + offs_r[:, None] * K + offs_k[None, :]
+    for r0 in range(0, R if GS == "chunks" else 1, BLOCK_R):   # one pass unless "chunks"
+        mask_r = offs_r < R - r0
+        if GS == "sum":
+            gs = tl.where(mask_r[None, :], g * scaling, 0.0).to(x_ptr.dtype.element_ty)
+        else:
+            gs = tl.load(gs_ptr + offs_m[:, None] * stride_gm + (r0 + offs_r)[None, :] * stride_gr,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        if COMPUTE_DX:
+            a = tl.load(a_ptr + (r0 + offs_r)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            if DROPOUT:
+                acc += tl.dot(gs, a, input_precision=INPUT_PRECISION) * keep.to(tl.float32)
+            else:
+                acc = tl.dot(gs, a, acc, input_precision=INPUT_PRECISION)
+            if GS == "tile":
+                _store(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, acc, mask_m, mask_k)
+        if COMPUTE_DA:
+            if GS == "tile":
+                x = _dropped_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk, keep, DROPOUT)
+            da = tl.dot(tl.trans(gs), x, input_precision=INPUT_PRECISION)
+            tl.store(da_ptrs, da, mask=mask_r[:, None] & mask_k[None, :])
+            da_ptrs += BLOCK_R * tl.cast(K, tl.int64)
+    if COMPUTE_DX and GS != "tile":
+        _store(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, acc, mask_m, mask_k)
+
+
+@triton.jit
+def _dropped_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk, keep, DROPOUT: tl.constexpr):
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    if DROPOUT:
+        # multiplied, not selected, as F.dropout does (a dropped NaN stays NaN); tl.where here
+        # also crashed Triton's sm_90 layout pass in the fused variant
+        x = x * keep.to(x.dtype)
+    return x
+
+
+@triton.jit
+def _store(ptr, offs_m, offs_n, stride_m, stride_n, acc, mask_m, mask_n):
+    """Store an fp32 accumulator tile, rounded once to the output's dtype."""
+    tl.store(ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n,
+             acc.to(ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
