@@ -200,7 +200,14 @@ def fp32_ieee_gpu(t):
             and launch.input_precision(t.dtype) == "ieee")
 
 
+def _needs_seed(dropout_p, seed):
+    if dropout_p > 0 and seed is None:
+        raise ValueError("seed: dropout_p > 0 needs a seed tensor (a 1-element int64 tensor on x's device; "
+                         "the backward needs the forward's)")
+
+
 def _forward_call(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
+    _needs_seed(dropout_p, seed)
     M, K = x.shape
     N, R = lora_B.shape
     return Call(M, R, operands=(x, weight)), x, (M, N, K, R, dropout_p > 0, bias is not None, save_xs)
@@ -208,6 +215,7 @@ def _forward_call(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dro
 
 def _backward_call(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, need_da=True, need_db=True,
                    dropout_p=0.0, seed=None):
+    _needs_seed(dropout_p, seed)
     M, N = dy.shape
     K, R = x.shape[1], lora_A.shape[0]
     return Call(M, R, need_dx, (dy, weight)), dy, (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db)

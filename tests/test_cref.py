@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from helpers import DEVICE, KERNEL_DTYPES, SHAPES, assert_close, case_id, make_inputs
-from lora_fast import cref, lora_linear, torch_path
-from lora_fast.kernels import lora_backward, lora_forward
+from lora_fast import cref, dispatch, lora_linear, torch_path
 from lora_fast.reference import lora_linear_backward_ref, lora_linear_ref
 from lora_fast.tolerances import TOLERANCE, rel_err
 
@@ -93,17 +92,20 @@ def test_cpp_dropout_agrees_with_torch_reference(shape, three_d):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=case_id)
-def test_triton_dropout_agrees_with_cpp(shape, dtype):
+@pytest.mark.parametrize("paths", [("in_loop", "fused"), ("split", "split")], ids="/".join)
+def test_triton_dropout_agrees_with_cpp(shape, paths, dtype):
     """The kernels' forward and backward with dropout against the C++ reference given only the
-    seed: the same elements dropped, in forward and in backward."""
+    seed: the same elements dropped, in forward and in backward, on the single-kernel paths and on
+    the split ones."""
     M, K, N, r = shape
     t = _inputs(shape, False, dtype, DEVICE)
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
     seed = _dropout_seed(shape).to(DEVICE)
     drop = {"dropout_p": DROPOUT_P, "seed": seed}
     args = (t["weight"], t["lora_A"], t["lora_B"])
-    y, xs = lora_forward(t["x"], *args, t["bias"], SCALING, **drop)
-    dx, da, db = lora_backward(dy, t["x"], xs, *args, SCALING, **drop)
+    with dispatch.forced(*paths):
+        y, xs = dispatch.lora_forward(t["x"], *args, t["bias"], SCALING, **drop)
+        dx, da, db = dispatch.lora_backward(dy, t["x"], xs, *args, SCALING, **drop)
     y_pt, xs_pt = torch_path.lora_forward(t["x"], *args, t["bias"], SCALING, **drop)   # plain PyTorch
     base = dict(zip(("x", "lora_A", "lora_B"), torch_path.lora_backward(dy, t["x"], xs_pt, *args, SCALING, **drop)))
     assert_close("y", y, cref.lora_linear_cref(**t, scaling=SCALING, **drop), dtype, y_pt)
