@@ -13,7 +13,7 @@ import triton.language as tl
 
 from . import configs
 from .blocks import keep_mask
-from .launch import cdiv, launch
+from .launch import cdiv, launch, optional, strides
 
 
 @triton.autotune(configs=configs.skinny_configs(), key=configs.SKINNY_KEY,
@@ -96,13 +96,13 @@ def skinny(src, mat, scale, input_precision, side=None, dropout_p=0.0, seed=None
     if side is not None:
         part = torch.empty((grid_m, L, R), device=src.device, dtype=torch.float32)
     launch(_lora_skinny_kernel, (grid_m, cdiv(R, block_r)), src)(
-        src, mat, out, side if side is not None else out, part if part is not None else out,
+        src, mat, out, optional(side, out), optional(part, out),
         seed if dropout_p > 0 else out,
         M, L, R, configs.m_bucket(M),
         src.stride(0), src.stride(1),
         mat.stride(0), mat.stride(1),
         out.stride(0), out.stride(1),
-        *((side.stride(0), side.stride(1)) if side is not None else (0, 0)),
+        *strides(side),
         scale, dropout_p,
         WITH_PARTIAL=side is not None,
         DROPOUT=dropout_p > 0,

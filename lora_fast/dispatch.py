@@ -242,22 +242,25 @@ def run(pass_name, *args, **kwargs):
     describe, empty = _PASSES[pass_name]
     call, like, shape = describe(*args, **kwargs)
     paths = table()[pass_name]
+
+    def on(path):   # the call, on one path of the table
+        return paths[path].launcher(*args, **kwargs)
     forced_paths = _forced.get()
     key = _key(pass_name, like, shape)
     path = None if forced_paths else _choices.get(key) or _settled.get(key)
     if path is None:
-        path = choose(pass_name, key, like, call, shape, lambda p: paths[p].launcher(*args, **kwargs))
+        path = choose(pass_name, key, like, call, shape, on)
     elif not paths[path].applies(call):
         path = "split"   # the key chose tma, but these tensors' alignment (or a trace) rules it out
     if shape[0] == 0:
         return empty(*args, **kwargs)
     try:
-        return paths[path].launcher(*args, **kwargs)
+        return on(path)
     except Exception as error:
         if forced_paths.get(pass_name):
             raise
         _raise_unless_path_failure(pass_name, path, error, like)
-        return _fall_back(pass_name, key, like, call, path, error, lambda p: paths[p].launcher(*args, **kwargs))
+        return _fall_back(pass_name, key, like, call, path, error, on)
 
 
 # The module-level face of the passes (lora_fast.torch_path's signatures), as `--impl` modules have.
