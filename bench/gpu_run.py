@@ -26,6 +26,10 @@ of the dispatcher's choices):
               lorafusion_style, lora_fast
     decode    bench.layer M=1, 8, 64 on 4096->4096 and 4096->1024, bf16, r=16: linear, peft,
               addmm, lora_fast
+    mixed     the mixed-batch kernel tests compiled (tests/test_multi_kernels.py, test_mixed.py),
+              then bench.layer --mixed: a training step of 8192 rows over 4 adapters against one
+              adapter, a per-adapter loop and nn.Linear; decode M=8 rows of 8 adapters against
+              nn.Linear, the loop and PEFT's adapter_names= inference (4096->4096 bf16 r=16)
     model     bench.model --steps 3 --warmup 1 --dropout 0.05 twice, the second in a new process
               with the first's caches (model.log holds both; the rows carry each run's date)
     grid      bench.layer --grid targets without the cases headline and decode measured, in the
@@ -71,7 +75,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("install", "env", "smoke", "headline", "decode", "model", "grid")
+STAGES = ("install", "env", "smoke", "headline", "decode", "mixed", "model", "grid")
 GRACE_S = 5.0   # between SIGINT and SIGKILL: enough for pytest to write its junit XML
 LOG_TAIL = 20   # lines of a failed command's log echoed to the console (the device reply shows its end)
 
@@ -108,6 +112,10 @@ class Sizes:
     headline_s: float
     decode: tuple
     decode_s: float
+    mixed_tests: tuple  # pytest arguments
+    mixed_tests_s: float
+    mixed: tuple        # bench.mixed arguments
+    mixed_s: float
     model: tuple        # bench.model arguments
     model_s: tuple      # (first run, cold caches; second run, warm)
     grid: tuple
@@ -129,6 +137,8 @@ GPU = Sizes(
               "--dropout", "0", "0.1"), headline_s=55,
     decode=("--shapes", "llama3-8b-qo", "llama3-8b-kv", "--M", "1", "8", "64", "--r", "16",
             "--dtype", "bf16", "--dropout", "0"), decode_s=40,
+    mixed_tests=("tests/test_multi_kernels.py", "tests/test_mixed.py"), mixed_tests_s=45,
+    mixed=(), mixed_s=60,
     # the cold run holds the first step's compiling and tuning (predicted 20-40 s, bench/NOTES.md v7)
     model=("--steps", "3", "--warmup", "1", "--dropout", "0.05"), model_s=(100, 40),
     grid=("--grid", "targets"), grid_min_s=30,
@@ -142,6 +152,8 @@ DRY = Sizes(
     headline_s=30,
     decode=("--shapes", "tiny", "--M", "1", "--r", "4", "--dtype", "fp32", "--dropout", "0"),
     decode_s=30,
+    mixed_tests=("tests/test_mixed.py", "-k", "one_row and 2d"), mixed_tests_s=60,
+    mixed=("--quick",), mixed_s=60,
     model=("--size", "tiny", "--steps", "1", "--warmup", "0", "--dropout", "0.05"), model_s=(30, 30),
     grid=("--shapes", "tiny", "--M", "1", "33", "--r", "4", "--dtype", "fp32", "--dropout", "0.1",
           "--impls", "linear", "lora_fast"), grid_min_s=10,
@@ -157,7 +169,7 @@ def plan(out, cache, sizes):
     def report(csv):
         return Step(py("bench.report", csv), sizes.report_s, needs=csv)
 
-    csv = {name: out / f"{name}.csv" for name in ("headline", "decode", "model", "grid")}
+    csv = {name: out / f"{name}.csv" for name in ("headline", "decode", "mixed", "model", "grid")}
     pytest = ("pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--durations=15")
     model = (*sizes.model, "--out", csv["model"])
     return [
@@ -175,6 +187,11 @@ def plan(out, cache, sizes):
         Stage("decode", [Step(py("bench.layer", *sizes.decode, *sizes.rounds, "--impls", "linear", "peft",
                                  "addmm", "lora_fast", "--out", csv["decode"]), sizes.decode_s),
                          report(csv["decode"])]),
+        Stage("mixed", [Step(py(*pytest, "--junitxml", out / "mixed-junit.xml", *sizes.mixed_tests),
+                             sizes.mixed_tests_s),
+                        Step(py("bench.layer", "--mixed", *sizes.mixed, *sizes.rounds, "--out", csv["mixed"]),
+                             sizes.mixed_s),
+                        report(csv["mixed"])]),
         Stage("model", [Step(py("bench.model", *model), sizes.model_s[0]),
                         Step(py("bench.model", *model), sizes.model_s[1]),
                         report(csv["model"])],

@@ -185,6 +185,9 @@ def write_dispatch_choices(csv_path, meta):
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__,
                                      formatter_class=common.HelpFormatter)
+    parser.add_argument("--mixed", action="store_true",
+                        help="the mixed-batch cases instead (rows with different adapters: "
+                             "bench.mixed, whose options follow --mixed)")
     parser.add_argument("--quick", action="store_true", help="a small grid (a minute on a GPU)")
     parser.add_argument("--grid", choices=("default", "targets"), default="default",
                         help="default: every shape x M at r=16 bf16, an r sweep, fp16/fp32 on one shape; "
@@ -214,6 +217,9 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--mixed" in argv:   # its own cases and options (bench/mixed.py)
+        from bench import mixed
+        return mixed.main([a for a in argv if a != "--mixed"])
     parser = build_parser()
     args = parser.parse_args(argv)
 

@@ -8,6 +8,8 @@ specialised by constexpr flags (Triton inlines them: a helper costs nothing at r
   tma_k_loop    the same reduction (base GEMM only) from TMA descriptors, for the Hopper kernels
   y_epilogue    y = acc + xs·Bᵀ + bias, xs from the K-loop's sum or read back; rounded once
   dx_epilogue   dX = acc + keep ⊙ (gs·A), and the dA partial gsᵀ·(keep ⊙ x) from the same tiles
+  adapter_range, next_adapter   the adapters present in a row tile whose rows each have their own
+                (multi.py: sorted rows, so a tile holds a contiguous run of adapters)
 
 Each kernel file keeps its own grid and program mapping (tile order, persistent loop, split-K) and
 calls these. Offsets are int64 throughout: row · stride (or k · stride on a transposed view) can
@@ -40,7 +42,8 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
            dropout_p,
            LORA: tl.constexpr, DROPOUT: tl.constexpr, PARTIAL: tl.constexpr,
            INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+           side_rows=0, BASE: tl.constexpr = True, SIDE_ROWS: tl.constexpr = False):
     """(acc, xa) over the reduction range [k_lo, k_hi): acc = x[offs_m, k] @ w[k, offs_n] in fp32
     and, with LORA, xa = d(x)[offs_m, k] @ a[k, :R] from the x tiles already loaded for acc (d: the
     dropout keep-mask with DROPOUT, keep_mask's column index k of a K-wide x).
@@ -49,6 +52,11 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
     product is g = dY @ B, and with PARTIAL the programs for which emit_partial holds also write,
     per reduction step, the dB partial dY_tileᵀ @ side (side = xs) to part_ptr (contiguous
     (reduction, R) fp32 rows of this M-tile's slice).
+
+    Rows with adapters of their own (multi.py) run it once per adapter of the tile: every pass but
+    the first leaves the base GEMM out (BASE=False: acc stays zero, W0 is not read), and with
+    SIDE_ROWS only the rows side_rows of side (that adapter's) enter the dB partial. dropout_p may
+    be a (BLOCK_M, 1) tensor, each row's own probability.
     """
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
@@ -66,13 +74,17 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
         a_ptrs = a_ptr + k_first[:, None] * stride_ak + offs_r[None, :] * stride_ar
         a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
     if PARTIAL:
+        side_mask = mask_m
+        if SIDE_ROWS:
+            side_mask = mask_m & side_rows
         side_ptrs = side_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
         part_ptrs = part_ptr + k_first[:, None] * R + offs_r[None, :]
     for k0 in range(k_lo, k_hi, BLOCK_K):
         mask_k = offs_k < k_hi - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = load_weight(w_ptrs, mask_k[:, None] & mask_n[None, :])
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        if BASE:
+            w = load_weight(w_ptrs, mask_k[:, None] & mask_n[None, :])
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         if LORA:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
             x_lora = x
@@ -85,12 +97,13 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
                 # partial. side is re-read from L1/L2 each step rather than held in registers for
                 # the whole loop: holding it spilled on sm_80 (AOT report).
                 if emit_partial:
-                    side = tl.load(side_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                    side = tl.load(side_ptrs, mask=side_mask[:, None] & mask_r[None, :], other=0.0)
                     part = tl.dot(tl.trans(x), side, input_precision=INPUT_PRECISION)
                     tl.store(part_ptrs, part, mask=mask_k[:, None] & mask_r[None, :])
                 part_ptrs += BLOCK_K * tl.cast(R, tl.int64)
         x_ptrs += x_step
-        w_ptrs += w_step
+        if BASE:
+            w_ptrs += w_step
     return acc, xa
 
 
@@ -118,7 +131,8 @@ def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
                offs_m, offs_n, mask_m, mask_n, R, store_xs_here,
                stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scaling,
                XS: tl.constexpr, STORE_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+               INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+               ids=0, a_lo=0, a_hi=0, stride_ba=0, MULTI: tl.constexpr = False):
     """Store y = acc + xs @ Bᵀ + bias, rounded once to y's dtype. XS says where xs comes from:
       "sum"     xs = scaling · xa, the K-loop's (or split-K's summed) fp32 product, rounded to the
                 input dtype as a first pass rounds it (so every path feeds B the same xs), padded
@@ -127,7 +141,10 @@ def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
       "tile"    read back from xs_ptr, the whole rank in one tile (R <= BLOCK_R)
       "chunks"  read back over rank chunks of BLOCK_R (any R)
     A per-column scale of the output (DoRA's magnitude over the column norm) applies to acc here,
-    between the LoRA term and the bias."""
+    between the LoRA term and the bias.
+    MULTI: each row has its own adapter (ids; a_lo..a_hi those of the tile, adapter_range; b_ptr
+    the stack of B, stride_ba apart): one dot per adapter present, on its rows of xs (the others
+    zeroed), into the one accumulator; scaling may be a (BLOCK_M, 1) tensor of the rows' scales."""
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     # One pass unless XS is "chunks": a loop of one constant trip is folded away by the compiler.
     for r0 in range(0, R if XS == "chunks" else 1, BLOCK_R):
@@ -141,9 +158,15 @@ def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
         else:
             xs = tl.load(xs_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr,
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        b = tl.load(b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(xs, b, acc, input_precision=INPUT_PRECISION)
+        if MULTI:
+            ad = a_lo
+            while ad <= a_hi:
+                acc = _add_low_rank(acc, rows_only(xs, ids == ad), b_ptr + ad.to(tl.int64) * stride_ba,
+                                    r0 + offs_r, offs_n, mask_r, mask_n, stride_br, stride_bn, INPUT_PRECISION)
+                ad = next_adapter(ids, ad, a_hi)
+        else:
+            acc = _add_low_rank(acc, xs, b_ptr, r0 + offs_r, offs_n, mask_r, mask_n, stride_br, stride_bn,
+                                INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     _store(y_ptr, offs_m, offs_n, stride_ym, stride_yn, acc, mask_m, mask_n)
@@ -155,14 +178,18 @@ def dx_epilogue(acc, g, gs_ptr, a_ptr, x_ptr, dx_ptr, da_ptr, seed,
                 stride_gm, stride_gr, stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
                 scaling, dropout_p,
                 GS: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr,
-                DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+                DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                ids=0, a_lo=0, a_hi=0, stride_aa=0, stride_da=0, MULTI: tl.constexpr = False):
     """Store dX = acc + keep ⊙ (gs @ A) (acc: the dY @ W0 tile) and, from the x tile of the same
     (M, K) block, the dA partial gsᵀ @ (keep ⊙ x) to da_ptr (this M-tile's contiguous fp32 (R, K)
     slice). keep is the forward's dropout mask for these (m, k), regenerated from `seed` (the
     loaded seed; loaded once by a persistent kernel, not once per tile). GS says where gs comes
     from, as y_epilogue's XS: "sum" (scaling · g, the N-loop's fp32 dY @ B, rounded to the input
     dtype, padded rank columns zeroed: an inf in dY times B's zero padding is NaN there), "tile"
-    (read back, R <= BLOCK_R) or "chunks" (read back over rank chunks)."""
+    (read back, R <= BLOCK_R) or "chunks" (read back over rank chunks).
+    MULTI ("sum" only): rows with adapters of their own, as y_epilogue's; per adapter present, the
+    gs·A term of its rows (A stride_aa apart in the stack) and its dA partial, stride_da past
+    da_ptr per adapter index (multi.py's slot t + a); scaling and dropout_p may be (BLOCK_M, 1)."""
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     if DROPOUT and (COMPUTE_DX or COMPUTE_DA):
         keep = keep_mask(seed, offs_m, offs_k, K, dropout_p)
@@ -171,8 +198,9 @@ def dx_epilogue(acc, g, gs_ptr, a_ptr, x_ptr, dx_ptr, da_ptr, seed,
     # The x tile: "sum" and "chunks" load it first (the loop reads it on every rank chunk); "tile"
     # (the TMA kernel's 128-row tiles) only after dX is stored, so that the dX accumulator and the
     # x tile are never live together: loading it first took the 128x128 dropout tile from 242 to
-    # 254 registers on sm_90 under Triton 3.9 (AOT report, bench/NOTES.md v9).
-    if COMPUTE_DA and GS != "tile":
+    # 254 registers on sm_90 under Triton 3.9 (AOT report, bench/NOTES.md v9). MULTI too: with its
+    # adapter loops, loading x first spilled 40-300 B on sm_80 (multi.py's backward, AOT report).
+    if COMPUTE_DA and GS != "tile" and not MULTI:
         x = _dropped_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk, keep, DROPOUT)
     da_ptrs = da_ptr + offs_r[:, None] * K + offs_k[None, :]
     for r0 in range(0, R if GS == "chunks" else 1, BLOCK_R):   # one pass unless "chunks"
@@ -182,23 +210,86 @@ def dx_epilogue(acc, g, gs_ptr, a_ptr, x_ptr, dx_ptr, da_ptr, seed,
         else:
             gs = tl.load(gs_ptr + offs_m[:, None] * stride_gm + (r0 + offs_r)[None, :] * stride_gr,
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        if COMPUTE_DX:
-            a = tl.load(a_ptr + (r0 + offs_r)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            if DROPOUT:
-                acc += tl.dot(gs, a, input_precision=INPUT_PRECISION) * keep.to(tl.float32)
-            else:
-                acc = tl.dot(gs, a, acc, input_precision=INPUT_PRECISION)
-            if GS == "tile":
+        if MULTI:
+            if COMPUTE_DX:
+                ad = a_lo
+                while ad <= a_hi:
+                    acc = _add_dx_term(acc, rows_only(gs, ids == ad), a_ptr + ad.to(tl.int64) * stride_aa,
+                                       r0 + offs_r, offs_k, mask_r, mask_k, stride_ar, stride_ak, keep, DROPOUT,
+                                       INPUT_PRECISION)
+                    ad = next_adapter(ids, ad, a_hi)
                 _store(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, acc, mask_m, mask_k)
-        if COMPUTE_DA:
-            if GS == "tile":
+            if COMPUTE_DA:
                 x = _dropped_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk, keep, DROPOUT)
-            da = tl.dot(tl.trans(gs), x, input_precision=INPUT_PRECISION)
-            tl.store(da_ptrs, da, mask=mask_r[:, None] & mask_k[None, :])
+                ad = a_lo
+                while ad <= a_hi:
+                    _store_da(rows_only(gs, ids == ad), x, da_ptrs + ad.to(tl.int64) * stride_da, mask_r, mask_k,
+                              INPUT_PRECISION)
+                    ad = next_adapter(ids, ad, a_hi)
+        else:
+            if COMPUTE_DX:
+                acc = _add_dx_term(acc, gs, a_ptr, r0 + offs_r, offs_k, mask_r, mask_k, stride_ar, stride_ak,
+                                   keep, DROPOUT, INPUT_PRECISION)
+                if GS == "tile":
+                    _store(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, acc, mask_m, mask_k)
+            if COMPUTE_DA:
+                if GS == "tile":
+                    x = _dropped_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk, keep, DROPOUT)
+                _store_da(gs, x, da_ptrs, mask_r, mask_k, INPUT_PRECISION)
+        if COMPUTE_DA:
             da_ptrs += BLOCK_R * tl.cast(K, tl.int64)
-    if COMPUTE_DX and GS != "tile":
+    if COMPUTE_DX and GS != "tile" and not MULTI:
         _store(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, acc, mask_m, mask_k)
+
+
+@triton.jit
+def adapter_range(ids_ptr, offs_m, mask_m):
+    """(ids, a_lo, a_hi) of a row tile: each row's adapter (-1: the base model alone, as are rows
+    past M) and the least and greatest adapter among them; a_lo > a_hi when there is none (a_lo is
+    then 0: still a valid adapter to point at, whose rows it selects are none)."""
+    ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
+    a_hi = tl.max(ids, 0)
+    a_lo = tl.min(tl.where(ids >= 0, ids, a_hi + 1), 0)
+    return ids, a_lo, a_hi
+
+
+@triton.jit
+def next_adapter(ids, ad, a_hi):
+    """The next adapter after ad among the tile's rows (a_hi + 1 past the last): loops visit only
+    the adapters present, however sparse the ids."""
+    return tl.min(tl.where(ids > ad, ids, a_hi + 1), 0)
+
+
+@triton.jit
+def rows_only(t, rows):
+    """t with the rows outside `rows` zeroed (selected, so a NaN there does not leak through)."""
+    return tl.where(rows[:, None], t, tl.zeros_like(t))
+
+
+@triton.jit
+def _add_low_rank(acc, xs, b_ptr, rows_r, offs_n, mask_r, mask_n, stride_br, stride_bn,
+                  INPUT_PRECISION: tl.constexpr):
+    b = tl.load(b_ptr + rows_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    return tl.dot(xs, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _add_dx_term(acc, gs, a_ptr, rows_r, offs_k, mask_r, mask_k, stride_ar, stride_ak, keep,
+                 DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    a = tl.load(a_ptr + rows_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+    if DROPOUT:
+        acc += tl.dot(gs, a, input_precision=INPUT_PRECISION) * keep.to(tl.float32)
+    else:
+        acc = tl.dot(gs, a, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_da(gs, x, da_ptrs, mask_r, mask_k, INPUT_PRECISION: tl.constexpr):
+    da = tl.dot(tl.trans(gs), x, input_precision=INPUT_PRECISION)
+    tl.store(da_ptrs, da, mask=mask_r[:, None] & mask_k[None, :])
 
 
 @triton.jit

@@ -424,3 +424,32 @@ def keep_backward_tma_config(configs, a, cap):
     return [c for c in configs
             if _within_limits("backward_tma", facts, c, bm, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"])
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_N"] * (bm + c.kwargs["BLOCK_K"]), 2, cap)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed-batch kernels (multi.py): every row has its own adapter. Their GEMMs are the in-loop
+# forward's, the fused backward's and split-K's main loops (the first adapter of a row tile rides
+# in the loop as the single adapter does), followed by passes of the low-rank product alone for the
+# tile's other adapters, which hold no W0 tile: so they take those kernels' tiles, pruners and
+# register limits (`python -m lora_fast.aot`: no spill at those tiles, Triton 3.6 and 3.9).
+MULTI_FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R", "DROPOUT", "INPUT_PRECISION"]
+MULTI_BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_M", "BLOCK_R", "DROPOUT", "COMPUTE_DX", "INPUT_PRECISION"]
+
+
+@_pruner
+def keep_multi_forward_config(configs, a, cap):
+    """The in-loop forward's choice (keep_forward_config, x·Aᵀ in the K-loop)."""
+    return keep_forward_config(configs, {**a, "XS_IN_LOOP": True}, capability=cap)
+
+
+@_pruner
+def keep_multi_backward_config(configs, a, cap):
+    """The fused backward's choice (keep_backward_config, dY·B in the N-loop)."""
+    return keep_backward_config(configs, {**a, "G_IN_LOOP": True}, capability=cap)
+
+
+# The dA/dB reducer (multi.py) sums a few fp32 partials per element: a streaming, memory-bound
+# kernel, not tuned. 1024 values a program is 8 per thread at 4 warps (two 16-byte loads per
+# partial); under the interpreter 128, so that the test shapes' R·K spans several programs.
+MULTI_REDUCE_BLOCK = 128 if INTERPRET else 1024
+MULTI_REDUCE_WARPS = 4

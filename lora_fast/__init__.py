@@ -6,7 +6,10 @@ reference and a plain-PyTorch path. Public API:
     reference.lora_linear_ref / reference.lora_linear_backward_ref (float64)
     inject(model, r, lora_alpha, target_modules, ...) and merge / unmerge / merge_and_unload /
     disable_adapters / trainable_parameters / mark_only_lora_as_trainable on a whole model
-    save_adapter / load_adapter / lora_state_dict: adapters in PEFT's format
+    save_adapter / load_adapter / load_adapters / lora_state_dict: adapters in PEFT's format
+        (several adapters in PEFT's layout; load_adapter(..., hotswap=True) for compiled models)
+    add_adapter / set_adapter / delete_adapter / adapter_names / active_adapter: named adapters
+    batch_adapters(model, names): each batch row with its own adapter, trained or served
     dispatch: which kernel path each pass runs on a GPU, measured per shape and cached
     dropout.keep_mask(seed, M, K, p): the kernels' LoRA dropout mask, reproduced outside them
 """
@@ -15,10 +18,13 @@ from .function import LoRALinearFunction, lora_linear
 from .module import LoRALinear
 from .inject import (disable_adapters, inject, lora_layers, mark_only_lora_as_trainable, merge,
                      merge_and_unload, trainable_parameters, unmerge)
-from .adapters import load_adapter, lora_state_dict, save_adapter
+from .named_adapters import active_adapter, adapter_names, add_adapter, delete_adapter, set_adapter
+from .adapters import load_adapter, load_adapters, lora_state_dict, save_adapter
+from .mixed import batch_adapters
 
 from ._version import __version__
 __all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "dropout", "inject", "merge",
            "unmerge", "merge_and_unload", "lora_layers", "lora_state_dict",
            "mark_only_lora_as_trainable", "trainable_parameters", "disable_adapters",
-           "save_adapter", "load_adapter", "__version__"]
+           "save_adapter", "load_adapter", "load_adapters", "add_adapter", "set_adapter",
+           "delete_adapter", "adapter_names", "active_adapter", "batch_adapters", "__version__"]

@@ -4,9 +4,17 @@ and ``...lora_B.weight`` (out, r). PEFT's ``PeftModel.from_pretrained`` loads wh
 writes, and `load_adapter` loads what PEFT's ``save_pretrained`` writes (plain LoRA; PEFT features
 without a lora_fast equivalent, such as DoRA, aLoRA or per-module ranks, are refused by name).
 
-Nothing half done: `save_adapter` writes temporaries and moves them into place (a failure leaves
-the previous adapter as it was), and `load_adapter` checks the config and every tensor against
-the model before it changes anything (a failure leaves the model as it was).
+Several adapters (lora_fast.add_adapter) are kept on disk as PEFT keeps them: the adapter named
+"default" at the root of the directory, every other one in a subfolder named after it, each
+folder a complete adapter (its own config; keys without the adapter's name). `save_adapter` writes
+that layout, `load_adapter(..., adapter_name=...)` and `load_adapters` read it, and
+`load_adapter(..., hotswap=True)` replaces an adapter's weights in place, for a torch.compile'd
+model that must not recompile.
+
+Nothing half done: `save_adapter` prepares every adapter's tensors and config, writes them all to
+temporaries and only then moves them into place (a failure leaves the previous adapters as they
+were), and `load_adapter` checks the config and every tensor against the model before it changes
+anything (a failure leaves the model as it was).
 """
 from __future__ import annotations
 
@@ -20,9 +28,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import adapter_config, atomic_files
+from . import adapter_config, atomic_files, named_adapters
 from .inject import inject, lora_layers, require_lora_layers, select_modules, unwrap
-from .module import adapter_dtypes, is_conv1d
+from .module import DEFAULT_ADAPTER, AdapterSettings, adapter_dtypes, check_adapter_name, is_conv1d
+
 
 class KeyMismatchError(KeyError, ValueError):
     """A weights file whose keys do not fit the model's LoRA layers (a KeyError as before, and a
@@ -38,7 +47,8 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 # What an adapter directory may hold besides the adapter: PEFT writes a model card, and a
-# directory cloned from the Hugging Face Hub is a git repository. save_adapter warns about the rest.
+# directory cloned from the Hugging Face Hub is a git repository. save_adapter warns about the rest
+# (besides the subfolders of the model's other adapters, PEFT's layout).
 _EXPECTED_FILES = {CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, "README.md",
                    ".git", ".gitattributes", ".gitignore"}
 
@@ -49,25 +59,47 @@ SAVED_WITH_KEY = "lora_fast_hparams"
 _SAVED_HPARAMS = ("r", "lora_alpha", "use_rslora", "lora_dropout")
 
 
-
 # --- state dict ---------------------------------------------------------------------------------
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)} — the model's own state-dict names for
-    its adapter weights, detached. Weights sharded by FSDP2 (DTensor) are gathered whole: that is
-    a collective, so every rank must call this.
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)} of one adapter, detached, for the
+    layers that hold it. For the adapter "default" these are the model's own state-dict names;
+    another adapter's weights have the same keys here (its state-dict keys are
+    ``<path>.lora_adapters.<name>.lora_A``). Weights sharded by FSDP2 (DTensor) are gathered
+    whole: that is a collective, so every rank must call this.
 
     Args:
         model: a model with LoRALinear layers (inside DDP / torch.compile wrappers or not).
+        adapter_name: which adapter; default the active one.
     """
-    return _gathered(require_lora_layers(model, "lora_state_dict"))
+    name, layers = _holding(model, adapter_name, "lora_state_dict")
+    return _gathered(layers, name)
 
 
-def _gathered(layers):
+def _holding(model, adapter_name, what):
+    """(name, {layer name: LoRALinear}) of adapter `adapter_name` (None: the active one) and the
+    layers of `model` that hold it; a ValueError naming adapter_name for an unknown name."""
+    inner = unwrap(model)
+    require_lora_layers(inner, what)
+    if adapter_name is None:
+        adapter_name = named_adapters.active_adapter(inner)
+    else:
+        check_adapter_name(adapter_name)
+        known = named_adapters.adapter_names(inner)
+        if adapter_name not in known:
+            raise ValueError(f"adapter_name: the model has no adapter {adapter_name!r}; its "
+                             f"adapters are {known}")
+    layers = named_adapters.adapter_layers(inner, adapter_name)
+    if not layers:
+        raise ValueError(f"{what}: no LoRA layer of the model holds adapter {adapter_name!r}")
+    return adapter_name, layers
+
+
+def _gathered(layers, adapter_name):
     out = {}
     for name, layer in layers.items():
-        for part in ("lora_A", "lora_B"):
-            tensor = getattr(layer, part).detach()
+        for part, param in zip(("lora_A", "lora_B"), layer.adapter_weights(adapter_name)):
+            tensor = param.detach()
             if hasattr(tensor, "full_tensor"):   # a DTensor shard (FSDP2)
                 tensor = tensor.full_tensor()
             out[f"{name}.{part}"] = tensor
@@ -76,47 +108,97 @@ def _gathered(layers):
 
 # --- save ---------------------------------------------------------------------------------------
 
-def save_adapter(model: nn.Module, path: str | os.PathLike,
-                 base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter of `model` to directory `path` in PEFT's format; returns the directory.
+class _Planned(NamedTuple):
+    """One adapter folder save_adapter writes, everything in it computed before any file is."""
+    folder: Path
+    tensors: dict
+    saved_with: str
+    config_text: str
 
-    The files are written to temporaries in `path` and moved into place (weights, then config):
-    if anything fails, the temporaries are removed and an adapter already in `path` is left as it
-    was. A stale adapter_model.bin of a previous adapter is removed once the new files are in
-    place. Files in `path` that are not an adapter's are left alone, with one warning naming them.
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write adapters of `model` to directory `path` in PEFT's format; returns the directory.
+
+    With adapter_name None, every adapter, in the layout PEFT's ``save_pretrained`` writes: the
+    adapter "default" at the root of `path`, every other one in the subfolder ``path/<name>/``
+    (a model whose adapters are all named otherwise writes subfolders only). With an adapter_name,
+    that adapter alone, at the root of `path` whatever its name (the folder is the caller's
+    choice; load it back with load_adapter(model, path, adapter_name=...)). Each folder holds that
+    adapter's adapter_config.json (its r, alpha, dropout, rslora and target_modules) and
+    adapter_model.safetensors (PEFT's keys, without the adapter's name) for the layers holding it.
+
+    Every adapter's tensors and config are prepared (and refused, writing nothing, if PEFT's
+    format cannot hold them) before any file is written. The files are written to temporaries
+    and moved into place only once all of them are written (weights, then config, folder by
+    folder): a failure while writing leaves every adapter already in `path` as it was. Only the
+    renames come after the last write; one failing among them (rare) leaves every folder whole,
+    holding its previous adapter or its new one. A stale adapter_model.bin of
+    a previous adapter is removed once the new files are in place. Files that are not an
+    adapter's are left alone, with one warning per folder naming them.
 
     Args:
         model: a model with LoRALinear layers (after `inject` or `load_adapter`). Under
             torch.distributed every rank must call this (sharded weights are gathered) and rank 0
             writes.
         path: the directory, created if needed.
-        base_model_name_or_path: recorded in the config; default the model's
+        adapter_name: the adapter to save (written at the root of `path`); None: all of them.
+        base_model_name_or_path: recorded in the configs; default the model's
             ``config._name_or_path`` when it has one.
     """
     from safetensors.torch import save_file
 
-    layers = require_lora_layers(model, "save_adapter")
-    config = _adapter_config(model, layers, base_model_name_or_path)
-    tensors = {f"{PREFIX}{key}.weight": t.cpu().contiguous() for key, t in _gathered(layers).items()}
+    inner = unwrap(model)
+    require_lora_layers(inner, "save_adapter")
+    names = named_adapters.adapter_names(inner) if adapter_name is None else [adapter_name]
     path = Path(path)
+    planned = []
+    for name in names:   # _holding refuses a name of the wrong kind or one the model lacks
+        name, layers = _holding(inner, name, "save_adapter")
+        config = _adapter_config(inner, name, layers, base_model_name_or_path)
+        tensors = {f"{PREFIX}{key}.weight": t.cpu().contiguous()
+                   for key, t in _gathered(layers, name).items()}
+        at_root = adapter_name is not None or name == DEFAULT_ADAPTER
+        planned.append(_Planned(
+            folder=path if at_root else path / name, tensors=tensors,
+            saved_with=json.dumps({key: config[key] for key in _SAVED_HPARAMS}, sort_keys=True),
+            config_text=json.dumps(config, indent=2, sort_keys=True) + "\n"))
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_rank() != 0:
         return path
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"path: {str(path)!r} is a file, expected a directory")
+    for folder in [path] + [p.folder for p in planned]:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"path: {str(folder)!r} is a file, expected a directory")
     path.mkdir(parents=True, exist_ok=True)
-    _warn_foreign_files(path)
-    saved_with = json.dumps({key: config[key] for key in _SAVED_HPARAMS}, sort_keys=True)
-    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    with atomic_files.staged(path, [WEIGHTS_NAME, CONFIG_NAME]) as (weights_tmp, config_tmp):
-        save_file(tensors, str(weights_tmp), metadata={"format": "pt", SAVED_WITH_KEY: saved_with})
-        config_tmp.write_text(config_text)
-    _remove_stale(path / LEGACY_WEIGHTS_NAME)
+    created = [p.folder for p in planned if p.folder != path and not p.folder.exists()]
+    for folder in created:
+        folder.mkdir()
+    siblings = set(named_adapters.adapter_names(inner))
+    for plan in planned:
+        _warn_foreign_files(plan.folder, siblings if plan.folder == path else set())
+    try:
+        # Every folder's temporaries are written inside the one stack; its exit moves them into
+        # place (the last folder first), so no folder changes before every file is written.
+        with contextlib.ExitStack() as stack:
+            for plan in planned:
+                weights_tmp, config_tmp = stack.enter_context(
+                    atomic_files.staged(plan.folder, [WEIGHTS_NAME, CONFIG_NAME]))
+                save_file(plan.tensors, str(weights_tmp),
+                          metadata={"format": "pt", SAVED_WITH_KEY: plan.saved_with})
+                config_tmp.write_text(plan.config_text)
+    except BaseException:
+        for folder in created:   # only folders this call made, and only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for plan in planned:
+        _remove_stale(plan.folder / LEGACY_WEIGHTS_NAME)
     return path
 
 
-def _warn_foreign_files(path):
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in _EXPECTED_FILES)
+def _warn_foreign_files(path, adapter_folders):
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in _EXPECTED_FILES
+                     and not (p.name in adapter_folders and p.is_dir()))
     if foreign:
         warnings.warn(f"save_adapter: {str(path)!r} also holds {len(foreign)} entries that are not "
                       f"part of an adapter (left alone): {foreign[:10]}", UserWarning, stacklevel=3)
@@ -134,18 +216,22 @@ def _remove_stale(path):
                           stacklevel=3)
 
 
-def _adapter_config(model, layers, base_model_name_or_path):
-    """adapter_config.json: only keys PEFT knows. One r/alpha/dropout/rslora for all layers (a
-    PEFT config without rank_pattern cannot say more)."""
+def _adapter_config(model, adapter_name, layers, base_model_name_or_path):
+    """adapter_config.json of adapter `adapter_name`: only keys PEFT knows. One
+    r/alpha/dropout/rslora for all its layers (a PEFT config without rank_pattern cannot say more),
+    taken from the layers; target_modules as recorded when the adapter was made."""
     def common(attr):
-        values = {getattr(layer, attr) for layer in layers.values()}
+        values = {getattr(layer.adapter_settings[adapter_name], attr) for layer in layers.values()}
         if len(values) != 1:
-            raise ValueError(f"save_adapter: the LoRA layers differ in {attr} ({sorted(values)}); "
-                             "PEFT's format stores one value for all layers")
+            raise ValueError(f"save_adapter: the LoRA layers of adapter {adapter_name!r} differ in "
+                             f"{attr} ({sorted(values)}); PEFT's format stores one value for all "
+                             "layers")
         return values.pop()
 
-    model = unwrap(model)
-    recorded = getattr(model, "lora_fast_config", None) or {}
+    recorded = (model.__dict__.get("lora_fast_adapters") or {}).get(adapter_name)
+    if recorded is None and adapter_name == named_adapters.active_adapter(model):
+        recorded = model.__dict__.get("lora_fast_config")   # a record from before named adapters
+    recorded = recorded or {}
     if base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         base_model_name_or_path = name if isinstance(name, str) else None
@@ -164,67 +250,163 @@ def _adapter_config(model, layers, base_model_name_or_path):
 
 # --- load ---------------------------------------------------------------------------------------
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load the adapter in directory `path` (written by `save_adapter` or by PEFT) into `model`;
-    returns the names of the layers loaded.
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
+                 hotswap: bool = False) -> list[str]:
+    """Load the adapter in directory `path` (written by `save_adapter` or by PEFT) into `model` as
+    adapter `adapter_name`; returns the names of the layers loaded.
+
+    Where it goes:
+      - a model without LoRA layers: they are injected as the config says, with this adapter
+        (the active one); the adapters in the file's dtype where the layers can run with it, else
+        inject's default.
+      - a model with LoRA layers and no adapter of that name: the adapter is added on the layers
+        the config's target_modules select (add_adapter; the file's dtype as above), frozen and
+        NOT made active, as PEFT's ``load_adapter`` does: set_adapter(model, adapter_name) to use it.
+      - an existing adapter of that name: its weights are replaced in place; its layers' r,
+        lora_alpha and use_rslora must be the file's and the file must hold exactly its layers.
+        Merged layers are unmerged, loaded and merged again, so forward uses the new weights.
+
+    hotswap=True replaces the weights of an existing adapter in place for a model already
+    compiled (torch.compile): values are copied into the same Parameters and nothing torch.compile
+    guards on changes, so the model does not recompile. The file may then have a lower rank than
+    the adapter (lora_A's extra rows and lora_B's extra columns are zeroed: give the slot adapter
+    the largest rank to come, e.g. add_adapter(model, "slot", r=64)) and another lora_alpha or
+    use_rslora: the ratio s_file / s_layer of the scalings is folded into lora_B (computed in
+    float32, or wider for a wider dtype, and rounded once). The layers keep their recorded r,
+    lora_alpha, use_rslora and lora_dropout (and so does the model's record, which save_adapter
+    writes), and their s·B·A is the file's adapter. The file's lora_dropout, a training setting
+    that PEFT's hot swap refuses to differ, is not taken. Refused: a name the model has no adapter of,
+    a higher rank, a file on other layers than the adapter's, an adapter merged into the weights.
 
     Everything is checked before the model changes: the config (plain LoRA, hyper-parameters of
     the right types), every tensor (floating point, finite, one per layer and part, the right
-    shape) against the layers the config selects. Any error raises, naming the file and key, and
-    leaves the model as it was. Then LoRALinear layers are injected as the config says if the
-    model has none yet (the adapters in the file's dtype where the layers can run with it, else
-    inject's default), and the tensors are copied in. Merged layers are unmerged, loaded and
-    merged again, so forward uses the new adapter.
+    shape) against the layers it goes to. Any error raises, naming the file and key, and leaves
+    the model as it was (every adapter's weights, its adapters, LoRA layers, records, active
+    adapter and requires_grad flags).
 
     Args:
-        model: a model (inside DDP / torch.compile wrappers or not), with LoRALinear layers whose
-            r, lora_alpha and use_rslora are the adapter's, or with none. A model already sharded
-            by FSDP2 gets each rank's shard (every rank calls this).
-        path: the adapter's directory (PEFT saves an adapter not named "default" in a subfolder
-            of that name).
+        model: a model (inside DDP / torch.compile wrappers or not). A model already sharded by
+            FSDP2 gets each rank's shard (every rank calls this).
+        path: the adapter's directory. If it has no adapter_config.json but its subfolder named
+            adapter_name has (PEFT's layout for an adapter not named "default"), that subfolder.
+        adapter_name: the name the adapter gets, or has, in the model (letters, digits, '_', '-').
+        hotswap: replace an existing adapter's weights in place, without recompiling (above).
     """
-    path = Path(path)
-    config_file = _config_file(path)
+    check_adapter_name(adapter_name)
+    if not isinstance(hotswap, bool):
+        raise ValueError(f"hotswap: expected True or False, got {hotswap!r}")
+    folder = _adapter_folder(Path(path), adapter_name)
+    config_file = folder / CONFIG_NAME
     config = adapter_config.read(config_file)
     hparams = adapter_config.check(config, config_file)
-    weights_file, tensors, metadata = _read_weights(path)
+    weights_file, tensors, metadata = _read_weights(folder)
     _check_tensor_values(tensors, weights_file)
     _check_saved_with(metadata, hparams, config_file, weights_file)
 
     module = unwrap(model)
     layers = lora_layers(module)
-    if layers:
-        _check_layer_hparams(layers, hparams, config_file)
-        targets = {name: _Target(layer.out_features, layer.in_features, layer.weight.dtype,
-                                 layer.from_conv1d) for name, layer in layers.items()}
+    known = named_adapters.adapter_names(module) if layers else []
+    if hotswap and adapter_name not in known:
+        has = f"its adapters are {known}" if known else "no LoRA layers"
+        raise ValueError(
+            f"adapter_name: hotswap=True replaces the weights of an adapter the model has, and it "
+            f"has no adapter {adapter_name!r} ({has}); "
+            f"load it with hotswap=False first, or make its slot before compiling "
+            f"(add_adapter(model, {adapter_name!r}, r=<the largest rank to come>, ...))")
+    if not layers:
+        targets = _targets(module, hparams, config_file)
+    elif adapter_name in known:
+        holders = named_adapters.adapter_layers(module, adapter_name)
+        if hotswap:
+            _check_hotswap(holders, adapter_name, hparams, tensors, weights_file)
+        else:
+            _check_layer_hparams(holders, adapter_name, hparams, config_file)
+        targets = {name: _Target.of(layer) for name, layer in holders.items()}
     else:
-        targets = _targets_to_inject(module, hparams, config_file)
+        targets = _targets(module, hparams, config_file, lora_too=True)
     _check_tensors_fit(targets, tensors, hparams["r"], weights_file, config_file)
     _check_fan_in_fan_out(targets, hparams, config_file)
+    incoming = {name: tuple(tensors[f"{PREFIX}{name}.{part}.weight"] for part in ("lora_A", "lora_B"))
+                for name in targets}
+    if hotswap:
+        incoming = _padded_and_scaled(holders, adapter_name, hparams, incoming)
 
     with _restored_on_error(module, layers):
+        file_dtype = _usable_file_dtype(targets, tensors)
         if not layers:
             inject(module, r=hparams["r"], lora_alpha=hparams["lora_alpha"],
                    target_modules=hparams["target_modules"], lora_dropout=hparams["lora_dropout"],
                    use_rslora=hparams["use_rslora"], exclude_modules=hparams["exclude_modules"],
-                   adapter_dtype=_usable_file_dtype(targets, tensors))
-            layers = lora_layers(module)
-        _copy_into(layers, tensors)
-    return list(layers)
+                   adapter_dtype=file_dtype, adapter_name=adapter_name)
+        elif adapter_name not in known:
+            named_adapters.add_adapter(
+                module, adapter_name, r=hparams["r"], lora_alpha=hparams["lora_alpha"],
+                target_modules=hparams["target_modules"], lora_dropout=hparams["lora_dropout"],
+                use_rslora=hparams["use_rslora"], exclude_modules=hparams["exclude_modules"],
+                adapter_dtype=file_dtype)
+        loaded = named_adapters.adapter_layers(module, adapter_name)
+        _copy_into(loaded, _Incoming(adapter_name, incoming))
+    return list(loaded)
 
 
-def _config_file(path):
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load every adapter of directory `path` in PEFT's layout (what save_adapter or PEFT's
+    save_pretrained writes for several adapters) into `model`; returns their names, in the order
+    loaded: the adapter at the root of `path` as "default", then each subfolder holding an
+    adapter_config.json as its folder's name, sorted. Each is loaded as load_adapter(model,
+    folder, adapter_name=name) loads it; into a model without LoRA layers the first one is
+    injected and is the active adapter. All or nothing: if one fails, the model is left as it was.
+
+    Args:
+        model: a model (inside DDP / torch.compile wrappers or not), with or without LoRA layers.
+        path: the directory.
+    """
+    path = Path(path)
+    _check_directory(path)
+    entries = [(DEFAULT_ADAPTER, path)] if (path / CONFIG_NAME).is_file() else []
+    for folder in sorted(p for p in path.iterdir() if (p / CONFIG_NAME).is_file()):
+        try:
+            name = check_adapter_name(folder.name)
+        except ValueError:
+            raise ValueError(f"path: {str(folder)!r} holds an adapter, but its folder name cannot "
+                             "name one (letters, digits, '_' and '-'); rename the folder, or load "
+                             "it with load_adapter(model, folder, adapter_name=...)") from None
+        if entries and name == DEFAULT_ADAPTER:
+            raise ValueError(f"path: {str(path)!r} holds an adapter at its root and one in its "
+                             f"subfolder {DEFAULT_ADAPTER!r}: both would be named {DEFAULT_ADAPTER!r}")
+        entries.append((name, folder))
+    if not entries:
+        raise FileNotFoundError(f"path: no {CONFIG_NAME} in {str(path)!r} nor in any of its "
+                                "subfolders")
+    module = unwrap(model)
+    with _restored_on_error(module, lora_layers(module)):
+        for name, folder in entries:
+            load_adapter(module, folder, adapter_name=name)
+    return [name for name, _ in entries]
+
+
+def _check_directory(path):
     if path.is_file():
         raise NotADirectoryError(f"path: {str(path)!r} is a file; pass the directory that holds "
                                  f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     if not path.is_dir():
         raise FileNotFoundError(f"path: no {CONFIG_NAME} in {str(path)!r} (no such directory)")
-    if not (path / CONFIG_NAME).is_file():
-        nested = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
-        hint = (f"; PEFT saves an adapter not named 'default' in a subfolder named after it: "
-                f"{str(path)!r} has adapters in {nested}, pass one of those folders" if nested else "")
-        raise FileNotFoundError(f"path: no {CONFIG_NAME} in {str(path)!r}{hint}")
-    return path / CONFIG_NAME
+
+
+def _adapter_folder(path, adapter_name):
+    """`path` if it holds an adapter, else its subfolder named adapter_name if that does (PEFT's
+    layout), else an error pointing to the adapters it has in subfolders."""
+    _check_directory(path)
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / adapter_name / CONFIG_NAME).is_file():
+        return path / adapter_name
+    nested = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
+    hint = (f"; PEFT saves an adapter not named 'default' in a subfolder named after it: "
+            f"{str(path)!r} has adapters in {nested}, pass one of those folders (or "
+            "adapter_name=<its name>; load_adapters(model, path) loads them all)" if nested else "")
+    raise FileNotFoundError(f"path: no {CONFIG_NAME} in {str(path)!r} (nor in its subfolder "
+                            f"{adapter_name!r}){hint}")
 
 
 def _read_weights(path):
@@ -288,14 +470,69 @@ def _check_saved_with(metadata, hparams, config_file, weights_file):
                 "save_adapter, or a config edited since); save the adapter again")
 
 
-def _check_layer_hparams(layers, hparams, config_file):
+def _check_layer_hparams(layers, adapter_name, hparams, config_file):
     for name, layer in layers.items():
+        settings = layer.adapter_settings[adapter_name]
         for attr in ("r", "lora_alpha", "use_rslora"):
-            if getattr(layer, attr) != hparams[attr]:
-                raise ValueError(f"load_adapter: layer {name!r} has {attr}={getattr(layer, attr)!r}, "
-                                 f"the adapter {attr}={hparams[attr]!r} ({config_file}); inject "
-                                 "with the adapter's settings or load into a model without LoRA "
-                                 "layers")
+            if getattr(settings, attr) != hparams[attr]:
+                raise ValueError(
+                    f"load_adapter: layer {name!r} has {attr}={getattr(settings, attr)!r}, the "
+                    f"adapter {attr}={hparams[attr]!r} ({config_file}), for adapter_name="
+                    f"{adapter_name!r}; load it under another adapter_name, with hotswap=True (a "
+                    "lower rank, another alpha), into a model without LoRA layers, or inject with "
+                    "the adapter's settings")
+
+
+def _check_hotswap(holders, adapter_name, hparams, tensors, weights_file):
+    """What hotswap cannot do in place: a merged adapter, other layers, a higher rank."""
+    merged = [name for name, layer in holders.items() if layer.merged_adapter == adapter_name]
+    if merged:
+        raise ValueError(f"hotswap: adapter {adapter_name!r} is merged into the weights of "
+                         f"{len(merged)} layers (e.g. {merged[0]!r}); unmerge(model) first")
+    in_file = {key[len(PREFIX):].rsplit(".", 2)[0] for key in tensors
+               if key.startswith(PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))}
+    missing, extra = sorted(set(holders) - in_file), sorted(in_file - set(holders))
+    if missing or extra:
+        raise ValueError(
+            f"hotswap: {weights_file} holds an adapter on other layers than adapter "
+            f"{adapter_name!r}: {len(missing)} of its layers missing {missing[:5]}, {len(extra)} "
+            f"layers it does not have {extra[:5]}; a hot swap replaces weights only (new LoRA "
+            "layers would change what torch.compile traced): load it with hotswap=False under "
+            "another adapter_name")
+    for name, layer in holders.items():
+        slot = layer.adapter_settings[adapter_name].r
+        if hparams["r"] > slot:
+            raise ValueError(
+                f"hotswap: the file's r={hparams['r']} is higher than adapter {adapter_name!r}'s "
+                f"r={slot} (layer {name!r}); a hot swap can only zero-pad a lower rank: create the "
+                f"slot with the largest rank to come (add_adapter(model, {adapter_name!r}, "
+                f"r={hparams['r']}, ...)) before compiling")
+
+
+def _padded_and_scaled(holders, adapter_name, hparams, incoming):
+    """The file's (A, B) of each layer as the layer's adapter holds them for a hot swap: the rank
+    zero-padded to the layer's, and lora_B times s_file / s_layer (float32 or wider, rounded once
+    to the parameter's dtype), so that s_layer·B'·A' = s_file·B·A."""
+    s_file = AdapterSettings(hparams["r"], hparams["lora_alpha"], hparams["lora_dropout"],
+                             hparams["use_rslora"]).scaling
+    out = {}
+    for name, (lora_A, lora_B) in incoming.items():
+        layer = holders[name]
+        param_A, param_B = layer.adapter_weights(adapter_name)
+        ratio = s_file / layer.adapter_settings[adapter_name].scaling
+        if ratio != 1.0:
+            compute = torch.promote_types(torch.promote_types(lora_B.dtype, param_B.dtype),
+                                          torch.float32)
+            lora_B = (lora_B.to(compute) * ratio).to(param_B.dtype)
+        r = lora_A.shape[0]
+        if r < param_A.shape[0]:
+            padded_A = torch.zeros(tuple(param_A.shape), dtype=param_A.dtype)
+            padded_B = torch.zeros(tuple(param_B.shape), dtype=param_B.dtype)
+            padded_A[:r] = lora_A
+            padded_B[:, :r] = lora_B
+            lora_A, lora_B = padded_A, padded_B
+        out[name] = (lora_A, lora_B)
+    return out
 
 
 class _Target(NamedTuple):
@@ -305,16 +542,26 @@ class _Target(NamedTuple):
     dtype: torch.dtype
     conv1d: bool
 
+    @classmethod
+    def of(cls, layer):
+        """The target a LoRALinear is (its weight is (out, in), also when made from a Conv1D)."""
+        return cls(layer.out_features, layer.in_features, layer.weight.dtype, layer.from_conv1d)
 
-def _targets_to_inject(module, hparams, config_file):
-    """The layers inject would replace, without replacing them (same selection: select_modules)."""
+
+def _targets(module, hparams, config_file, lora_too=False):
+    """The layers inject (or add_adapter, lora_too) would give the adapter, without changing
+    anything (the same selection: select_modules)."""
     try:
-        names = select_modules(module, hparams["target_modules"], hparams["exclude_modules"])
+        names = select_modules(module, hparams["target_modules"], hparams["exclude_modules"],
+                               lora_too=lora_too)
     except (TypeError, ValueError) as err:
         raise type(err)(f"load_adapter: {config_file}: {err}") from None
     targets = {}
     for name in names:
         layer = module.get_submodule(name)
+        if hasattr(layer, "adapter_settings"):   # a LoRALinear: add_adapter extends it
+            targets[name] = _Target.of(layer)
+            continue
         conv1d = is_conv1d(layer)
         in_features, out_features = layer.weight.shape if conv1d else layer.weight.shape[::-1]
         targets[name] = _Target(out_features, in_features, layer.weight.dtype, conv1d)
@@ -367,52 +614,77 @@ def _usable_file_dtype(targets, tensors):
     return dtype if usable else None
 
 
+class _LayerState(NamedTuple):
+    """What a load may change in a LoRALinear it had: which adapters, their weights, the active
+    one, merged or not."""
+    weights: dict
+    active: str
+    merged: bool
+
+
 @contextlib.contextmanager
 def _restored_on_error(module, layers):
-    """On any error in the block, put `module` back as it was: its children (undoing an inject),
-    every parameter's requires_grad, lora_fast_config, and the adapter weights and merged state
-    of the LoRA layers it had (`layers`)."""
+    """On any error in the block, put `module` back as it was: its children (undoing an inject or
+    the LoRA layers add_adapter made), every parameter's requires_grad, lora_fast_config and
+    lora_fast_adapters, and for the LoRA layers it had (`layers`) their adapters (ones added since
+    removed), every adapter's weights, the active adapter and the merged state. The copies of
+    the weights cost the adapters' size once, for the block's duration."""
     children = [(parent, name, child) for parent in module.modules()
                 for name, child in parent.named_children()]
     requires_grad = [(p, p.requires_grad) for p in module.parameters()]
-    config = module.__dict__.get("lora_fast_config")
-    saved = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.merged)
+    records = {key: module.__dict__.get(key) for key in ("lora_fast_config", "lora_fast_adapters")}
+    saved = {name: _LayerState(
+                 {adapter: tuple(p.detach().clone() for p in layer.adapter_weights(adapter))
+                  for adapter in layer.adapter_settings},
+                 layer.active_adapter, layer.merged)
              for name, layer in layers.items()}
     try:
         yield
     except BaseException:
         with torch.no_grad():
             for name, layer in layers.items():
-                lora_A, lora_B, merged = saved[name]
+                state = saved[name]
                 if layer.merged:
                     layer.unmerge()
-                layer.lora_A.copy_(lora_A)
-                layer.lora_B.copy_(lora_B)
-                if merged:
+                layer.set_adapter(state.active)
+                for added in [a for a in layer.adapter_settings if a not in state.weights]:
+                    layer.delete_adapter(added)
+                for adapter, values in state.weights.items():
+                    for param, value in zip(layer.adapter_weights(adapter), values):
+                        param.copy_(value)
+                if state.merged:   # merge() folds the active adapter, the one merged before
                     layer.merge()
         for parent, name, child in children:
             if getattr(parent, name) is not child:
                 setattr(parent, name, child)
         for p, flag in requires_grad:
             p.requires_grad_(flag)
-        if config is None:
-            module.__dict__.pop("lora_fast_config", None)
-        else:
-            module.lora_fast_config = config
+        for key, value in records.items():
+            if value is None:
+                module.__dict__.pop(key, None)
+            else:
+                setattr(module, key, value)
         raise
 
 
-def _copy_into(layers, tensors):
-    """Copy the file's tensors into the layers (in the layers' dtype). A merged layer is unmerged
-    first and merged again after, so that its weight holds the new adapter."""
-    merged = [layer for layer in layers.values() if layer.merged]
+class _Incoming(NamedTuple):
+    """The values load_adapter copies: adapter name, {layer name: (lora_A, lora_B)}."""
+    adapter_name: str
+    tensors: dict
+
+
+def _copy_into(layers, incoming):
+    """Copy incoming's tensors into adapter incoming.adapter_name of the layers (in the layers'
+    dtype), into the same Parameters. A layer with that adapter merged is unmerged first and
+    merged again after, so that its weight holds the new adapter."""
+    merged = [layer for layer in layers.values() if layer.merged_adapter == incoming.adapter_name]
     for layer in merged:
         layer.unmerge()
     with torch.no_grad():
         for name, layer in layers.items():
-            for part in ("lora_A", "lora_B"):
-                param = getattr(layer, part)
-                value = tensors[f"{PREFIX}{name}.{part}.weight"].to(param.dtype)
+            for param, value in zip(layer.adapter_weights(incoming.adapter_name),
+                                    incoming.tensors[name]):
+                value = value.to(param.dtype)
                 if hasattr(param, "device_mesh"):   # sharded by FSDP2: copy in this rank's shard
                     from torch.distributed.tensor import distribute_tensor
                     value = distribute_tensor(value.to(param.device), param.device_mesh,

@@ -34,7 +34,7 @@ from triton.compiler import ASTSource
 
 from triton.runtime.jit import JITFunction
 
-from lora_fast.kernels import backward, backward_tma, configs, forward, forward_tma, skinny, splitk
+from lora_fast.kernels import backward, backward_tma, configs, forward, forward_tma, multi, skinny, splitk
 
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # A build's dtype name: its tensors' dtype and the tl.dot precision the launchers pass for it —
@@ -42,7 +42,8 @@ _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # fp32 matmul precision); the 16-bit ones ignore the precision.
 BUILD_DTYPES = {"bf16": (torch.bfloat16, "tf32"), "fp16": (torch.float16, "tf32"),
                 "fp32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee")}
-_FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr", "xa_part_ptr"}
+_FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr", "xa_part_ptr", "scale_ptr", "p_ptr"}
+_I32_POINTERS = {"ids_ptr", "perm_ptr"}      # the mixed-batch kernels' row -> adapter map and row order
 _SCALARS = {"scaling", "scale", "dropout_p"}
 # Pointer tensors over the large operands (x, W0, dY, src of the skinny pass, ...): their offsets
 # must be 64-bit, since row * stride (or k * stride on a transposed view) can pass 2**31.
@@ -112,7 +113,30 @@ def _variants():
         variants.append(Variant("split_k_partial" + ("_dropout" if dropout else ""),
                                 splitk._lora_split_k_partial_kernel, {"DROPOUT": dropout},
                                 ("stride_xk", "stride_wk", "stride_ak"), False))
+    # the mixed-batch kernels (rows in perm's order, as an unsorted batch runs them); their dA/dB
+    # reducer is left out: a streaming sum with no MMA, which every build here is checked to use
+    for dropout in (False, True):
+        tag = "_dropout" if dropout else ""
+        variants += [
+            Variant("multi_forward" + tag, multi._multi_forward_kernel,
+                    {"HAS_BIAS": True, "STORE_XS": True, "DROPOUT": dropout, "PERM": True}, fwd_strides, True),
+            Variant("multi_backward" + tag, multi._multi_backward_kernel,
+                    {"COMPUTE_DB": True, "DROPOUT": dropout, "PERM": True, **both},
+                    tuple(s for s in bwd_strides if s != "stride_gr"), True),
+            Variant("multi_split_k_partial" + tag, multi._multi_split_k_partial_kernel,
+                    {"DROPOUT": dropout, "PERM": True}, ("stride_xk", "stride_wk", "stride_ak"), False),
+        ]
+    variants.append(Variant("multi_split_k_reduce", multi._multi_split_k_reduce_kernel,
+                            {"HAS_BIAS": True, "STORE_XS": True, "PERM": True}, ("stride_br", "stride_sr", "stride_yn"),
+                            False))
     return variants
+
+
+# The split-K kernels (decode rows: their main tile is 16 rows') and, of those, the reduce kernels
+# (not autotuned: split_k_plan's tile).
+_SPLIT_K = (splitk._lora_split_k_partial_kernel, splitk._lora_split_k_reduce_kernel,
+            multi._multi_split_k_partial_kernel, multi._multi_split_k_reduce_kernel)
+_SPLIT_K_REDUCE = (splitk._lora_split_k_reduce_kernel, multi._multi_split_k_reduce_kernel)
 
 
 VARIANTS = {v.name: v for v in _variants()}
@@ -121,7 +145,7 @@ VARIANTS = {v.name: v for v in _variants()}
 def main_config(variant, arch, dtype_name, rank=16):
     """The variant's main tile on this arch and dtype: the first config its pruner keeps (the lists
     are ordered best first) for large M, or for 16 rows where the kernel is split-K's (decode)."""
-    split_k = VARIANTS[variant].kernel in (splitk._lora_split_k_partial_kernel, splitk._lora_split_k_reduce_kernel)
+    split_k = VARIANTS[variant].kernel in _SPLIT_K
     return _pruned(variant, arch, dtype_name, 16 if split_k else 1 << 20, rank)[0]
 
 
@@ -151,7 +175,8 @@ def compile_variant(variant, dtype_name, arch, config, strided=False):
         elif name == "seed_ptr":
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{_TYPE[dtype]}"
+            signature[name] = ("*fp32" if name in _FP32_POINTERS else "*i32" if name in _I32_POINTERS
+                               else f"*{_TYPE[dtype]}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _SCALARS:
             signature[name] = "fp32"
@@ -201,7 +226,7 @@ def _pruned(variant, arch, dtype_name, m, rank=16):
     split-K reduce kernel is not autotuned: the launcher's tile."""
     spec = VARIANTS[variant]
     kernel = spec.kernel
-    if kernel is splitk._lora_split_k_reduce_kernel:
+    if kernel in _SPLIT_K_REDUCE:
         block_m, block_n = configs.split_k_plan(m, 1, 1, 1)[:2]
         return [{"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": configs.block_r(rank),
                  "num_warps": configs.SPLIT_K_REDUCE_WARPS, "num_stages": 3}]   # Triton's default stages
@@ -209,10 +234,12 @@ def _pruned(variant, arch, dtype_name, m, rank=16):
     pointer = torch.empty(0, dtype=dtype)
     named_args = {"M_BUCKET": m, "x_ptr": pointer, "dy_ptr": pointer, "src_ptr": pointer}
     kwargs = {**spec.constexprs, "BLOCK_R": configs.block_r(rank), "INPUT_PRECISION": precision}
-    if kernel is splitk._lora_split_k_partial_kernel:
+    if kernel in _SPLIT_K:
         kwargs["BLOCK_M"], kwargs["BLOCK_N"] = configs.split_k_plan(m, 1, 1, 1)[:2]
-    elif kernel not in (forward._lora_forward_kernel, forward_tma._lora_forward_tma_kernel):
-        kwargs["BLOCK_M"] = configs.partial_block_m(m, spec.constexprs.get("G_IN_LOOP", False), precision)
+    elif kernel not in (forward._lora_forward_kernel, forward_tma._lora_forward_tma_kernel,
+                        multi._multi_forward_kernel):
+        fused = spec.constexprs.get("G_IN_LOOP", kernel is multi._multi_backward_kernel)
+        kwargs["BLOCK_M"] = configs.partial_block_m(m, fused, precision)
     kept = kernel.early_config_prune(kernel.configs, named_args, capability=arch // 10, **kwargs)
     if not kept:   # the autotuner would launch with no config at all: a pruning bug
         raise RuntimeError(f"{variant} {dtype_name} sm_{arch}: the pruner leaves no config at M_BUCKET={m}")
@@ -225,7 +252,7 @@ def autotune_configs(variant, arch, dtype_name, rank=16):
     keeps (_pruned) in each M regime — every row class (configs.row_class, partial_block_m); split-K
     (M <= SPLIT_K_MAX_M) at 1, 32 and 64 rows, the TMA kernels (M > SPLIT_K_MAX_M) at the large ones."""
     kernel = VARIANTS[variant].kernel
-    if kernel in (splitk._lora_split_k_partial_kernel, splitk._lora_split_k_reduce_kernel):
+    if kernel in _SPLIT_K:
         regimes = (1, 32, configs.SPLIT_K_MAX_M)
     elif kernel in (forward_tma._lora_forward_tma_kernel, backward_tma._lora_backward_tma_kernel):
         regimes = (128, 1 << 20)

@@ -546,3 +546,29 @@ def _save(device, key):
     if _failed.get(key):
         entry["failed"] = dict(_failed[key])
     cache_file.write(device, {_key_string(key): entry})
+
+
+# --- mixed batches (lora_fast.mixed): rows with their own adapters ----------------------------------
+# One kernel design per pass, so nothing is timed: decode sizes (M <= MIXED_SPLIT_K_MAX_M rows, each
+# possibly with its own adapter) split the base GEMM over K as split_k does for one adapter (the
+# same reason: too few row tiles to fill the GPU); larger batches run the grouped row tiles.
+MIXED_SPLIT_K_MAX_M = 64
+
+
+def multi_forward(x, weight, bias, A, B, scale, dropout_p, seed, ids, perm, *, save_xs=True):
+    """The "triton" backend's mixed-batch forward (kernels/multi.py); torch_path.multi_forward's
+    signature."""
+    from lora_fast.kernels import multi
+    _needs_seed(1.0 if dropout_p is not None else 0.0, seed)
+    path = "split_k" if x.shape[0] <= MIXED_SPLIT_K_MAX_M else "tiled"
+    return multi.multi_forward(x, weight, bias, A, B, scale.float(), dropout_p, seed, ids, perm,
+                               save_xs=save_xs, path=path)
+
+
+def multi_backward(dy, x, xs, weight, A, B, scale, dropout_p, seed, ids, perm, *,
+                   need_dx=True, need_da=True, need_db=True):
+    """The "triton" backend's mixed-batch backward (kernels/multi.py)."""
+    from lora_fast.kernels import multi
+    _needs_seed(1.0 if dropout_p is not None else 0.0, seed)
+    return multi.multi_backward(dy, x, xs, weight, A, B, scale.float(), dropout_p, seed, ids, perm,
+                                need_dx=need_dx, need_da=need_da, need_db=need_db)

@@ -12,13 +12,15 @@ writes to adapter_config.json). Matching follows PEFT's rules exactly, so the sa
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from typing import Iterator, NamedTuple, Sequence, Union
 
 import torch
 from torch import nn
 
-from .module import LoRALinear, _check_adapter_dtype, _check_base, _check_hparams, is_conv1d, storage_extent
+from .module import (DEFAULT_ADAPTER, LoRALinear, _check_adapter_dtype, _check_base, _check_hparams,
+                     check_adapter_name, default_adapter_dtype, is_conv1d, storage_extent)
 
 ALL_LINEAR = "all-linear"
 # target_modules / exclude_modules: a regex, names (exact or dotted suffix), or ALL_LINEAR
@@ -27,7 +29,7 @@ Targets = Union[str, Sequence[str], None]
 
 def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: Targets = None,
            lora_dropout: float = 0.0, use_rslora: bool = False, exclude_modules: Targets = None,
-           adapter_dtype: torch.dtype | None = None) -> list[str]:
+           adapter_dtype: torch.dtype | None = None, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
     """Replace the matching linears of `model` in place by LoRALinear (weights shared, not copied),
     freeze every other parameter, and return the replaced modules' names. Nothing is changed if
     an argument is refused.
@@ -44,6 +46,7 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
         adapter_dtype: floating dtype of lora_A/lora_B; default the base weight's dtype, except
             float32 on a float16/bfloat16 base (master adapters, PEFT's default
             ``autocast_adapter_dtype=True``).
+        adapter_name: the adapter's name (the active one); more adapters come with add_adapter.
 
     Hyper-parameters are recorded as plain Python numbers in ``model.lora_fast_config`` (what
     save_adapter writes), whatever numeric type they came as.
@@ -54,10 +57,12 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
     _check_targets("target_modules", target_modules, allow_none=False)
     _check_targets("exclude_modules", exclude_modules, allow_none=True)
     _check_adapter_dtype(adapter_dtype)
+    check_adapter_name(adapter_name)
     existing = lora_layers(model)
     if existing:
         raise RuntimeError(f"inject: model already has {len(existing)} LoRALinear layers (e.g. "
-                           f"{next(iter(existing))!r}); call merge_and_unload(model) first, or "
+                           f"{next(iter(existing))!r}); call add_adapter(model, name, ...) for "
+                           "another adapter, merge_and_unload(model) first, or "
                            "load_adapter(model, path) to load new adapter weights into them")
 
     names = select_modules(model, target_modules, exclude_modules)
@@ -67,32 +72,47 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
     replaced = {}
     for name in names:
         old = model.get_submodule(name)
-        dtype = adapter_dtype or _default_adapter_dtype(old.weight.dtype)
+        dtype = adapter_dtype or default_adapter_dtype(old.weight.dtype)
         replaced[id(old)] = LoRALinear.from_linear(old, r=r, lora_alpha=lora_alpha,
                                                    lora_dropout=lora_dropout, use_rslora=use_rslora,
-                                                   adapter_dtype=dtype)
-    # Replace every reference, so a layer reachable by two names gets one LoRALinear.
+                                                   adapter_dtype=dtype, adapter_name=adapter_name)
+    replace_children(model, replaced)
+    mark_only_lora_as_trainable(model)
+    record_adapter(model, adapter_name, r, lora_alpha, lora_dropout, use_rslora, target_modules,
+                   exclude_modules, names, any(layer.from_conv1d for layer in replaced.values()))
+    model.lora_fast_config = model.lora_fast_adapters[adapter_name]
+    return names
+
+
+def replace_children(model, replaced):
+    """Put replaced[id(child)] in place of every reference to child, so that a layer reachable by
+    two names gets one LoRALinear."""
     for _, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent.named_children()):
             if id(child) in replaced:
                 setattr(parent, child_name, replaced[id(child)])
-    mark_only_lora_as_trainable(model)
 
+
+def record_adapter(model, adapter_name, r, lora_alpha, lora_dropout, use_rslora, target_modules,
+                   exclude_modules, names, fan_in_fan_out):
+    """Record adapter `adapter_name`'s settings in model.lora_fast_adapters (what save_adapter
+    writes to its adapter_config.json); model.lora_fast_config is the active adapter's."""
     saved_targets = target_modules
     if target_modules == ALL_LINEAR or exclude_modules:
         saved_targets = sorted(names)   # what PEFT itself writes for "all-linear": the full names
     elif not isinstance(target_modules, str):
         saved_targets = list(target_modules)
-    model.lora_fast_config = {
+    adapters = dict(model.__dict__.get("lora_fast_adapters") or {})
+    adapters[adapter_name] = {
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
         "use_rslora": use_rslora, "target_modules": saved_targets,
-        "fan_in_fan_out": any(layer.from_conv1d for layer in replaced.values()),
+        "fan_in_fan_out": fan_in_fan_out,
     }
-    return names
+    model.lora_fast_adapters = adapters
 
 
 def select_modules(model: nn.Module, target_modules: Targets,
-                   exclude_modules: Targets = None) -> list[str]:
+                   exclude_modules: Targets = None, lora_too: bool = False) -> list[str]:
     """Names of the modules `inject` would replace (PEFT's matching; see the module docstring).
     Raises if a matching module is not a linear, or if nothing matches.
 
@@ -101,22 +121,24 @@ def select_modules(model: nn.Module, target_modules: Targets,
         target_modules: a regular expression (full match), a list of names (exact or dotted
             suffix), or "all-linear" (every linear but the output head).
         exclude_modules: None, or a regex / list as above; matching names are left out.
+        lora_too: LoRALinear layers count as linears (add_adapter's targets).
     """
+    is_linear = functools.partial(_is_linear, lora_too=lora_too)
     if target_modules == ALL_LINEAR:
         head = _output_head(model)
         names = [name for name, module in model.named_modules()
-                 if _is_linear(module) and module is not head]
+                 if is_linear(module) and module is not head]
     else:
         names = [name for name, _ in model.named_modules() if name and _matches(target_modules, name)]
     names = [name for name in names if not (exclude_modules and _matches(exclude_modules, name))]
     unsupported = [f"{name} ({type(model.get_submodule(name)).__name__})" for name in names
-                   if not _is_linear(model.get_submodule(name))]
+                   if not is_linear(model.get_submodule(name))]
     if unsupported:
         raise TypeError(f"target_modules: matches modules that are not nn.Linear or Conv1D: "
                         f"{', '.join(unsupported[:5])}; name the linear layers themselves")
     if not names:
         available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                            if _is_linear(module)})
+                            if is_linear(module)})
         raise ValueError(f"target_modules: {target_modules!r} matches no linear layer of "
                          f"{type(model).__name__} (exclude_modules={exclude_modules!r}); "
                          f"its linear layers are named {available[:20]}")
@@ -150,12 +172,23 @@ def require_lora_layers(model: nn.Module, what: str) -> dict[str, LoRALinear]:
     return layers
 
 
+def active_layers(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    """{name: LoRALinear} of the layers of `model` that hold its active adapter (the ones merge
+    and unmerge act on); a ValueError starting with `what` if there are none."""
+    layers = require_lora_layers(model, what)
+    active = {name: layer for name, layer in layers.items() if layer.settings is not None}
+    if not active:
+        name = next(iter(layers.values())).active_adapter
+        raise ValueError(f"{what}: no LoRA layer of the model holds the active adapter {name!r}")
+    return active
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Merge every adapter of `model` (an nn.Module, or DDP / torch.compile wrapping one) into
     its base weight (see LoRALinear.merge); unmerge undoes it exactly. Every layer is checked
     first (none merged already, no parametrized weight, no weight tied to another parameter of
     the model); if one is refused, or a merge fails, no layer stays merged. Returns `model`."""
-    layers = require_lora_layers(model, "merge")
+    layers = active_layers(model, "merge")
     _check_mergeable(unwrap(model), layers, "merge")
     done = []
     try:
@@ -172,7 +205,7 @@ def merge(model: nn.Module) -> nn.Module:
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore every merged base weight of `model` bit for bit; raises, changing nothing, if a
     layer is not merged. Returns `model`."""
-    layers = require_lora_layers(model, "unmerge")
+    layers = active_layers(model, "unmerge")
     unmerged = [name for name, layer in layers.items() if not layer.merged]
     if unmerged:
         raise RuntimeError(f"unmerge: {len(unmerged)} of {len(layers)} LoRA layers are not merged "
@@ -189,12 +222,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     and nothing is changed if one is refused."""
     inner = unwrap(model)   # the layer names are the bare model's
     layers = require_lora_layers(inner, "merge_and_unload")
-    _check_mergeable(inner, {name: layer for name, layer in layers.items() if not layer.merged},
-                     "merge_and_unload")
+    _check_mergeable(inner, {name: layer for name, layer in layers.items()
+                             if not layer.merged and layer.settings is not None}, "merge_and_unload")
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(inner.get_submodule(parent_name), child, layer.to_base())
     inner.__dict__.pop("lora_fast_config", None)
+    inner.__dict__.pop("lora_fast_adapters", None)
     return model
 
 
@@ -227,9 +261,10 @@ def _check_mergeable(model, layers, what):
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    """requires_grad on the lora_A/lora_B parameters of `model`, off on every other parameter;
-    returns `model`."""
-    lora_params = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    """requires_grad on the active adapter's lora_A/lora_B parameters of `model`, off on every
+    other parameter (the other adapters' too); returns `model`."""
+    lora_params = {id(p) for layer in lora_layers(model).values()
+                   for p in (layer.adapter_weights() or ())}
     for p in model.parameters():
         p.requires_grad_(id(p) in lora_params)
     return model
@@ -294,8 +329,9 @@ def _check_targets(arg, spec, allow_none):
                      f"{', or ' + repr(ALL_LINEAR) if arg == 'target_modules' else ''}, got {spec!r}")
 
 
-def _is_linear(module):
-    return (isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)) or is_conv1d(module)
+def _is_linear(module, lora_too=False):
+    return (isinstance(module, nn.Linear) and (lora_too or not isinstance(module, LoRALinear))) \
+        or is_conv1d(module)
 
 
 def _output_head(model):
@@ -304,7 +340,3 @@ def _output_head(model):
     if isinstance(head, nn.Module):
         return head
     return getattr(model, "lm_head", None)
-
-
-def _default_adapter_dtype(weight_dtype):
-    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype

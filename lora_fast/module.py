@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 
@@ -71,6 +73,12 @@ def _check_adapter_dtype(adapter_dtype, weight_dtype=None, name=None):
                          f"{where}; expected {' or '.join(sorted(map(str, usable)))} (or None)")
 
 
+def default_adapter_dtype(weight_dtype):
+    """inject's adapter dtype for a base weight: its own, float32 on a float16/bfloat16 base
+    (master adapters, PEFT's default ``autocast_adapter_dtype=True``)."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
 def _check_base(linear, name=None):
     """A linear LoRALinear can wrap: a plain (not parametrized) floating weight that lora_linear
     runs. Checked for every target before inject changes anything."""
@@ -104,6 +112,46 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     ea, eb = storage_extent(a), storage_extent(b)
     return (ea is not None and eb is not None and ea[:2] == eb[:2]
             and ea[2] < eb[3] and eb[2] < ea[3])
+
+
+DEFAULT_ADAPTER = "default"
+# Adapter names become module names (state-dict keys) and folder names (PEFT's layout).
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+def check_adapter_name(name, arg="adapter_name"):
+    """`name` if it can name an adapter: a non-empty str of letters, digits, '_' and '-' (it is a
+    state-dict key and, in PEFT's layout, a folder name), else a ValueError naming `arg`."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) \
+            or name in _RESERVED_NAMES:
+        raise ValueError(f"{arg}: expected an adapter name (letters, digits, '_' and '-', not "
+                         f"starting with '-'; not one of {sorted(_RESERVED_NAMES)}), got {name!r}")
+    return name
+
+
+class AdapterSettings(NamedTuple):
+    """One adapter's hyper-parameters in a layer (plain Python numbers, checked)."""
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class _AdapterWeights(nn.Module):
+    """lora_A/lora_B of an adapter not named "default" (held in LoRALinear.lora_adapters)."""
+
+    def __init__(self, lora_A, lora_B):
+        super().__init__()
+        self.lora_A = lora_A
+        self.lora_B = lora_B
+
+
+# nn.ModuleDict's own attributes cannot name one of its entries.
+_RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict) if not name.startswith("_"))
 
 
 # The layers merged now, to refuse a second merge into a weight one of them already holds.
@@ -155,7 +203,8 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 adapter_name: str = DEFAULT_ADAPTER):
         """A new layer with a freshly initialised base weight (nn.Linear's init) and adapter.
 
         Args:
@@ -167,32 +216,51 @@ class LoRALinear(nn.Linear):
             bias: whether the base linear has a bias.
             use_rslora: rank-stabilised scaling lora_alpha / √r (PEFT's ``use_rslora``).
             device, dtype: of every parameter, as for nn.Linear.
+            adapter_name: the first adapter's name (it is the active one).
         """
-        r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout,
-                                                                 use_rslora)
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
+        check_adapter_name(adapter_name)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = lora_dropout
-        self.use_rslora = use_rslora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        factory = {"device": device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.empty((self.r, in_features), **factory))
-        self.lora_B = nn.Parameter(torch.empty((out_features, self.r), **factory))
-        # W0 while merged: a buffer, so .to() / .half() / .cuda() move it with the weight; not
-        # persistent (the state dict's weight is W0 already, see _save_to_state_dict)
-        self.register_buffer("_original_weight", None, persistent=False)
-        self.adapter_enabled = True   # False: forward is the base linear alone (disable_adapters)
+        self._init_adapter_state()
+        self._add_weights(adapter_name, settings, {"device": device, "dtype": dtype})
+        self.active_adapter = adapter_name
         self.from_conv1d = False      # set by from_linear for a transformers Conv1D
-        self.reset_lora_parameters()
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
 
+    def _init_adapter_state(self):
+        # The adapter named "default" is registered as lora_A/lora_B themselves (the state-dict
+        # keys one-adapter models and their checkpoints have always had); every other one in
+        # lora_adapters[name]. Keys depend on the name only, never on which adapter is active.
+        self.register_parameter("lora_A", None)
+        self.register_parameter("lora_B", None)
+        self.lora_adapters = nn.ModuleDict()
+        self.adapter_settings: dict[str, AdapterSettings] = {}
+        # W0 while merged: a buffer, so .to() / .half() / .cuda() move it with the weight; not
+        # persistent (the state dict's weight is W0 already, see _save_to_state_dict)
+        self.register_buffer("_original_weight", None, persistent=False)
+        self.merged_adapter = None    # the adapter folded into weight while merged
+        self.adapter_enabled = True   # False: forward is the base linear alone (disable_adapters)
+        self.mixed_rows = None        # a mixed.RowAdapters inside lora_fast.batch_adapters
+
+    def _add_weights(self, name, settings, factory):
+        lora_A = nn.Parameter(torch.empty((settings.r, self.in_features), **factory))
+        lora_B = nn.Parameter(torch.empty((self.out_features, settings.r), **factory))
+        if name == DEFAULT_ADAPTER:
+            self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
+        else:
+            self.lora_adapters[name] = _AdapterWeights(lora_A, lora_B)
+        self.adapter_settings[name] = settings
+        self.reset_lora_parameters(name)
+        lora_A.requires_grad_(name == getattr(self, "active_adapter", name))
+        lora_B.requires_grad_(lora_A.requires_grad)
+
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8,
                     lora_dropout: float = 0.0, use_rslora: bool = False,
-                    adapter_dtype: torch.dtype | None = None) -> "LoRALinear":
+                    adapter_dtype: torch.dtype | None = None,
+                    adapter_name: str = DEFAULT_ADAPTER) -> "LoRALinear":
         """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which are frozen.
         Right after this the output equals the linear's.
 
@@ -206,6 +274,7 @@ class LoRALinear(nn.Linear):
             adapter_dtype: floating dtype of lora_A/lora_B (default: the weight's dtype; float32
                 on a float16/bfloat16 base gives float32 master adapters). They live on the
                 linear's device.
+            adapter_name: the adapter's name (the active one).
         """
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
@@ -215,33 +284,132 @@ class LoRALinear(nn.Linear):
             raise TypeError("linear: already a LoRALinear")
         _check_base(linear)
         _check_adapter_dtype(adapter_dtype, linear.weight.dtype)
-        r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout,
-                                                                 use_rslora)
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
+        check_adapter_name(adapter_name)
         weight = nn.Parameter(linear.weight.detach().t(), requires_grad=False) if conv1d \
             else linear.weight
         out_features, in_features = weight.shape
-        adapter_dtype = weight.dtype if adapter_dtype is None else adapter_dtype
-        layer = cls(in_features, out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                    bias=False, use_rslora=use_rslora, device="meta", dtype=weight.dtype)
+        layer = cls(in_features, out_features, r=1, bias=False, device="meta", dtype=weight.dtype)
         layer.weight = weight
         layer.bias = linear.bias
         layer.from_conv1d = conv1d
-        factory = {"device": weight.device, "dtype": adapter_dtype}
-        layer.lora_A = nn.Parameter(torch.empty((layer.r, in_features), **factory))
-        layer.lora_B = nn.Parameter(torch.empty((out_features, layer.r), **factory))
-        layer.reset_lora_parameters()
+        layer._init_adapter_state()
+        layer.active_adapter = adapter_name
+        layer._add_weights(adapter_name, settings, {"device": weight.device,
+                                                    "dtype": adapter_dtype or weight.dtype})
         layer.train(linear.training)   # an eval-mode model stays in eval mode (no dropout)
         linear.weight.requires_grad_(False)
         if linear.bias is not None:
             linear.bias.requires_grad_(False)
         return layer
 
-    def reset_lora_parameters(self) -> None:
-        """lora_A kaiming-uniform (a=√5), lora_B zeros: the layer computes its base linear."""
-        if self.merged:
+    # --- the adapters ---------------------------------------------------------------------------
+
+    def adapter_weights(self, name: str | None = None) -> tuple[nn.Parameter, nn.Parameter] | None:
+        """(lora_A, lora_B) of adapter `name` (default: the active one), or None if this layer
+        has no adapter of that name."""
+        name = self.active_adapter if name is None else name
+        if name not in self.adapter_settings:
+            return None
+        if name == DEFAULT_ADAPTER:
+            return self._parameters["lora_A"], self._parameters["lora_B"]
+        holder = self.lora_adapters[name]
+        return holder._parameters["lora_A"], holder._parameters["lora_B"]
+
+    @property
+    def lora_A(self):
+        """The active adapter's lora_A (r, in), or None if this layer has no adapter of that name
+        (the layer then computes its base linear)."""
+        weights = self.adapter_weights()
+        return weights[0] if weights else None
+
+    @property
+    def lora_B(self):
+        """The active adapter's lora_B (out, r), or None (see lora_A)."""
+        weights = self.adapter_weights()
+        return weights[1] if weights else None
+
+    @property
+    def settings(self) -> AdapterSettings | None:
+        """The active adapter's hyper-parameters, or None if this layer has no adapter of that name."""
+        return self.adapter_settings.get(self.active_adapter)
+
+    r = property(lambda self: self._setting("r"), doc="The active adapter's rank.")
+    lora_alpha = property(lambda self: self._setting("lora_alpha"), doc="The active adapter's alpha.")
+    use_rslora = property(lambda self: self._setting("use_rslora"), doc="The active adapter's rslora flag.")
+    scaling = property(lambda self: self._setting("scaling"), doc="The active adapter's scaling.")
+
+    @property
+    def lora_dropout(self):
+        """The active adapter's dropout probability (settable: a probability in [0, 1))."""
+        return self._setting("lora_dropout")
+
+    @lora_dropout.setter
+    def lora_dropout(self, p):
+        settings = self.settings
+        if settings is None:
+            raise RuntimeError(f"lora_dropout: this layer has no adapter {self.active_adapter!r}")
+        _, _, p, _ = _check_hparams(settings.r, settings.lora_alpha, p)
+        self.adapter_settings[self.active_adapter] = settings._replace(lora_dropout=p)
+
+    def _setting(self, attr):
+        settings = self.settings
+        return None if settings is None else getattr(settings, attr)
+
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> None:
+        """Add adapter `name` (frozen, not active; lora_B zero) on this layer's base weight.
+        r, lora_alpha, lora_dropout, use_rslora: as for ``LoRALinear(...)``.
+        adapter_dtype: as for from_linear (default: the dtype of the layer's other adapters, or
+        the base weight's with float32 on a float16/bfloat16 base)."""
+        check_adapter_name(name)
+        if name in self.adapter_settings:
+            raise ValueError(f"adapter_name: this layer has an adapter {name!r} already")
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
+        _check_adapter_dtype(adapter_dtype, self.weight.dtype)
+        if adapter_dtype is None:
+            others = [w[0].dtype for w in map(self.adapter_weights, self.adapter_settings)]
+            adapter_dtype = others[0] if others else default_adapter_dtype(self.weight.dtype)
+        self._add_weights(name, settings, {"device": self.weight.device, "dtype": adapter_dtype})
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name`; refused for the active adapter (set another one first)."""
+        if name not in self.adapter_settings:
+            raise ValueError(f"adapter_name: this layer has no adapter {name!r}; it has "
+                             f"{list(self.adapter_settings)}")
+        if name == self.active_adapter:
+            raise RuntimeError(f"delete_adapter: {name!r} is the active adapter; set_adapter to "
+                               "another one first")
+        if name == DEFAULT_ADAPTER:
+            self._parameters["lora_A"] = self._parameters["lora_B"] = None
+        else:
+            del self.lora_adapters[name]
+        del self.adapter_settings[name]
+
+    def set_adapter(self, name: str) -> None:
+        """Make `name` the active adapter: the one forward uses and training updates (its
+        parameters require grad, every other adapter's do not). A layer without an adapter of
+        that name computes its base linear. Refused while merged (unmerge first)."""
+        check_adapter_name(name)
+        if self.merged and name != self.active_adapter:
+            raise RuntimeError(f"set_adapter: adapter {self.merged_adapter!r} is merged into the "
+                               "weight; unmerge() first")
+        self.active_adapter = name
+        for other in self.adapter_settings:
+            for param in self.adapter_weights(other):
+                param.requires_grad_(other == name)
+
+    def reset_lora_parameters(self, name: str | None = None) -> None:
+        """lora_A kaiming-uniform (a=√5), lora_B zeros, of adapter `name` (default: the active
+        one): with it active the layer computes its base linear."""
+        name = self.active_adapter if name is None else name
+        if self.merged and name == self.merged_adapter:
             raise RuntimeError("reset_lora_parameters: the adapter is merged; call unmerge() first")
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        weights = self.adapter_weights(name)
+        if weights is None:
+            raise ValueError(f"adapter_name: this layer has no adapter {name!r}")
+        nn.init.kaiming_uniform_(weights[0], a=math.sqrt(5))
+        nn.init.zeros_(weights[1])
 
     @property
     def merged(self) -> bool:
@@ -253,6 +421,12 @@ class LoRALinear(nn.Linear):
         it; nothing is changed."""
         if self.merged:
             raise RuntimeError("merge: the adapter is already merged; call unmerge() first")
+        if self.settings is None:
+            raise RuntimeError(f"merge: this layer has no adapter {self.active_adapter!r} (the "
+                               "active one)")
+        if self.mixed_rows is not None:
+            raise RuntimeError("merge: inside lora_fast.batch_adapters, rows use other adapters "
+                               "than the active one; merge outside the block")
         if parametrize.is_parametrized(self, "weight"):
             raise RuntimeError("merge: weight is computed by a parametrization "
                                "(torch.nn.utils.parametrize); folding the adapter into it would "
@@ -274,6 +448,7 @@ class LoRALinear(nn.Linear):
         original = self.weight.detach().clone()
         self._fold_adapter_into_weight()
         self._original_weight = original
+        self.merged_adapter = self.active_adapter
         _MERGED.add(self)
 
     def _fold_adapter_into_weight(self):
@@ -290,17 +465,20 @@ class LoRALinear(nn.Linear):
             raise RuntimeError("unmerge: the adapter is not merged")
         self.weight.copy_(self._original_weight)
         self._original_weight = None
+        self.merged_adapter = None
         _MERGED.discard(self)
 
     @torch.no_grad()
     def to_base(self) -> nn.Module:
-        """The plain layer this one wraps, with the adapter merged into its weight (W + s·B@A,
-        computed as merge() does; in place, no copy kept): an nn.Linear, or a Conv1D for one made
-        from a Conv1D. Sharing the weight storage, so do not use this LoRALinear afterwards."""
-        if not self.merged:
+        """The plain layer this one wraps, with the active adapter merged into its weight (W + s·B@A,
+        computed as merge() does; in place, no copy kept; the base weight as it is if this layer
+        has no adapter of the active name): an nn.Linear, or a Conv1D for one made from a Conv1D.
+        Sharing the weight storage, so do not use this LoRALinear afterwards."""
+        if not self.merged and self.settings is not None:
             self.check_mergeable()
             self._fold_adapter_into_weight()
         self._original_weight = None
+        self.merged_adapter = None
         _MERGED.discard(self)
         weight = self.weight.detach()
         if self.from_conv1d:
@@ -318,7 +496,9 @@ class LoRALinear(nn.Linear):
         """y (..., out) for x (..., in), as the table in the class docstring says."""
         if not self.adapter_enabled:
             return F.linear(x, self._original_weight if self.merged else self.weight, self.bias)
-        if self.merged:
+        if self.mixed_rows is not None:   # rows with their own adapters (lora_fast.batch_adapters)
+            return self.mixed_rows.forward(self, x)
+        if self.merged or self.settings is None:
             return F.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
                            dropout_p=self.lora_dropout, training=self.training)
@@ -367,6 +547,12 @@ class LoRALinear(nn.Linear):
         return not (version is not None and version < 2 and prefix + "lora_A" in state_dict)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
-                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}"
+        if list(self.adapter_settings) == [self.active_adapter]:   # one adapter: as before
+            lora = (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+                    f"lora_dropout={self.lora_dropout}")
+        else:
+            lora = "adapters={" + ", ".join(
+                f"{name!r}: r={s.r} alpha={s.lora_alpha} dropout={s.lora_dropout}"
+                for name, s in self.adapter_settings.items()) + f"}}, active={self.active_adapter!r}"
+        return (f"{super().extra_repr()}, {lora}, merged={self.merged}"
                 + ("" if self.adapter_enabled else ", adapter disabled"))

@@ -89,3 +89,19 @@ def lora_linear_backward_ref(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A
         "lora_A": scaling * dy_b.T @ xd,
         "lora_B": scaling * dy.T @ (xd @ lora_A.T),
     }
+
+
+def mixed_lora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: dict,
+                          names: list) -> Tensor:
+    """Float64 output of a mixed batch, one row at a time: row m of x (M, in) computed with the
+    adapter names[m] of `adapters` ({name: (lora_A, lora_B, scaling)}), or the base alone for
+    None (or a name not in `adapters`: a layer without that adapter). No dropout."""
+    x64, w64, b64 = _f64(x), _f64(weight), _f64(bias)
+    out = []
+    for m, name in enumerate(names):
+        y = x64[m] @ w64.t() + (0 if b64 is None else b64)
+        if name in adapters:
+            lora_A, lora_B, scaling = adapters[name]
+            y = y + scaling * ((x64[m] @ _f64(lora_A).t()) @ _f64(lora_B).t())
+        out.append(y)
+    return torch.stack(out) if out else x64.new_zeros((0, weight.shape[0]))

@@ -98,3 +98,90 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
     if need_db:
         db = torch.mm(dy.t(), xs)
     return dx, da, db
+
+
+# --- mixed batches: rows with their own adapters (lora_fast.mixed) ---------------------------------
+# The same passes as kernels/multi.py, as one grouped product per adapter segment. ids: (M,) adapter
+# index per row (-1: the base alone); perm: the rows stably sorted by ids, or None when ids is sorted
+# already (then each segment is a slice: no gather, and its dropout mask is drawn for its rows alone).
+
+def _segments(ids, perm, n):
+    """[(adapter, rows)] of the adapters with rows: a slice of x's rows, or an index tensor."""
+    counts = torch.bincount(ids.long() + 1, minlength=n + 1).tolist()   # -1 rows sort first
+    out, start = [], counts[0]
+    for a in range(n):
+        end = start + counts[a + 1]
+        if end > start:
+            out.append((a, slice(start, end) if perm is None else perm[start:end].long()))
+        start = end
+    return out
+
+
+def _rows_keep(seed, x, rows, p, masks):
+    """The kernels' keep-mask of `rows` of x at drop probability p, in x's dtype."""
+    if isinstance(rows, slice):
+        return dropout.keep_mask(seed, rows.stop - rows.start, x.shape[1], p, row0=rows.start,
+                                 dtype=x.dtype)
+    if p not in masks:   # rows anywhere in x: one whole mask per distinct p, shared by the segments
+        masks[p] = _keep(seed, x, p)
+    return masks[p][rows]
+
+
+def _compute_dtype(t):
+    # float16: every sum in fp32, rounded once (the kernels' way; see _fp32_sums)
+    return torch.float32 if _fp32_sums(t) else t.dtype
+
+
+def multi_forward(x, weight, bias, A, B, scale, dropout_p, seed, ids, perm, *, save_xs=True):
+    """(y (M, N), xs (M, R) or None) for rows of x with their own adapters: A (n, R, K) and B
+    (n, N, R) stacks (zero-padded ranks), scale (n,) = s/(1-p) per adapter, dropout_p (n,) or None."""
+    cd = _compute_dtype(x)
+    xc = x.to(cd)
+    y = torch.mm(xc, weight.to(cd).t()) if bias is None else torch.addmm(bias.to(cd), xc, weight.to(cd).t())
+    xs = x.new_zeros((x.shape[0], A.shape[1]))
+    scales = scale.tolist()
+    ps = dropout_p.tolist() if dropout_p is not None else [0.0] * len(scales)
+    masks = {}
+    for a, rows in _segments(ids, perm, A.shape[0]):
+        x_a = xc[rows]
+        if ps[a] > 0:
+            x_a = x_a * _rows_keep(seed, xc, rows, ps[a], masks)
+        xs_a = torch.mm(x_a, A[a].to(cd).t()).mul_(scales[a]).to(x.dtype)   # rounded as the kernels'
+        xs[rows] = xs_a
+        if isinstance(rows, slice):
+            y[rows].addmm_(xs_a.to(cd), B[a].to(cd).t())
+        else:
+            y.index_add_(0, rows, torch.mm(xs_a.to(cd), B[a].to(cd).t()))
+    return y.to(x.dtype), (xs if save_xs else None)
+
+
+def multi_backward(dy, x, xs, weight, A, B, scale, dropout_p, seed, ids, perm, *,
+                   need_dx=True, need_da=True, need_db=True):
+    """(dX, dA (n, R, K), dB (n, N, R)) for multi_forward, None for those not asked."""
+    cd = _compute_dtype(dy)
+    dyc, xc = dy.to(cd), x.to(cd)
+    dx = torch.mm(dyc, weight.to(cd)) if need_dx else None
+    da = torch.zeros_like(A) if need_da else None
+    db = torch.zeros_like(B) if need_db else None
+    scales = scale.tolist()
+    ps = dropout_p.tolist() if dropout_p is not None else [0.0] * len(scales)
+    masks = {}
+    for a, rows in _segments(ids, perm, A.shape[0]):
+        dy_a = dyc[rows]
+        keep = _rows_keep(seed, xc, rows, ps[a], masks) if ps[a] > 0 and (need_dx or need_da) else None
+        if need_dx or need_da:
+            gs = torch.mm(dy_a, B[a].to(cd)).mul_(scales[a]).to(dy.dtype).to(cd)
+        if need_dx:
+            t = torch.mm(gs, A[a].to(cd))
+            if keep is not None:
+                t.mul_(keep)
+            if isinstance(rows, slice):
+                dx[rows] += t
+            else:
+                dx.index_add_(0, rows, t)
+        if need_da:
+            x_a = xc[rows] if keep is None else xc[rows] * keep
+            da[a] = torch.mm(gs.t(), x_a)
+        if need_db:
+            db[a] = torch.mm(dy_a.t(), xs[rows].to(cd))
+    return (None if dx is None else dx.to(dy.dtype)), da, db

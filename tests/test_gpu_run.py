@@ -15,7 +15,7 @@ from bench import common, gpu_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGES = ["env", "smoke", "headline", "decode", "model", "grid"]
+STAGES = ["env", "smoke", "headline", "decode", "mixed", "model", "grid"]
 
 
 def _run(out, *args):
