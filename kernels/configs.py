@@ -438,8 +438,13 @@ MULTI_BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_M", "BLOCK_R", "DROPOUT"
 
 @_pruner
 def keep_multi_forward_config(configs, a, cap):
-    """The in-loop forward's choice (keep_forward_config, x·Aᵀ in the K-loop)."""
-    return keep_forward_config(configs, {**a, "XS_IN_LOOP": True}, capability=cap)
+    """The in-loop forward's choice (keep_forward_config, x·Aᵀ in the K-loop), less the 128x128
+    tiles on sm_80: with the other adapters' low-rank passes they spilled there (16 B bf16, 152 B
+    fp32 under Triton 3.6; tests/test_aot.py, 2026-12-02)."""
+    kept = keep_forward_config(configs, {**a, "XS_IN_LOOP": True}, capability=cap)
+    if cap < 9:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128] or kept
+    return kept
 
 
 @_pruner
