@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -133,18 +133,25 @@ class RowAdapters:
         return self._rows[key]
 
 
-class _Plan:
+class _Plan(NamedTuple):
     """A layer's stacked adapters for a pass: A (n, R, K), B (n, N, R) in the compute dtype,
-    scale = s/(1-p) (n,) float32, dropout_p (n,) float32 or None, and each adapter's rank."""
-    __slots__ = ("A", "B", "scale", "dropout_p", "ranks")
+    scale = s/(1-p) (n,), dropout_p (n,) float32 or None, and each adapter's rank."""
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: torch.Tensor
+    dropout_p: torch.Tensor | None
+    ranks: list
 
 
-def _stacks(layer, used, dtype, device):
-    """(A, B, ranks) stacks of the layer's adapters `used`, cached on the layer until a weight
-    changes (its version, as an optimizer step bumps it) or another set/dtype is asked."""
+def _plan(layer, used, training, dtype, device):
+    """The layer's _Plan for its adapters `used`, cached on the layer until a weight changes (its
+    version, as an optimizer step bumps it), a setting changes, or another set, mode or dtype is
+    asked: on a GPU the per-call work is then no copy at all, not even the scales'."""
     weights = [layer.adapter_weights(name) for name in used]
-    key = (used, dtype, device, tuple((p._version, p.data_ptr()) for w in weights for p in w))
-    cached = getattr(layer, "_mixed_stacks", None)
+    settings = tuple(layer.adapter_settings[name] for name in used)
+    key = (used, settings, training, dtype, device,
+           tuple((p._version, p.data_ptr()) for w in weights for p in w))
+    cached = getattr(layer, "_mixed_plan", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     ranks = [a.shape[0] for a, _ in weights]
@@ -155,8 +162,14 @@ def _stacks(layer, used, dtype, device):
         for i, (a, b) in enumerate(weights):
             A[i, :ranks[i]] = a
             B[i, :, :ranks[i]] = b
-    layer._mixed_stacks = (key, (A, B, ranks))
-    return A, B, ranks
+    ps = [s.lora_dropout if training else 0.0 for s in settings]
+    # float64 for float64 rows (the torch path's exact scale), else the kernels' fp32
+    scale = torch.tensor([s.scaling / (1.0 - p) for s, p in zip(settings, ps)], device=device,
+                         dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    dropout_p = torch.tensor(ps, dtype=torch.float32, device=device) if any(ps) else None
+    plan = _Plan(A, B, scale, dropout_p, ranks)
+    layer._mixed_plan = (key, plan)
+    return plan
 
 
 def mixed_lora_linear(x, layer, used, ids, perm, backend="auto"):
@@ -174,14 +187,9 @@ def mixed_lora_linear(x, layer, used, ids, perm, backend="auto"):
         a, b = cast_master_adapters(x, a, b)
         check_lora_inputs(x, weight, a, b, bias, s.scaling, s.lora_dropout, training, autocast)
     chosen = resolve_backend(backend, x.device, x.dtype)
-    plan = _Plan()
-    plan.A, plan.B, plan.ranks = _stacks(layer, used, x.dtype, x.device)
-    ps = [s.lora_dropout if training else 0.0 for s in settings]
-    # float64 for float64 rows (the torch path's exact scale), else the kernels' fp32
-    plan.scale = torch.tensor([s.scaling / (1.0 - p) for s, p in zip(settings, ps)], device=x.device,
-                              dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    plan.dropout_p = torch.tensor(ps, dtype=torch.float32, device=x.device) if any(ps) else None
-    seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if any(ps) else None
+    plan = _plan(layer, used, training, x.dtype, x.device)
+    seed = None if plan.dropout_p is None else \
+        torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
     with torch.autocast(x.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
         needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                       for t in (x, weight, bias, *params))

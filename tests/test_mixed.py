@@ -172,6 +172,12 @@ def test_stacks_built_once_until_a_weight_changes(monkeypatch):
         y = model(x)
     assert len(built) == first + 2   # layer 0's A and B stacks again
     assert rel_err(y, _row_by_row(model, x, names)) <= bound(torch.float64)
+    # a setting changed (its scale is part of the cached plan) is seen on the next call
+    settings = model[0].adapter_settings
+    settings["b"] = settings["b"]._replace(lora_alpha=7.5)
+    with batch_adapters(model, names):
+        y = model(x)
+    assert rel_err(y, _row_by_row(model, x, names)) <= bound(torch.float64)
 
 
 @pytest.mark.parametrize("sorted_rows", [True, False], ids=["grouped", "interleaved"])
