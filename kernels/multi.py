@@ -48,7 +48,7 @@ import triton.language as tl
 from . import configs
 from .blocks import adapter_range, dx_epilogue, k_loop, next_adapter, y_epilogue
 from .launch import bias_arg, cdiv, empty, input_precision, launch, optional, strides
-from .tiling import grouped_tile, tile_offsets
+from .tiling import grouped_tile, row_major_tile, tile_offsets
 
 
 @triton.jit
@@ -164,9 +164,7 @@ def _multi_split_k_partial_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
+    pid_m, pid_n = row_major_tile(tl.program_id(0), N, BLOCK_N)
     split = tl.program_id(1)
     offs_p, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     offs_m = _sorted_rows(perm_ptr, offs_p, mask_m, PERM)
@@ -184,12 +182,12 @@ def _multi_split_k_partial_kernel(
                  False, False, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)[0]
     split_m = split.to(tl.int64) * M + offs_m          # row of the (SPLIT_K·M, ·) partial buffers
     tl.store(part_ptr + split_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
-    # The j-th adapter present goes to column tile j mod num_n, which writes its rows of d(x)·Aᵀ
-    # over this K-range; the rows of no adapter are written by none (the reduce masks them).
+    # The j-th adapter present goes to column tile j mod (the number of column tiles), which
+    # writes its rows of d(x)·Aᵀ over this K-range; the rows of no adapter are written by none (the reduce masks them).
     ad = a_lo
     j = 0 * a_lo
     while ad <= a_hi:
-        if j % num_n == pid_n:
+        if j % tl.cdiv(N, BLOCK_N) == pid_n:
             rows = ids == ad
             xa = k_loop(x_ptr, w_ptr, a_ptr + ad.to(tl.int64) * stride_aa, x_ptr, x_ptr, seed_ptr,
                         offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K, R, False,
@@ -212,9 +210,7 @@ def _multi_split_k_reduce_kernel(
     HAS_BIAS: tl.constexpr, STORE_XS: tl.constexpr, PERM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
+    pid_m, pid_n = row_major_tile(tl.program_id(0), N, BLOCK_N)
     offs_p, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     offs_m = _sorted_rows(perm_ptr, offs_p, mask_m, PERM)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)

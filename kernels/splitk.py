@@ -20,7 +20,7 @@ import triton.language as tl
 from . import configs
 from .blocks import k_loop, y_epilogue
 from .launch import bias_arg, cdiv, empty, launch, optional, prologue
-from .tiling import tile_offsets
+from .tiling import row_major_tile, tile_offsets
 
 
 @triton.autotune(configs=configs.split_k_configs(), key=configs.SPLIT_K_KEY,
@@ -37,9 +37,7 @@ def _lora_split_k_partial_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
+    pid_m, pid_n = row_major_tile(tl.program_id(0), N, BLOCK_N)
     split = tl.program_id(1)
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
@@ -75,9 +73,7 @@ def _lora_split_k_reduce_kernel(
     HAS_BIAS: tl.constexpr, STORE_XS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
+    pid_m, pid_n = row_major_tile(tl.program_id(0), N, BLOCK_N)
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     mask_r = offs_r < R

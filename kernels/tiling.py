@@ -19,6 +19,14 @@ def grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.const
 
 
 @triton.jit
+def row_major_tile(pid, cols, BLOCK_COLS: tl.constexpr):
+    """(row tile, column tile) of program `pid` in row-major order: the column tiles of one row
+    tile in a row (the split-K kernels: few row tiles, each read of W0 is a different column)."""
+    num_pid_cols = tl.cdiv(cols, BLOCK_COLS)
+    return pid // num_pid_cols, pid % num_pid_cols
+
+
+@triton.jit
 def tile_offsets(pid_rows, pid_cols, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """(row offsets, column offsets, row mask, column mask) of tile (pid_rows, pid_cols); int64
     offsets: row · stride can pass 2**31."""
