@@ -52,3 +52,16 @@ def make_inputs(M, K, N, r, dtype, device=DEVICE, seed=0, bias=True):
 
 def case_id(shape):
     return "M{}_K{}_N{}_r{}".format(*shape)
+
+
+def fail_on_call(monkeypatch, owner, name, n, error):
+    """Patch owner.name (os.replace, safetensors' save_file, ...) to raise `error` on its n-th call
+    (1-based) and to run the real function on every other."""
+    real, calls = getattr(owner, name), [0]
+
+    def patched(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, patched)

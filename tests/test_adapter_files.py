@@ -14,6 +14,7 @@ import torch
 
 import lora_fast
 from lora_fast import adapter_config, adapters
+from helpers import fail_on_call
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 pytest.importorskip("transformers")
@@ -115,14 +116,7 @@ def test_save_failing_while_moving_files_into_place_leaves_the_previous_adapter(
     expected = logits(old)
     before = {name: (path / name).read_bytes() for name in files_in(path)}
     new = injected(seed=1, lora_alpha=16)
-    real_replace, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == failing_replace:
-            raise OSError(5, "Input/output error")
-        return real_replace(src, dst)
-    monkeypatch.setattr(os, "replace", replace)
+    fail_on_call(monkeypatch, os, "replace", failing_replace, OSError(5, "Input/output error"))
     with pytest.raises(OSError, match="Input/output error"):
         lora_fast.save_adapter(new, path)
     monkeypatch.undo()
@@ -134,14 +128,7 @@ def test_save_failing_while_moving_files_into_place_leaves_the_previous_adapter(
 
 
 def test_save_failing_into_an_empty_directory_leaves_nothing(tmp_path, monkeypatch):
-    real_replace, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(5, "Input/output error")
-        return real_replace(src, dst)
-    monkeypatch.setattr(os, "replace", replace)
+    fail_on_call(monkeypatch, os, "replace", 2, OSError(5, "Input/output error"))
     with pytest.raises(OSError):
         lora_fast.save_adapter(injected(), tmp_path / "adapter")
     assert files_in(tmp_path / "adapter") == []

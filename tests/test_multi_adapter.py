@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import lora_fast
 from lora_fast import LoRALinear, adapters
 from lora_fast.named_adapters import adapter_layers
-from helpers import assert_close
+from helpers import assert_close, fail_on_call
 from tiny_models import MODELS, tiny_llama, token_batch
 
 peft = pytest.importorskip("peft")
@@ -495,14 +495,8 @@ def test_a_multi_adapter_save_failing_leaves_every_folder_as_it_was(tmp_path, mo
     lora_fast.save_adapter(ours_with(names=("default", "b"), seed=0), path)
     files = files_of(path)
     import safetensors.torch
-    real, calls = safetensors.torch.save_file, []
-
-    def save_file(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == failing_write:
-            raise OSError(28, "No space left on device")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    fail_on_call(monkeypatch, safetensors.torch, "save_file", failing_write,
+                 OSError(28, "No space left on device"))
     with pytest.raises(OSError, match="No space left"):
         lora_fast.save_adapter(ours_with(seed=1), path)   # default, b and a new c
     assert files_of(path) == files, "a folder changed, or temporaries were left"
@@ -532,14 +526,7 @@ def test_a_multi_adapter_save_failing_while_renaming_leaves_every_folder_whole(
     lora_fast.save_adapter(new_model, tmp_path / "reference")
     new = {f: folder_contents(tmp_path / "reference" / f) for f in ("", "b", "c")}
     names = sorted(files_of(path))
-    real, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == failing_replace:
-            raise OSError(5, "Input/output error")
-        return real(src, dst)
-    monkeypatch.setattr(os, "replace", replace)
+    fail_on_call(monkeypatch, os, "replace", failing_replace, OSError(5, "Input/output error"))
     with pytest.raises(OSError, match="Input/output error"):
         lora_fast.save_adapter(new_model, path)
     monkeypatch.undo()
