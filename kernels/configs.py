@@ -160,6 +160,33 @@ LIMITS = (
     # spilled nowhere: 8 warps and 2 stages up to 32 rows, 4 warps at 64
     Limit(("split_k",), dict(ieee=True, decode=True), warps=8),
     Limit(("split_k",), dict(ieee=True, decode=False), warps=4),
+    # The mixed-batch kernels (multi.py), beside the GEMM rows above: the other adapters' low-rank
+    # passes hold a second x·Aᵀ (gs) tile and, with dropout, draw again (`python -m lora_fast.aot
+    # --all-configs`, Triton 3.6 and 3.9, 2026-12-02). Forward: 16- and 32-row tiles 128 wide spilled
+    # (fp32 (tf32) on sm_80, 16-bit with dropout on sm_90), 64 wide did not
+    Limit(("multi_forward",), dict(decode=True), max_cols=64),
+    # 128x128 with 8 warps spilled on sm_80 (16 B bf16, 152 B fp32), 128x64 did not
+    Limit(("multi_forward",), dict(hopper=False, warps=8), max_per_thread=32),
+    # fp32 (tf32) with dropout on sm_80: 16 per thread spilled with 4 warps (32x64), 32 with 8
+    # (128x64); 8 and 16 did not (16x64; 64x64 and 128x32 with 8 warps: MULTI_FORWARD_FALLBACKS)
+    Limit(("multi_forward",), dict(fp32=True, ieee=False, dropout=True, hopper=False, warps=4), max_per_thread=8),
+    Limit(("multi_forward",), dict(fp32=True, ieee=False, dropout=True, hopper=False, warps=8), max_per_thread=16),
+    # ieee tiles with dropout: 64x64 with 4 warps spilled on both archs, 32x64 and 64x64 with 8 did not
+    Limit(("multi_forward",), dict(ieee=True, dropout=True, warps=4), max_per_thread=16),
+    # Backward: on sm_80, 32 per thread spilled (64x128 with 8 warps, 64x64 with 4: every dtype), 16 not
+    Limit(("multi_backward",), dict(hopper=False), max_per_thread=16),
+    # fp32 (tf32) with dropout: 16 spilled (32x64 with 4 warps on both archs, 64x64 with 8 on sm_80);
+    # 8 did not (64x32 and 32x32 with 8 warps: MULTI_BACKWARD_FALLBACKS)
+    Limit(("multi_backward",), dict(fp32=True, ieee=False, dropout=True), max_per_thread=8),
+    # ieee with dropout: 16x32 (BLOCK_K 32) spilled on both archs, 16x16 did not, but 32x16 with 4
+    # warps did on sm_90 under Triton 3.6 (8 B), with 8 warps and 2 stages nowhere
+    Limit(("multi_backward",), dict(ieee=True, dropout=True), max_cols=16),
+    Limit(("multi_backward",), dict(ieee=True, dropout=True, warps=4), max_per_thread=2),
+    # Split-K partials: on sm_80 32 per thread spilled (64 rows with 4 warps: 8-16 B under Triton 3.6),
+    # 16 not; with dropout 4 warps spilled (32 rows 16-bit on sm_80 under 3.9, 16 rows fp32 under 3.6),
+    # 8 warps (64x64 steps) nowhere; the ieee tiles spilled nowhere
+    Limit(("multi_split_k",), dict(hopper=False, ieee=False), max_per_thread=16),
+    Limit(("multi_split_k",), dict(ieee=False, dropout=True), warps=8),
     # TMA dX: the epilogue holds the gs·A product, the x tile and the dA operands beside the
     # accumulator, so not the GEMMs' 128 for 8-warp Hopper tiles: 128x256 spilled 280 B on sm_90;
     # 64 per thread used at most 248 registers, no spill
@@ -173,13 +200,15 @@ def _facts(capability, itemsize, ieee, dropout, in_loop=False, partial=False):
             "in_loop": bool(in_loop), "partial": bool(partial)}
 
 
-def _within_limits(kernel, facts, config, rows, cols, step):
-    """Whether a config of `kernel` (tile rows x cols, reduction step `step`) meets every LIMITS row
-    its launch (facts) matches."""
+def _within_limits(kernels, facts, config, rows, cols, step):
+    """Whether a config of `kernels` (a name or names: a mixed-batch kernel is its single-adapter
+    kernel and itself; tile rows x cols, reduction step `step`) meets every LIMITS row its launch
+    (facts) matches."""
+    kernels = (kernels,) if isinstance(kernels, str) else kernels
     facts = {**facts, "decode": rows <= 32, "warps": config.num_warps}
     per_thread = values_per_thread(rows, cols, config.num_warps)
     for limit in LIMITS:
-        if kernel in limit.kernels and all(facts[k] == v for k, v in limit.when.items()):
+        if any(k in limit.kernels for k in kernels) and all(facts[k] == v for k, v in limit.when.items()):
             maxima = ((limit.max_per_thread, per_thread), (limit.max_cols, cols), (limit.max_step, step))
             if (any(bound is not None and value > bound for bound, value in maxima)
                     or step < (limit.min_step or 0) or limit.warps not in (None, config.num_warps)):
@@ -241,14 +270,18 @@ def keep_forward_config(configs, a, cap):
     """The M bucket's row class (row_class; at least 32 rows for the ieee tiles), the ieee tiles for
     ieee dots only, LIMITS, and pipelines (x, W0 and with x·Aᵀ in the loop A tiles) that fit shared
     memory on this device."""
+    return _forward_kept(configs, a, cap, "forward")
+
+
+def _forward_kept(configs, a, cap, kernels, ieee_max_rows=128):
     ieee = a["INPUT_PRECISION"] == "ieee"
-    rows = max(32, row_class(a["M_BUCKET"])) if ieee else row_class(a["M_BUCKET"])
+    rows = min(ieee_max_rows, max(32, row_class(a["M_BUCKET"]))) if ieee else row_class(a["M_BUCKET"])
     itemsize = a["x_ptr"].element_size()
     rank = a["BLOCK_R"] if a["XS_IN_LOOP"] else 0
     facts = _facts(cap, itemsize, ieee, a["DROPOUT"], in_loop=a["XS_IN_LOOP"])
     return [c for c in configs
             if c.kwargs["BLOCK_M"] == rows and (c.kwargs["BLOCK_K"] == 16) == ieee
-            and _within_limits("forward", facts, c, rows, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+            and _within_limits(kernels, facts, c, rows, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (rows + c.kwargs["BLOCK_N"] + rank),
                                    itemsize, cap)]
 
@@ -275,6 +308,10 @@ def keep_backward_config(configs, a, cap):
     """The tile class by its BLOCK_N (ieee, decode rows (BLOCK_M <= 32), the others), LIMITS, and
     pipelines (dY, W0 and with gs in the loop B tiles) that fit shared memory; the dA-only launch
     (no dX: the epilogue alone, no N-loop) gets one config, as its tiles do not change its work."""
+    return _backward_kept(configs, a, cap, "backward")
+
+
+def _backward_kept(configs, a, cap, kernels):
     bm = a["BLOCK_M"]
     itemsize = a["dy_ptr"].element_size()
     rank = a["BLOCK_R"] if a["G_IN_LOOP"] else 0
@@ -283,7 +320,7 @@ def keep_backward_config(configs, a, cap):
     facts = _facts(cap, itemsize, ieee, a["DROPOUT"])
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] == width
-            and _within_limits("backward", facts, c, bm, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"])
+            and _within_limits(kernels, facts, c, bm, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"])
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_N"] * (bm + c.kwargs["BLOCK_K"] + rank),
                                    itemsize, cap)]
     return kept if a["COMPUTE_DX"] else kept[:1]
@@ -359,13 +396,17 @@ def split_k_configs():
 def keep_split_k_config(configs, a, cap):
     """The ieee tiles exactly for ieee dots, LIMITS (the tile BLOCK_M x BLOCK_N, step BLOCK_K), and
     pipelines (x, W0, A) that fit shared memory; of those, the 4-warp ones where there are any."""
+    return _split_k_kept(configs, a, cap, "split_k")
+
+
+def _split_k_kept(configs, a, cap, kernels):
     bm, bn, rank = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_R"]
     itemsize = a["x_ptr"].element_size()
     ieee = a["INPUT_PRECISION"] == "ieee"
     facts = _facts(cap, itemsize, ieee, a["DROPOUT"])
     kept = [c for c in configs
             if (c.kwargs["BLOCK_K"] == 16) == ieee
-            and _within_limits("split_k", facts, c, bm, bn, c.kwargs["BLOCK_K"])
+            and _within_limits(kernels, facts, c, bm, bn, c.kwargs["BLOCK_K"])
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (bm + bn + rank), itemsize, cap)]
     # 8 warps only where no 4-warp config fits (fp32 with dropout at 64 rows, ieee decode rows):
     # memory-bound, more warps per program would only halve the programs' count of loads in flight per warp
@@ -430,27 +471,65 @@ def keep_backward_tma_config(configs, a, cap):
 # Mixed-batch kernels (multi.py): every row has its own adapter. Their GEMMs are the in-loop
 # forward's, the fused backward's and split-K's main loops (the first adapter of a row tile rides
 # in the loop as the single adapter does), followed by passes of the low-rank product alone for the
-# tile's other adapters, which hold no W0 tile: so they take those kernels' tiles, pruners and
-# register limits (`python -m lora_fast.aot`: no spill at those tiles, Triton 3.6 and 3.9).
+# tile's other adapters, which hold no W0 tile: so they take those kernels' tiles and pruners, under
+# LIMITS rows of their own (the multi_forward/multi_backward ones) as well.
 MULTI_FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R", "DROPOUT", "INPUT_PRECISION"]
 MULTI_BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_M", "BLOCK_R", "DROPOUT", "COMPUTE_DX", "INPUT_PRECISION"]
+# Tiles for the launches where those rows leave none of the shared list's (fp32 (tf32) with dropout on
+# sm_80, ieee with dropout at 64 rows; the backward's fp32 with dropout and ieee with dropout): each
+# built without a spill on sm_80 and sm_90 under both Triton versions, and kept only there, so the
+# other launches time the same tiles as the single-adapter kernels.
+MULTI_FORWARD_FALLBACKS = ((32, 64, 64, 3, 8), (64, 64, 64, 3, 8), (128, 32, 64, 3, 8), (64, 64, 16, 3, 8))
+MULTI_BACKWARD_FALLBACKS = ((64, 32, 3, 8), (32, 32, 3, 8), (16, 16, 3, 4), (16, 16, 2, 8))
+# The ieee (FMA) forward tiles stop at 64 rows: 128x64 with 8 warps spilled on sm_80 beside the other
+# adapters' passes (no dropout; 128x32 too, 8 B under Triton 3.9). A mixed batch in fp32 without tf32
+# runs the torch path's grouped cuBLAS products unless the triton backend is forced (mixed.py).
+MULTI_IEEE_MAX_ROWS = 64
+
+
+def _shape(c):
+    return (c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
+
+
+def _or_fallbacks(kept, fallbacks):
+    """The kept configs of the shared list, or where there are none, the kept fallbacks."""
+    shared = [c for c in kept if _shape(c) not in fallbacks]
+    return shared or kept
+
+
+def multi_forward_configs():
+    if INTERPRET:
+        return forward_configs()
+    return forward_configs() + [_config(*c) for c in MULTI_FORWARD_FALLBACKS]
+
+
+def multi_backward_configs():
+    if INTERPRET:
+        return backward_configs()
+    return backward_configs() + [_config(None, *c) for c in MULTI_BACKWARD_FALLBACKS]
 
 
 @_pruner
 def keep_multi_forward_config(configs, a, cap):
-    """The in-loop forward's choice (keep_forward_config, x·Aᵀ in the K-loop), less the 128x128
-    tiles on sm_80: with the other adapters' low-rank passes they spilled there (16 B bf16, 152 B
-    fp32 under Triton 3.6; tests/test_aot.py, 2026-12-02)."""
-    kept = keep_forward_config(configs, {**a, "XS_IN_LOOP": True}, capability=cap)
-    if cap < 9:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128] or kept
-    return kept
+    """The in-loop forward's choice (x·Aᵀ in the K-loop; ieee tiles up to MULTI_IEEE_MAX_ROWS rows)
+    under the multi kernel's LIMITS rows too, or its fallbacks where those leave none."""
+    kept = _forward_kept(configs, {**a, "XS_IN_LOOP": True}, cap, ("forward", "multi_forward"),
+                         MULTI_IEEE_MAX_ROWS)
+    return _or_fallbacks(kept, MULTI_FORWARD_FALLBACKS)
 
 
 @_pruner
 def keep_multi_backward_config(configs, a, cap):
-    """The fused backward's choice (keep_backward_config, dY·B in the N-loop)."""
-    return keep_backward_config(configs, {**a, "G_IN_LOOP": True}, capability=cap)
+    """The fused backward's choice (dY·B in the N-loop) under the multi kernel's LIMITS rows too, or
+    its fallbacks where those leave none."""
+    kept = _backward_kept(configs, {**a, "G_IN_LOOP": True}, cap, ("backward", "multi_backward"))
+    return _or_fallbacks(kept, {(None, *c) for c in MULTI_BACKWARD_FALLBACKS})
+
+
+@_pruner
+def keep_multi_split_k_config(configs, a, cap):
+    """Split-K's choice (keep_split_k_config) under the multi kernel's LIMITS rows too."""
+    return _split_k_kept(configs, a, cap, ("split_k", "multi_split_k"))
 
 
 # The dA/dB reducer (multi.py) sums a few fp32 partials per element: a streaming, memory-bound

@@ -104,7 +104,7 @@ def _other_adapters(ids, a_lo, a_hi, x_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
     return xa
 
 
-@triton.autotune(configs=configs.forward_configs(), key=configs.MULTI_FORWARD_KEY,
+@triton.autotune(configs=configs.multi_forward_configs(), key=configs.MULTI_FORWARD_KEY,
                  prune_configs_by={"early_config_prune": configs.keep_multi_forward_config},
                  do_bench=configs.bench_config)
 @triton.jit
@@ -152,7 +152,8 @@ def _multi_forward_kernel(
 
 
 @triton.autotune(configs=configs.split_k_configs(), key=configs.SPLIT_K_KEY,
-                 prune_configs_by={"early_config_prune": configs.keep_split_k_config}, do_bench=configs.bench_config)
+                 prune_configs_by={"early_config_prune": configs.keep_multi_split_k_config},
+                 do_bench=configs.bench_config)
 @triton.jit
 def _multi_split_k_partial_kernel(
     x_ptr, w_ptr, a_ptr, part_ptr, xa_part_ptr, seed_ptr, ids_ptr, perm_ptr, p_ptr,
@@ -229,7 +230,7 @@ def _multi_split_k_reduce_kernel(
                "sum", STORE_XS, HAS_BIAS, INPUT_PRECISION, BLOCK_R, ids, a_lo, a_hi, stride_ba, True)
 
 
-@triton.autotune(configs=configs.backward_configs(), key=configs.MULTI_BACKWARD_KEY,
+@triton.autotune(configs=configs.multi_backward_configs(), key=configs.MULTI_BACKWARD_KEY,
                  prune_configs_by={"early_config_prune": configs.keep_multi_backward_config},
                  do_bench=configs.bench_config)
 @triton.jit

@@ -560,6 +560,8 @@ def multi_forward(x, weight, bias, A, B, scale, dropout_p, seed, ids, perm, *, s
     signature."""
     from lora_fast.kernels import multi
     _needs_seed(1.0 if dropout_p is not None else 0.0, seed)
+    if fp32_ieee_gpu(x):   # FMA tiles: cuBLAS's SGEMM outruns them, as in candidates()
+        return torch_path.multi_forward(x, weight, bias, A, B, scale, dropout_p, seed, ids, perm, save_xs=save_xs)
     path = "split_k" if x.shape[0] <= MIXED_SPLIT_K_MAX_M else "tiled"
     return multi.multi_forward(x, weight, bias, A, B, scale.float(), dropout_p, seed, ids, perm,
                                save_xs=save_xs, path=path)
@@ -570,5 +572,8 @@ def multi_backward(dy, x, xs, weight, A, B, scale, dropout_p, seed, ids, perm, *
     """The "triton" backend's mixed-batch backward (kernels/multi.py)."""
     from lora_fast.kernels import multi
     _needs_seed(1.0 if dropout_p is not None else 0.0, seed)
+    if fp32_ieee_gpu(dy):
+        return torch_path.multi_backward(dy, x, xs, weight, A, B, scale, dropout_p, seed, ids, perm,
+                                         need_dx=need_dx, need_da=need_da, need_db=need_db)
     return multi.multi_backward(dy, x, xs, weight, A, B, scale.float(), dropout_p, seed, ids, perm,
                                 need_dx=need_dx, need_da=need_da, need_db=need_db)

@@ -112,6 +112,49 @@ def test_main_tiles_are_configs_the_pruners_keep():
     assert out.strip().splitlines()[-1] == "[]"
 
 
+# Prints the (variant, dtype, arch) whose pruners keep a fallback tile, and the launches (those and M)
+# that keep one beside a shared tile; run without the interpreter (its lists are one config each).
+_FALLBACK_USE = """
+from lora_fast.aot import VARIANTS, _pruned
+from lora_fast.kernels import configs
+fallbacks = {"multi_forward": set(configs.MULTI_FORWARD_FALLBACKS),
+             "multi_backward": {(None, *f) for f in configs.MULTI_BACKWARD_FALLBACKS}}
+seen, beside = set(), []
+for variant, spec in VARIANTS.items():
+    kind = variant.replace("_dropout", "")
+    if kind not in fallbacks:
+        continue
+    for arch in spec.archs:
+        for dtype in spec.dtypes:
+            for m in (16, 32, 64, 128, 1 << 20):
+                hits = [(c.get("BLOCK_M") if kind == "multi_forward" else None, c["BLOCK_N"], c["BLOCK_K"],
+                         c["num_stages"], c["num_warps"]) in fallbacks[kind] for c in _pruned(variant, arch, dtype, m)]
+                if any(hits):
+                    seen.add((variant, dtype, arch))
+                if any(hits) and not all(hits):
+                    beside.append((variant, dtype, arch, m))
+import json
+print(json.dumps([sorted(seen), beside]))
+"""
+
+
+def test_mixed_kernels_take_their_fallback_tiles_only_where_limits_leave_no_shared_one():
+    """The mixed-batch kernels' fallback tiles (configs.MULTI_*_FALLBACKS) are kept only for the
+    launches their LIMITS rows leave none of the single-adapter kernels' tiles (fp32 (tf32) with dropout,
+    the forward on sm_80; ieee with dropout), never beside one of those, so every other launch times
+    the same tiles as the single-adapter kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _FALLBACK_USE], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    seen, beside = json.loads(out.strip().splitlines()[-1])
+    assert beside == []
+    assert {tuple(s) for s in seen} == {
+        ("multi_forward_dropout", "fp32", 80), ("multi_forward_dropout", "fp32-ieee", 80),
+        ("multi_forward_dropout", "fp32-ieee", 90), ("multi_backward_dropout", "fp32", 80),
+        ("multi_backward_dropout", "fp32", 90), ("multi_backward_dropout", "fp32-ieee", 80),
+        ("multi_backward_dropout", "fp32-ieee", 90)}
+
+
 def test_operand_offsets_are_64_bit_for_any_strides():
     """Compiled for arbitrary strides (transposed or sliced views), every pointer offset into x, W0,
     dY, A, B and the partial buffers is computed in int64 (row * stride, or k * stride on a

@@ -141,6 +141,28 @@ def test_triton_backend_matches_torch_backend(tokens):
         assert rel_err(grads["triton"][name], g) <= bound(torch.float32), name
 
 
+def test_fp32_without_tf32_on_a_gpu_runs_the_grouped_torch_products(monkeypatch):
+    """fp32 "ieee" dots on a GPU (no tf32) would be FMA tiles, which cuBLAS's SGEMM outruns: the
+    triton backend's mixed passes run the torch path's grouped products there, as the single-adapter
+    dispatcher runs cuBLAS (the device test stubbed: this machine has no GPU)."""
+    pytest.importorskip("triton")
+    from lora_fast import dispatch
+    from lora_fast.kernels import multi
+    launched = []
+    real = multi.launch
+    monkeypatch.setattr(multi, "launch", lambda kernel, *a: launched.append(kernel) or real(kernel, *a))
+    names = NAME_SETS["interleaved"]
+    x = torch.randn(len(names), 12, 9)
+    grads = {}
+    for ieee in (False, True):
+        monkeypatch.setattr(dispatch, "fp32_ieee_gpu", lambda t, ieee=ieee: ieee)
+        launched.clear()
+        grads[ieee] = _training_grads(_mlp(torch.float32).train(), x, names, mixed=True, backend="triton")
+        assert bool(launched) != ieee, f"ieee={ieee}: {len(launched)} kernel launches"
+    for name, g in grads[False].items():
+        assert rel_err(grads[True][name], g) <= bound(torch.float32), name
+
+
 def test_optimizer_step_on_all_adapters_equals_separate_steps():
     names = NAME_SETS["interleaved"]
     x = torch.randn(len(names), 9, dtype=torch.float64)
