@@ -62,6 +62,20 @@ def run_metadata(device, module, argv):
             "command": shlex.join(["python", "-m", f"bench.{module}", *argv])}
 
 
+def start(module, args, argv):
+    """(device, metadata) of a bench module's run, its CPU threads set and the header printed: device,
+    versions, commit, date, and the timing protocol (args.rounds, args.warmup)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    meta = run_metadata(device, module, argv)
+    print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit "
+          f"{meta['commit']}, {meta['date']}")
+    print(f"# {args.rounds} interleaved rounds after {args.warmup} warm-up; p50 ms (p20-p80)"
+          + ("; CPU timings of the torch path, not kernel timings" if device.type == "cpu" else ""))
+    return device, meta
+
+
 def append_rows(path, rows):
     """Append rows (dicts with COLUMNS) to a CSV, writing the header when the file is new."""
     path = Path(path)

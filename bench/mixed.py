@@ -163,14 +163,7 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    meta = common.run_metadata(device, "mixed", argv)
-    print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit "
-          f"{meta['commit']}, {meta['date']}")
-    print(f"# {args.rounds} interleaved rounds after {args.warmup} warm-up; p50 ms (p20-p80)"
-          + ("; CPU timings of the torch path, not kernel timings" if device.type == "cpu" else ""))
+    device, meta = common.start("mixed", args, argv)
     for case in args.cases:
         for order in (args.orders if case == "train" else ["every-row"]):
             rows = bench_case(case, order, args.impls, args.rounds, args.warmup, device, meta,

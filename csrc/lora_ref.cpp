@@ -289,6 +289,59 @@ py::dict backward(const Array& dy_, const Array& x_, const Array& w_, const Arra
   return grads;
 }
 
+// ---- 4-bit NF4 base weights (QLoRA): bitsandbytes' layout ---------------------------------------
+//
+// Element i of the row-major (out, in) weight is code c = the high nibble of byte i/2 for even i,
+// the low one for odd i; its value is level[c] * absmax[i / 64]. With double quantisation absmax
+// is itself stored as uint8 codes q into a 256-entry map: absmax[j] = map[q[j]] * scale[j / 256] +
+// offset. bitsandbytes computes those products in float; they are formed in float here too (the
+// stored statistics are float32), then every later sum is in double.
+Array dequantize_nf4(const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& packed,
+                     const py::array_t<float, py::array::c_style | py::array::forcecast>& levels,
+                     const py::array_t<float, py::array::c_style | py::array::forcecast>& absmax,
+                     int64_t out, int64_t in, int64_t blocksize) {
+  const int64_t n = out * in;
+  if (packed.size() * 2 != n) {
+    throw std::invalid_argument("packed: expected " + std::to_string(n / 2) + " bytes for a (" +
+                                std::to_string(out) + ", " + std::to_string(in) + ") weight, got " +
+                                std::to_string(packed.size()));
+  }
+  if (levels.size() != 16) throw std::invalid_argument("levels: expected 16 values");
+  if (blocksize <= 0 || absmax.size() != (n + blocksize - 1) / blocksize) {
+    throw std::invalid_argument("absmax: expected one value per " + std::to_string(blocksize) +
+                                " elements (" + std::to_string((n + blocksize - 1) / blocksize) + "), got " +
+                                std::to_string(absmax.size()));
+  }
+  Array result({out, in});
+  double* y = result.mutable_data();
+  const uint8_t* bytes = packed.data();
+  const float* level = levels.data();
+  const float* scale = absmax.data();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t byte = bytes[i / 2];
+    const int code = (i % 2 == 0) ? (byte >> 4) : (byte & 15);
+    y[i] = static_cast<double>(level[code] * scale[i / blocksize]);
+  }
+  return result;
+}
+
+py::array_t<float> decode_absmax(const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& codes,
+                                 const py::array_t<float, py::array::c_style | py::array::forcecast>& map,
+                                 const py::array_t<float, py::array::c_style | py::array::forcecast>& scales,
+                                 double offset, int64_t blocksize) {
+  const int64_t n = codes.size();
+  if (map.size() != 256) throw std::invalid_argument("map: expected 256 values");
+  if (blocksize <= 0 || scales.size() != (n + blocksize - 1) / blocksize) {
+    throw std::invalid_argument("scales: expected one value per " + std::to_string(blocksize) + " codes");
+  }
+  py::array_t<float> result(n);
+  float* out = result.mutable_data();
+  const float off = static_cast<float>(offset);
+  for (int64_t j = 0; j < n; ++j) out[j] = map.data()[codes.data()[j]] * scales.data()[j / blocksize] + off;
+  return result;
+}
+
 bool has_openmp() {
 #ifdef _OPENMP
   return true;
@@ -314,5 +367,12 @@ PYBIND11_MODULE(_cref, m) {
   m.def("dropout_mask", &dropout_mask, py::arg("out"), py::arg("seed"), py::arg("p"), py::arg("row0") = 0,
         "Writes the kernels' keep-mask of rows row0.. (1 kept, 0 dropped) into out, a C-contiguous\n"
         "(M, K) array of bool, uint8, float32 or float64.");
+  m.def("dequantize_nf4", &dequantize_nf4, py::arg("packed"), py::arg("levels"), py::arg("absmax"),
+        py::arg("out"), py::arg("in"), py::arg("blocksize") = 64,
+        "The (out, in) float64 weight of NF4 codes (two per byte, the first in the high nibble), the 16\n"
+        "levels and one float32 absmax per blocksize elements.");
+  m.def("decode_absmax", &decode_absmax, py::arg("codes"), py::arg("map"), py::arg("scales"),
+        py::arg("offset"), py::arg("blocksize") = 256,
+        "Double quantisation's absmax in float32: map[codes[j]] * scales[j / blocksize] + offset.");
   m.def("has_openmp", &has_openmp, "Whether this build runs its loops on OpenMP threads.");
 }

@@ -10,6 +10,7 @@ reference and a plain-PyTorch path. Public API:
         (several adapters in PEFT's layout; load_adapter(..., hotswap=True) for compiled models)
     add_adapter / set_adapter / delete_adapter / adapter_names / active_adapter: named adapters
     batch_adapters(model, names): each batch row with its own adapter, trained or served
+    quantize(model, "nf4") / Linear4bit / LoRALinear4bit: QLoRA, a 4-bit NF4 base (bitsandbytes' bytes)
     dispatch: which kernel path each pass runs on a GPU, measured per shape and cached
     dropout.keep_mask(seed, M, K, p): the kernels' LoRA dropout mask, reproduced outside them
 """
@@ -21,10 +22,12 @@ from .inject import (disable_adapters, inject, lora_layers, mark_only_lora_as_tr
 from .named_adapters import active_adapter, adapter_names, add_adapter, delete_adapter, set_adapter
 from .adapters import load_adapter, load_adapters, lora_state_dict, save_adapter
 from .mixed import batch_adapters
+from .qlora import Linear4bit, LoRALinear4bit, quantize
 
 from ._version import __version__
 __all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "dropout", "inject", "merge",
            "unmerge", "merge_and_unload", "lora_layers", "lora_state_dict",
            "mark_only_lora_as_trainable", "trainable_parameters", "disable_adapters",
            "save_adapter", "load_adapter", "load_adapters", "add_adapter", "set_adapter",
-           "delete_adapter", "adapter_names", "active_adapter", "batch_adapters", "__version__"]
+           "delete_adapter", "adapter_names", "active_adapter", "batch_adapters", "quantize", "Linear4bit",
+           "LoRALinear4bit", "__version__"]

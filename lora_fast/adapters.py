@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import adapter_config, atomic_files, named_adapters
+from . import adapter_config, atomic_files, named_adapters, qlora
 from .inject import inject, lora_layers, require_lora_layers, select_modules, unwrap
 from .module import DEFAULT_ADAPTER, AdapterSettings, adapter_dtypes, check_adapter_name, is_conv1d
 
@@ -545,7 +545,7 @@ class _Target(NamedTuple):
     @classmethod
     def of(cls, layer):
         """The target a LoRALinear is (its weight is (out, in), also when made from a Conv1D)."""
-        return cls(layer.out_features, layer.in_features, layer.weight.dtype, layer.from_conv1d)
+        return cls(layer.out_features, layer.in_features, layer.base_dtype(), layer.from_conv1d)
 
 
 def _targets(module, hparams, config_file, lora_too=False):
@@ -561,6 +561,9 @@ def _targets(module, hparams, config_file, lora_too=False):
         layer = module.get_submodule(name)
         if hasattr(layer, "adapter_settings"):   # a LoRALinear: add_adapter extends it
             targets[name] = _Target.of(layer)
+            continue
+        if qlora.is_4bit(layer):   # its weight is the packed codes: the decoded shape and dtype
+            targets[name] = _Target(*qlora.decoded_shape(layer), qlora.compute_dtype_of(layer), False)
             continue
         conv1d = is_conv1d(layer)
         in_features, out_features = layer.weight.shape if conv1d else layer.weight.shape[::-1]

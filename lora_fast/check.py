@@ -18,6 +18,10 @@ the two references rebuild the kernels' keep-mask from that seed themselves (the
 plain PyTorch int64 ops, the C++ one with its own Philox: lora_fast.dropout), so the dropped
 elements are checked one by one, not only in distribution.
 
+--nf4: W0 is stored in 4 bits (QLoRA's NF4, lora_fast.nf4; M x K x N with K·N even): the passes
+get it decoded as the 4-bit layer decodes it, the float64 and C++ references decode the codes
+themselves.
+
 --all-paths checks every path the GPU dispatcher can pick (lora_fast.dispatch: in_loop / split /
 split_k / tma / cublas forward × fused / split / tma / cublas backward, those that apply to the shape), one row
 group per pair and dropout p, instead of the one the dispatcher picks.
@@ -123,7 +127,7 @@ def _modified(inputs, copies, already):
     return [name for name, t in inputs.items() if name not in already and not _same_bits(t, copies[name])]
 
 
-def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
+def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0, nf4=False):
     """(rows, modified) for one case, with LoRA dropout p (the references draw the mask from the
     same seed): rows are (output, err vs float64, err vs C++ or None, bound, ok); modified lists
     (function, input names) for each of the implementation's calls that wrote to its inputs.
@@ -131,26 +135,42 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
     The references (and the plain-PyTorch error the bound allows for) are computed before the
     implementation runs, from private copies of the inputs: an implementation that rewrites its
     inputs in place (zeroes lora_A and lora_B, say) is still compared with the right answer, and
-    the check sees that it wrote to them."""
+    the check sees that it wrote to them.
+
+    nf4: W0 is stored in 4 bits (lora_fast.nf4, QLoRA's format): the implementation gets it decoded
+    as the 4-bit layer decodes it (fp32, rounded once to the dtype), the float64 reference decodes
+    the bytes itself (reference.dequantize_nf4_ref) and the C++ reference with its own decoder."""
     import torch
 
     from lora_fast import cref, torch_path
-    from lora_fast.reference import lora_linear_backward_ref, lora_linear_ref
+    from lora_fast.reference import dequantize_nf4_ref, lora_linear_backward_ref, lora_linear_ref
     from lora_fast.tolerances import bound, rel_err
 
     tensors = dict(zip(INPUT_NAMES, (*_inputs(M, K, N, r, dtype, device, seed), _dropout_seed(seed, device))))
+    w_ref = w_cpp = None
+    if nf4:
+        from lora_fast.nf4 import quantize_nf4
+        codes = quantize_nf4(tensors["weight"].float().cpu())
+        tensors["weight"] = codes.to(device).dequantize(dtype)        # the 4-bit layer's decoding
+        w_ref = dequantize_nf4_ref(codes)
+        w_cpp = cref.dequantize_nf4_cref(codes) if cref.available() else None
     copies = {name: t.clone() for name, t in tensors.items()}   # never handed to the implementation
     x, w, a, b, bias, dy, drop_seed = (copies[n] for n in INPUT_NAMES)
     drop = {"dropout_p": p, "seed": drop_seed} if p > 0 else {}
-    y_pt, xs_pt = torch_path.lora_forward(x, w, a, b, bias, SCALING, **drop)          # plain PyTorch, same dtype
-    dx_pt, da_pt, db_pt = torch_path.lora_backward(dy, x, xs_pt, w, a, b, SCALING, **drop)
-    ref = {"y": lora_linear_ref(x, w, a, b, bias, SCALING, **drop),
-           **{k: v for k, v in lora_linear_backward_ref(dy, x, w, a, b, SCALING, **drop).items()
+    # plain PyTorch in the same dtype, the bound's measure: with nf4 on the reference's decoding of
+    # W0 (rounded to the dtype), so that a wrong decoder does not widen its own bound
+    w_pt = w if w_ref is None else w_ref.to(device, dtype)
+    y_pt, xs_pt = torch_path.lora_forward(x, w_pt, a, b, bias, SCALING, **drop)
+    dx_pt, da_pt, db_pt = torch_path.lora_backward(dy, x, xs_pt, w_pt, a, b, SCALING, **drop)
+    w64 = w if w_ref is None else w_ref
+    ref = {"y": lora_linear_ref(x, w64, a, b, bias, SCALING, **drop),
+           **{k: v for k, v in lora_linear_backward_ref(dy, x, w64, a, b, SCALING, **drop).items()
               if k in ("x", "lora_A", "lora_B")}}
     cpp = None
     if cref.available():
-        cpp = {"y": cref.lora_linear_cref(x, w, a, b, bias, SCALING, **drop),
-               **cref.lora_linear_backward_cref(dy, x, w, a, b, SCALING, bias_grad=False, **drop)}
+        wc = w if w_cpp is None else w_cpp
+        cpp = {"y": cref.lora_linear_cref(x, wc, a, b, bias, SCALING, **drop),
+               **cref.lora_linear_backward_cref(dy, x, wc, a, b, SCALING, bias_grad=False, **drop)}
 
     x, w, a, b, bias, dy, drop_seed = (tensors[n] for n in INPUT_NAMES)
     drop = {"dropout_p": p, "seed": drop_seed} if p > 0 else {}
@@ -181,7 +201,7 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
     return rows, modified
 
 
-def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p):
+def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p, nf4=False):
     """(paths label, (rows, modified)) for one case at dropout p: the impl's own choice, or every
     dispatcher path pair (every path drops the kernels' elements, so every pair applies with dropout too)."""
     x, w, *_, dy = _inputs(M, K, N, r, dtype, device, seed)
@@ -191,14 +211,14 @@ def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p):
             # fallback hiding a path that fails, and fp32 on a GPU checks the kernels, not cuBLAS
             paths = {name: impl.heuristic(name, impl.Call(M, r, operands=(x, w))) for name in ("forward", "backward")}
             with impl.forced(**paths):
-                yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p)
+                yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p, nf4)
             return
-        yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p)
+        yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p, nf4)
         return
     for forward in impl.candidates("forward", impl.Call(M, r, operands=(x, w))):
         for backward in impl.candidates("backward", impl.Call(M, r, operands=(dy, w))):
             with impl.forced(forward=forward, backward=backward):
-                yield f"{forward}/{backward}", check_case(impl, M, K, N, r, dtype, device, seed, p)
+                yield f"{forward}/{backward}", check_case(impl, M, K, N, r, dtype, device, seed, p, nf4)
 
 
 def build_parser():
@@ -223,6 +243,9 @@ def build_parser():
                              "lora_backward with the passes' interface (given in the description); the "
                              "default runs the kernels on the dispatcher's static-rule paths (lora_fast.kernels "
                              "means the same); lora_fast.torch_path checks the torch backend, which needs no Triton")
+    parser.add_argument("--nf4", action="store_true",
+                        help="W0 in 4 bits (QLoRA's NF4): the passes get it decoded as the 4-bit layer "
+                             "decodes it, each reference decodes the codes itself")
     parser.add_argument("--all-paths", action="store_true",
                         help="check every forward x backward path the GPU dispatcher can pick "
                              "(lora_fast.dispatch) instead of the one it picks; not with another --impl")
@@ -300,6 +323,11 @@ def main(argv=None):
             parser.error(f"--dropout: expected probabilities in [0, 1), got {p}")
     shapes = args.shapes or [_parse_shape(s) for s in (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)]
     ranks = args.ranks or (QUICK_RANKS if args.quick else DEFAULT_RANKS)
+    if args.nf4:   # two 4-bit codes a byte: W0 needs an even element count
+        odd = [f"{M}x{K}x{N}" for M, K, N in shapes if (K * N) % 2]
+        if args.shapes and odd:
+            parser.error(f"--nf4: W0 (N x K) needs an even number of elements, not {', '.join(odd)}")
+        shapes = [(M, K, N) for M, K, N in shapes if (K * N) % 2 == 0]
     _check_case_sizes(parser, shapes, ranks)
     if args.impl == "lora_fast.kernels":
         args.impl = "lora_fast.dispatch"
@@ -308,7 +336,8 @@ def main(argv=None):
     impl = _load_impl(parser, args.impl)
 
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
-    print(f"lora_fast.check: {args.impl} on {where}; torch {torch.__version__}")
+    print(f"lora_fast.check: {args.impl} on {where}; torch {torch.__version__}"
+          + ("; W0 in NF4 (4-bit)" if args.nf4 else ""))
     if cref.available():
         print(f"C++ reference: built ({'OpenMP' if cref.has_openmp() else 'no OpenMP'})")
     else:
@@ -321,7 +350,8 @@ def main(argv=None):
     cases = [(s, r, n, p) for s in shapes for r in ranks for n in names for p in dropouts]
     for i, ((M, K, N), r, name, p) in enumerate(cases):
         seed = args.seed * len(cases) + i
-        for paths, (rows, modified) in _run_paths(impl, args.all_paths, M, K, N, r, dtypes[name], device, seed, p):
+        for paths, (rows, modified) in _run_paths(impl, args.all_paths, M, K, N, r, dtypes[name], device, seed, p,
+                                                  args.nf4):
             for out, err, err_cpp, limit, ok in rows:
                 failures += not ok
                 worst = max(worst, err / limit)

@@ -77,3 +77,21 @@ def dropout_mask(out, seed, p, row0=0):
     (lora_fast.dropout's "cpp" implementation)."""
     _require()
     _cref.dropout_mask(out.numpy(), seed, float(p), int(row0))
+
+
+def dequantize_nf4_cref(w):
+    """The float64 (out, in) weight of an nf4.NF4Weight, decoded by the C++ reference (its own
+    nibble order, block indexing and double-quantisation arithmetic; only the 16 levels are
+    lora_fast.nf4's data)."""
+    _require()
+    from lora_fast import nf4
+    absmax = w.absmax.detach().cpu()
+    if w.double_quant:
+        absmax = torch.from_numpy(_cref.decode_absmax(
+            absmax.numpy(), w.absmax_code.detach().cpu().float().numpy(),
+            w.absmax_scale.detach().cpu().float().numpy(), float(w.absmax_offset), nf4.ABSMAX_BLOCKSIZE))
+    out, inp = w.shape
+    y = _cref.dequantize_nf4(w.packed.detach().cpu().reshape(-1).numpy(),
+                             torch.tensor(nf4.NF4_LEVELS, dtype=torch.float32).numpy(),
+                             absmax.float().numpy(), out, inp, w.blocksize)
+    return torch.from_numpy(y)

@@ -88,6 +88,26 @@ def input_grads(backward_op, dy, x, xs, weight, lora_A, lora_B, scaling, dropout
     return dx, dw, da, db, dbias
 
 
+# The attribute naming, on a weight tensor decoded from another format (a 4-bit one: lora_fast.qlora),
+# the object whose dequantize(dtype) gives it again: the Function then keeps that, not the decoded
+# copy (out·in values per layer, alive from forward to backward), and decodes it again in backward.
+RECOMPUTE_ATTR = "_lora_fast_decoded_from"
+
+
+def recomputable(weight, source):
+    """weight (decoded from `source`) marked so that LoRALinearFunction does not keep it."""
+    setattr(weight, RECOMPUTE_ATTR, source)
+    return weight
+
+
+def saved(ctx):
+    """(x, xs, weight, lora_A, lora_B) kept by the forward, the weight decoded again if it was not kept."""
+    x, xs, weight, lora_A, lora_B = ctx.saved_tensors
+    if ctx.weight_source is not None:
+        weight = ctx.weight_source.dequantize(x.dtype)
+    return x, xs, weight, lora_A, lora_B
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """(y, xs): y = x @ weightᵀ + bias + scaling · (d(x) @ lora_Aᵀ) @ lora_Bᵀ as 2-D rows (M, out)
     for x (..., in), and xs = scaling/(1-p) · d(x) @ lora_Aᵀ (M, r), non-differentiable, the tensor
@@ -114,11 +134,14 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, bias, lora_A, lora_B, scaling, backend, dropout_p, seed = inputs
         xs = output[1]
         ctx.mark_non_differentiable(xs)
-        ctx.save_for_backward(x, xs, weight, lora_A, lora_B)
+        # A weight decoded from another format (recomputable) is decoded again in backward, not kept
+        ctx.weight_source = getattr(weight, RECOMPUTE_ATTR, None)
+        kept = None if ctx.weight_source is not None else weight
+        ctx.save_for_backward(x, xs, kept, lora_A, lora_B)
         # jvp's tensors only while forward-mode AD can be on (inside a dual level, which
         # torch.func.jvp enters too): ctx outlives backward as long as y does, and would keep x.
         if forward_ad._current_level >= 0:
-            ctx.save_for_forward(x, xs, weight, lora_A, lora_B)
+            ctx.save_for_forward(x, xs, kept, lora_A, lora_B)
         ctx.scaling, ctx.backend, ctx.dropout_p = scaling, backend, dropout_p
         ctx.seed = seed   # 8 bytes, not an activation: on ctx, not among the saved tensors
         # dispatch.forced() paths of the forward's thread, for the backward: autograd runs a CUDA
@@ -151,7 +174,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def jvp(ctx, x_t, weight_t, bias_t, lora_A_t, lora_B_t, *_):
         """Forward-mode AD: y is linear in each input, so its tangent is the sum of the forward's
         terms with one factor replaced by its tangent (plain PyTorch ops, on either backend)."""
-        x, xs, weight, lora_A, lora_B = ctx.saved_tensors
+        x, xs, weight, lora_A, lora_B = saved(ctx)
         x, s, drop = rows(x), *_dropout(ctx, x)
         # Out of place: under jacfwd / hessian the tangents are batched and the saved tensors not.
         y_t = x.new_zeros((x.shape[0], weight.shape[0]))
@@ -173,7 +196,7 @@ class LoRALinearFunction(torch.autograd.Function):
 def _backward(ctx, grad_out):
     """The backend's backward passes (once differentiable: the kernels' are opaque)."""
     need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-    x, xs, weight, lora_A, lora_B = ctx.saved_tensors
+    x, xs, weight, lora_A, lora_B = saved(ctx)
     # the forward's forced paths, if any; else those of the thread calling backward (on the CPU)
     forcing = passes(ctx.backend).forcing(ctx.forced) if ctx.forced else contextlib.nullcontext()
     with forcing:
@@ -190,7 +213,7 @@ def _transform_backward(ctx, dy):
     the kernels would read raw pointers) and differentiates again. xs is recomputed from x and
     lora_A: the saved one is a non-differentiable output, so dB would not depend on lora_A."""
     need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-    x, _, weight, lora_A, lora_B = ctx.saved_tensors
+    x, _, weight, lora_A, lora_B = saved(ctx)
     x2d, (s, drop) = rows(x), _dropout(ctx, x)
     gs = s * (dy @ lora_B)
     dx = (dy @ weight + drop(gs @ lora_A)).view(x.shape) if need_x else None

@@ -19,6 +19,7 @@ from typing import Iterator, NamedTuple, Sequence, Union
 import torch
 from torch import nn
 
+from . import qlora
 from .module import (DEFAULT_ADAPTER, LoRALinear, _check_adapter_dtype, _check_base, _check_hparams,
                      check_adapter_name, default_adapter_dtype, is_conv1d, storage_extent)
 
@@ -67,21 +68,37 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
 
     names = select_modules(model, target_modules, exclude_modules)
     for name in names:   # every layer checked before from_linear freezes the first one
-        _check_base(model.get_submodule(name), name)
-        _check_adapter_dtype(adapter_dtype, model.get_submodule(name).weight.dtype, name)
+        check_wrappable(model.get_submodule(name), adapter_dtype, name)
     replaced = {}
     for name in names:
         old = model.get_submodule(name)
-        dtype = adapter_dtype or default_adapter_dtype(old.weight.dtype)
-        replaced[id(old)] = LoRALinear.from_linear(old, r=r, lora_alpha=lora_alpha,
-                                                   lora_dropout=lora_dropout, use_rslora=use_rslora,
-                                                   adapter_dtype=dtype, adapter_name=adapter_name)
+        replaced[id(old)] = wrap(old, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                 use_rslora=use_rslora, adapter_dtype=adapter_dtype, adapter_name=adapter_name)
     replace_children(model, replaced)
     mark_only_lora_as_trainable(model)
     record_adapter(model, adapter_name, r, lora_alpha, lora_dropout, use_rslora, target_modules,
                    exclude_modules, names, any(layer.from_conv1d for layer in replaced.values()))
     model.lora_fast_config = model.lora_fast_adapters[adapter_name]
     return names
+
+
+def check_wrappable(module, adapter_dtype, name):
+    """Raise, naming the layer, unless `wrap` can put an adapter of adapter_dtype on it."""
+    if qlora.is_4bit(module):
+        qlora.check_4bit(module, name)
+        _check_adapter_dtype(adapter_dtype, qlora.compute_dtype_of(module), name)
+    else:
+        _check_base(module, name)
+        _check_adapter_dtype(adapter_dtype, module.weight.dtype, name)
+
+
+def wrap(module, adapter_dtype=None, **settings):
+    """The LoRA layer over a base linear (sharing its weights): a LoRALinear, or a LoRALinear4bit
+    over a 4-bit one; adapters in adapter_dtype, default_adapter_dtype of the base's by default."""
+    four_bit = qlora.is_4bit(module)
+    base_dtype = qlora.compute_dtype_of(module) if four_bit else module.weight.dtype
+    make = qlora.LoRALinear4bit.from_4bit if four_bit else LoRALinear.from_linear
+    return make(module, adapter_dtype=adapter_dtype or default_adapter_dtype(base_dtype), **settings)
 
 
 def replace_children(model, replaced):
@@ -215,18 +232,23 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Merge every adapter of `model` and put the plain layers back (nn.Linear, or Conv1D where
     inject found one), in place; returns `model`. The base weights are updated in place, no copy is kept.
     Merged layers keep their merged weight; the others are checked first as merge() checks them,
-    and nothing is changed if one is refused."""
+    and nothing is changed if one is refused. A 4-bit layer (qlora.LoRALinear4bit) becomes a 16-bit
+    nn.Linear (its decoded weight plus the delta, rounded once), or with requantize=True a
+    qlora.Linear4bit of that weight (NF4's rounding error on the merged weight)."""
+    if not isinstance(requantize, bool):
+        raise TypeError(f"requantize: expected a bool, got {type(requantize).__name__}")
     inner = unwrap(model)   # the layer names are the bare model's
     layers = require_lora_layers(inner, "merge_and_unload")
     _check_mergeable(inner, {name: layer for name, layer in layers.items()
                              if not layer.merged and layer.settings is not None}, "merge_and_unload")
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(inner.get_submodule(parent_name), child, layer.to_base())
+        base = layer.to_base(requantize) if isinstance(layer, qlora.LoRALinear4bit) else layer.to_base()
+        setattr(inner.get_submodule(parent_name), child, base)
     inner.__dict__.pop("lora_fast_config", None)
     inner.__dict__.pop("lora_fast_adapters", None)
     return model
@@ -331,7 +353,7 @@ def _check_targets(arg, spec, allow_none):
 
 def _is_linear(module, lora_too=False):
     return (isinstance(module, nn.Linear) and (lora_too or not isinstance(module, LoRALinear))) \
-        or is_conv1d(module)
+        or is_conv1d(module) or isinstance(module, qlora.Linear4bit)
 
 
 def _output_head(model):

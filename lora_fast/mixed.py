@@ -107,7 +107,7 @@ class RowAdapters:
         """The layer's output for x, each row with its adapter."""
         used = tuple(name for name in self.order if name in layer.adapter_settings)
         if not used:   # no row uses an adapter this layer holds
-            return nn.functional.linear(x, layer.weight, layer.bias)
+            return nn.functional.linear(x, layer.dense_weight(x.dtype), layer.bias)
         ids, perm = self.row_ids(used, x)
         return mixed_lora_linear(x, layer, used, ids, perm, self.backend)
 
@@ -174,7 +174,7 @@ def _plan(layer, used, training, dtype, device):
 
 def mixed_lora_linear(x, layer, used, ids, perm, backend="auto"):
     """y (..., out) of `layer` for x, row m with adapter used[ids[m]] (the base for -1)."""
-    weight, bias = layer.weight, layer.bias
+    weight, bias = layer.dense_weight(x.dtype), layer.bias
     params = [p for name in used for p in layer.adapter_weights(name)]
     check_tensor_kinds(x, weight, params[0], params[1], bias)
     autocast = _autocast_dtype(x)

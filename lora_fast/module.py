@@ -352,6 +352,15 @@ class LoRALinear(nn.Linear):
         _, _, p, _ = _check_hparams(settings.r, settings.lora_alpha, p)
         self.adapter_settings[self.active_adapter] = settings._replace(lora_dropout=p)
 
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the base linear computes in (a 4-bit layer's is not its stored codes')."""
+        return self.weight.dtype
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W0 as a dense (out, in) tensor in `dtype` (None: as stored; the weight itself then, decoded
+        for a 4-bit layer)."""
+        return self.weight if dtype is None or dtype == self.weight.dtype else self.weight.to(dtype)
+
     def _setting(self, attr):
         settings = self.settings
         return None if settings is None else getattr(settings, attr)
@@ -366,10 +375,10 @@ class LoRALinear(nn.Linear):
         if name in self.adapter_settings:
             raise ValueError(f"adapter_name: this layer has an adapter {name!r} already")
         settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
-        _check_adapter_dtype(adapter_dtype, self.weight.dtype)
+        _check_adapter_dtype(adapter_dtype, self.base_dtype())
         if adapter_dtype is None:
             others = [w[0].dtype for w in map(self.adapter_weights, self.adapter_settings)]
-            adapter_dtype = others[0] if others else default_adapter_dtype(self.weight.dtype)
+            adapter_dtype = others[0] if others else default_adapter_dtype(self.base_dtype())
         self._add_weights(name, settings, {"device": self.weight.device, "dtype": adapter_dtype})
 
     def delete_adapter(self, name: str) -> None:

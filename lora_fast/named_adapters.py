@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import (Targets, _check_targets, lora_layers, record_adapter, replace_children,
-                     require_lora_layers, select_modules, unwrap)
-from .module import (LoRALinear, _check_adapter_dtype, _check_base, _check_hparams,
-                     check_adapter_name, default_adapter_dtype)
+from .inject import (Targets, _check_targets, check_wrappable, lora_layers, record_adapter, replace_children,
+                     require_lora_layers, select_modules, unwrap, wrap)
+from .module import LoRALinear, _check_adapter_dtype, _check_hparams, check_adapter_name
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -70,9 +69,10 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
     names = select_modules(inner, target_modules, exclude_modules, lora_too=True)
     for name in names:
         module = inner.get_submodule(name)
-        if not isinstance(module, LoRALinear):
-            _check_base(module, name)
-        _check_adapter_dtype(adapter_dtype, module.weight.dtype, name)
+        if isinstance(module, LoRALinear):
+            _check_adapter_dtype(adapter_dtype, module.base_dtype(), name)
+        else:
+            check_wrappable(module, adapter_dtype, name)
 
     active = active_adapter(inner)
     replaced, extended = {}, []
@@ -83,10 +83,8 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
                 module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
                 extended.append(module)
             elif id(module) not in replaced:
-                layer = LoRALinear.from_linear(
-                    module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                    use_rslora=use_rslora, adapter_name=adapter_name,
-                    adapter_dtype=adapter_dtype or default_adapter_dtype(module.weight.dtype))
+                layer = wrap(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             use_rslora=use_rslora, adapter_name=adapter_name, adapter_dtype=adapter_dtype)
                 layer.set_adapter(active)   # computes its base linear until adapter_name is active
                 replaced[id(module)] = layer
     except BaseException:

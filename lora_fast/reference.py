@@ -105,3 +105,25 @@ def mixed_lora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], ada
             y = y + scaling * ((x64[m] @ _f64(lora_A).t()) @ _f64(lora_B).t())
         out.append(y)
     return torch.stack(out) if out else x64.new_zeros((0, weight.shape[0]))
+
+
+def dequantize_nf4_ref(w) -> Tensor:
+    """The float64 (out, in) weight of an nf4.NF4Weight, decoded here from its bytes: element i's code
+    is the high nibble of byte i // 2 for even i, the low one for odd i; its value the float32
+    rounding of level · absmax[i // 64] (a float64 product of two float32 values is exact, so
+    rounding it once gives the float32 product the format defines), with double quantisation
+    absmax[j] = fp32(fp32(code2[q[j]] · scale[j // 256]) + offset)."""
+    from .nf4 import ABSMAX_BLOCKSIZE, NF4_LEVELS
+    out, inp = w.shape
+    packed = w.packed.detach().cpu().reshape(-1).to(torch.int64)
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)
+    if w.double_quant:
+        q = w.absmax.detach().cpu().to(torch.int64)
+        scale = w.absmax_scale.detach().cpu().double()[torch.arange(q.numel()) // ABSMAX_BLOCKSIZE]
+        scaled = (w.absmax_code.detach().cpu().double()[q] * scale).float().double()
+        absmax = (scaled + float(w.absmax_offset)).float().double()
+    else:
+        absmax = w.absmax.detach().cpu().double()
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float64)
+    values = levels[codes] * absmax[torch.arange(out * inp) // w.blocksize]
+    return values.float().double().reshape(out, inp)

@@ -65,3 +65,21 @@ def fail_on_call(monkeypatch, owner, name, n, error):
             raise error
         return real(*args, **kwargs)
     monkeypatch.setattr(owner, name, patched)
+
+
+def row_by_row(model, x, names):
+    """A mixed batch's reference: each row of x alone, with its adapter active (None: adapters
+    disabled), the active adapter restored after."""
+    import lora_fast
+    from lora_fast import named_adapters
+    active = named_adapters.active_adapter(model)
+    out = []
+    for i, name in enumerate(names):
+        if name is None:
+            with lora_fast.disable_adapters(model):
+                out.append(model(x[i:i + 1]))
+        else:
+            named_adapters.set_adapter(model, name)
+            out.append(model(x[i:i + 1]))
+    named_adapters.set_adapter(model, active)
+    return torch.cat(out)

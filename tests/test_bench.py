@@ -162,3 +162,20 @@ def test_cpu_model_bench(tmp_path):
     have = {(r["impl"], r["dropout"], r["metric"]) for r in rows}
     assert have == {(i, p, m) for i in ("peft", "lora_fast") for p in ("0.0", "0.05")
                     for m in ("time", "tokens_per_s")} | {("lora_fast", p, "speedup_vs_peft") for p in ("0.0", "0.05")}
+
+
+def test_qlora_bench(tmp_path):
+    """bench.qlora's rows; the 4-bit layer saves no more for backward than the 16-bit one (its
+    decoded weight is not kept) and the base weight is ≤ 0.52 bytes a parameter with double quant."""
+    pytest.importorskip("bitsandbytes")
+    from bench.qlora import weight_bytes_per_parameter
+    out = tmp_path / "qlora.csv"
+    _run("bench.qlora", "--quick", "--rounds", "2", "--warmup", "1", "--out", str(out))
+    rows = common.read_rows(out)
+    _check_rows(rows)
+    assert {(r["case"], r["impl"], r["metric"]) for r in rows} == {
+        *((c, i, "time") for c in ("train", "decode") for i in ("qlora", "peft", "lora16", "linear")),
+        *(("train", i, "saved_bytes") for i in ("qlora", "peft", "lora16", "linear"))}
+    saved = {r["impl"]: float(r["p50"]) for r in rows if r["metric"] == "saved_bytes"}
+    assert 0 < saved["qlora"] <= saved["lora16"]
+    assert weight_bytes_per_parameter([(4096, 4096)]) <= 0.52 < weight_bytes_per_parameter([(4096, 4096)], False)

@@ -187,6 +187,25 @@ def test_check_fails_a_right_impl_that_writes_to_x(monkeypatch, capsys):
     assert out.count("FAIL: writes_x.lora_backward modified its input(s) x in place") == 2, out
 
 
+def test_nf4_check_passes_and_catches_a_wrong_decoding(monkeypatch, capsys):
+    """--nf4: the passes get the 4-bit layer's decoded W0, each reference decodes the bytes itself,
+    so a decoder that reads the nibbles the other way round fails against both."""
+    from lora_fast import check, nf4
+    args = ["--shapes", "9x64x10", "1x32x33", "--ranks", "3", "--dtypes", "fp32", "--nf4"]
+    assert check.main(args) == 0
+    out = capsys.readouterr().out
+    assert "W0 in NF4" in out and len(_ok_rows(out)) == 2 * 2 * 4
+    real = nf4.NF4Weight.dequantize
+
+    def swapped(self, dtype=None):
+        w = real(self, dtype)
+        return w.reshape(-1, 2).flip(1).reshape(w.shape)
+    monkeypatch.setattr(nf4.NF4Weight, "dequantize", swapped)
+    assert check.main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out
+
+
 def test_same_bits_sees_signed_zeros_and_keeps_nans_equal():
     import torch
 
@@ -212,6 +231,7 @@ def test_same_bits_sees_signed_zeros_and_keeps_nans_equal():
     (["--seed", "one"], "argument --seed: expected an integer in [0, 2**32), got 'one'"),
     (["--ranks", str(2**31)], f"--ranks: expected 1 <= r <= 2**31 - 1, got {2**31}"),
     (["--shapes", "99999999x99999x9999", "--ranks", "4"], "--shapes 99999999x99999x9999 --ranks 4: needs ~"),
+    (["--nf4"], "--nf4: W0 (N x K) needs an even number of elements, not 5x9x7"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message, capsys):
     from lora_fast import check

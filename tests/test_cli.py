@@ -24,6 +24,7 @@ CLIS = {
     "bench.gpu_run": "python3 -m bench.gpu_run",
     "bench.layer": "python -m bench.layer",
     "bench.mixed": "python -m bench.mixed",
+    "bench.qlora": "python -m bench.qlora",
     "bench.model": "python -m bench.model",
     "bench.report": "python -m bench.report",
     "bench.tuning": "python -m bench.tuning",

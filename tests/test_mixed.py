@@ -13,6 +13,7 @@ from lora_fast.dropout import keep_mask
 from lora_fast.mixed import batch_adapters
 from lora_fast.tolerances import bound, rel_err
 
+from helpers import row_by_row
 from tiny_models import MODELS, token_batch
 
 
@@ -37,21 +38,6 @@ def _mlp(dtype=torch.float64):
     return model
 
 
-def _row_by_row(model, x, names):
-    """Each row alone, with its adapter active (None: adapters disabled)."""
-    active = named_adapters.active_adapter(model)
-    out = []
-    for i, name in enumerate(names):
-        if name is None:
-            with lora_fast.disable_adapters(model):
-                out.append(model(x[i:i + 1]))
-        else:
-            named_adapters.set_adapter(model, name)
-            out.append(model(x[i:i + 1]))
-    named_adapters.set_adapter(model, active)
-    return torch.cat(out)
-
-
 NAME_SETS = {
     "interleaved": ["b", None, "default", "c", "b", "c", "default"],
     "grouped": ["default", "default", "b", "b", "b", "c", None],
@@ -69,7 +55,7 @@ def test_mixed_batch_equals_each_row_alone(names, shape):
     x = torch.randn(len(names), *shape, 9, dtype=torch.float64)
     with batch_adapters(model, names):
         y = model(x)
-    ref = _row_by_row(model, x, names)
+    ref = row_by_row(model, x, names)
     assert y.shape == ref.shape
     assert rel_err(y, ref) <= bound(torch.float64)
 
@@ -193,13 +179,13 @@ def test_stacks_built_once_until_a_weight_changes(monkeypatch):
             model[0].adapter_weights("b")[1].add_(1.0)   # as an optimizer step would
         y = model(x)
     assert len(built) == first + 2   # layer 0's A and B stacks again
-    assert rel_err(y, _row_by_row(model, x, names)) <= bound(torch.float64)
+    assert rel_err(y, row_by_row(model, x, names)) <= bound(torch.float64)
     # a setting changed (its scale is part of the cached plan) is seen on the next call
     settings = model[0].adapter_settings
     settings["b"] = settings["b"]._replace(lora_alpha=7.5)
     with batch_adapters(model, names):
         y = model(x)
-    assert rel_err(y, _row_by_row(model, x, names)) <= bound(torch.float64)
+    assert rel_err(y, row_by_row(model, x, names)) <= bound(torch.float64)
 
 
 @pytest.mark.parametrize("sorted_rows", [True, False], ids=["grouped", "interleaved"])
@@ -257,7 +243,7 @@ def test_dropout_in_training_is_seeded_and_off_in_eval():
     model.eval()
     with batch_adapters(model, names):
         y = model(x)
-    assert rel_err(y, _row_by_row(model, x, names)) <= bound(torch.float64)
+    assert rel_err(y, row_by_row(model, x, names)) <= bound(torch.float64)
 
 
 # --- refusals --------------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""QLoRA benchmark: lora_fast's 4-bit NF4 LoRA layer against PEFT + bitsandbytes' QLoRA layer (the
+same bytes: qlora.quantize writes what bitsandbytes does), lora_fast's 16-bit LoRA layer and
+nn.Linear, interleaved in one process (bench.layer's protocol: rounds rotated, warm-up first,
+medians; the GPU's L2 overwritten before each timed run). Also the bytes each saves for backward
+and the base weight's bytes per parameter.
+
+    python -m bench.qlora [--cases train decode] [--rounds N] [--out CSV]
+
+Cases:
+  train   fwd+bwd (W0 frozen, x requiring grad), r=16. GPU: M=8192, K=N=4096, bf16 compute
+          (targets: ≥ 1.2x PEFT+bitsandbytes, ≤ 1.10x lora_fast's bf16 layer); CPU: M=2048,
+          K=N=1024, fp32 (reported, no target: the torch path decodes W0 per call, as PEFT does)
+  decode  fwd of M=8 rows (GPU: 4096→4096 bf16; target ≥ 2x faster than bf16 nn.Linear once the
+          kernels decode in their K-loop, which they do not yet)
+Rows go to bench/results/qlora.csv with device, versions, commit, command and date. On a CPU these
+are timings of the torch path's PyTorch ops and of bitsandbytes' CPU kernels.
+"""
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+import lora_fast
+from bench import common
+from lora_fast import qlora
+
+TARGETS = {("cuda", "train"): (("qlora", "peft", 1 / 1.2), ("qlora", "lora16", 1.10))}
+
+
+def _sizes(device, case, quick=False):
+    if quick:
+        return dict(M=64 if case == "train" else 8, K=128, N=64, r=4)
+    gpu = device.type == "cuda"
+    big = 4096 if gpu else 1024
+    return dict(M=(8192 if gpu else 2048) if case == "train" else 8, K=big, N=big, r=16)
+
+
+def _bnb_layer(linear, dtype):
+    import bitsandbytes as bnb
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, compute_dtype=dtype, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().float().cpu().clone(), requires_grad=False,
+                                     compress_statistics=True, quant_type="nf4").to(linear.weight.device)
+    layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False   # else an eval-mode forward repacks the weight in place
+    return layer
+
+
+def bench_case(case, impls, rounds, warmup, device, meta, quick=False):
+    """Rows for one case: every impl's p50/p20/p80 ms, and its saved-for-backward bytes."""
+    s = _sizes(device, case, quick)
+    M, K, N, r = s["M"], s["K"], s["N"], s["r"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    train = case == "train"
+    torch.manual_seed(0)
+    linear = nn.Linear(K, N, device=device, dtype=dtype)
+    models = {}
+    if "qlora" in impls:
+        four = qlora.Linear4bit.from_linear(linear, compute_dtype=dtype)
+        models["qlora"] = qlora.LoRALinear4bit.from_4bit(four, r=r, lora_alpha=2 * r)
+    if "lora16" in impls:
+        models["lora16"] = lora_fast.LoRALinear.from_linear(nn.Linear(K, N, device=device, dtype=dtype), r=r,
+                                                           lora_alpha=2 * r)
+    if "peft" in impls:
+        try:
+            from peft import LoraConfig, get_peft_model
+            net = nn.Sequential(_bnb_layer(linear, dtype))
+            models["peft"] = get_peft_model(net, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+        except ImportError as err:
+            print(f"  peft: skipped ({err})")
+    if "linear" in impls:
+        models["linear"] = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
+    for m in models.values():
+        m.train(train)
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.02)
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=train)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    flush = common.L2Flush(device)
+
+    def run(job):
+        flush()
+        model = models[job]
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+        with common.Timer(device) as t:
+            if train:
+                model(x).backward(dy)
+            else:
+                with torch.no_grad():
+                    model(x)
+        return t
+
+    jobs = list(models)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = common.interleaved(jobs, run, rounds, warmup, sync)
+    rows = []
+    for job in jobs:
+        p50, p20, p80 = common.quantiles(times[job])
+        params = [p for p in models[job].parameters()] + [b for b in models[job].buffers()]
+        saved = common.saved_bytes(lambda: models[job](x), params) if train else None
+        row = {**meta, "case": case, "M": M, "K": K, "N": N, "r": r, "dtype": {v: k for k, v in common.DTYPES.items()}[dtype],
+               "dropout": 0.0, "impl": job, "mode": "fwd_bwd" if train else "fwd"}
+        rows.append({**row, "metric": "time", "p50": p50, "p20": p20, "p80": p80, "unit": "ms"})
+        if saved is not None:
+            rows.append({**row, "metric": "saved_bytes", "p50": saved, "p20": saved, "p80": saved,
+                         "unit": "B"})
+    return rows
+
+
+def weight_bytes_per_parameter(shapes, double_quant=True):
+    """Base-weight bytes per parameter of NF4 weights of these (out, in) shapes: codes, absmax and
+    (double quantisation) the absmax codes' map, scales and offset, from nf4's own sizes."""
+    from lora_fast.nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
+    total = params = 0
+    for out, inp in shapes:
+        n = out * inp
+        blocks = -(-n // BLOCKSIZE)
+        stats = blocks + 256 * 4 + 4 * -(-blocks // ABSMAX_BLOCKSIZE) + 4 if double_quant else 4 * blocks
+        total += n // 2 + stats
+        params += n
+    return total / params
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m bench.qlora", description=__doc__,
+                                     formatter_class=common.HelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["train", "decode"], choices=("train", "decode"),
+                        help="train: fwd+bwd; decode: fwd of 8 rows")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: tests the harness")
+    parser.add_argument("--impls", nargs="+", default=["qlora", "peft", "lora16", "linear"],
+                        choices=("qlora", "peft", "lora16", "linear"),
+                        help="qlora: lora_fast's 4-bit layer; peft: PEFT's LoRA on bitsandbytes' Linear4bit; "
+                             "lora16: lora_fast's 16-bit layer; linear: nn.Linear")
+    common.add_cpu_timing_arguments(parser, rounds=20, each="implementation", out_name="qlora.csv")
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    device, meta = common.start("qlora", args, argv)
+    for case in args.cases:
+        rows = bench_case(case, args.impls, args.rounds, args.warmup, device, meta, args.quick)
+        common.append_rows(args.out, rows)
+        by = {row["impl"]: row for row in rows if row["metric"] == "time"}
+        saved_by = {row["impl"]: row["p50"] for row in rows if row["metric"] == "saved_bytes"}
+        print(f"{case} M={rows[0]['M']} {rows[0]['K']}->{rows[0]['N']} r={rows[0]['r']} {rows[0]['dtype']} "
+              f"{rows[0]['mode']}")
+        for impl, row in by.items():
+            saved = f"  saved {saved_by[impl] / 2**20:.2f} MiB" if impl in saved_by else ""
+            print(f"  {impl:>7} {row['p50']:9.3f} ({row['p20']:.3f}-{row['p80']:.3f}){saved}")
+        for a, b, limit in ([] if args.quick else TARGETS.get((device.type, case), [])):
+            if a in by and b in by:
+                ratio = by[a]["p50"] / by[b]["p50"]
+                print(f"  {a}/{b} = {ratio:.3f} (target <= {limit:.3f}): {'met' if ratio <= limit else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""QLoRA: a frozen 4-bit NF4 base weight (lora_fast.nf4, bitsandbytes' bytes) under a 16-bit LoRA.
+
+    Linear4bit       lora_fast's frozen NF4 linear (what quantize() puts in place of nn.Linear)
+    LoRALinear4bit   a LoRALinear over an NF4 weight: ours, or a bitsandbytes Linear4bit's, its
+                     bytes shared (not copied, never re-quantised)
+    quantize         a model's linears to Linear4bit, the same bytes bitsandbytes would write
+
+The weight is decoded per call (fp32 arithmetic, rounded once to the compute dtype) and the
+decoded copy is not kept for backward: LoRALinearFunction decodes it again there (function.
+recomputable), as bitsandbytes' own 4-bit matmul does, so a training step holds one layer's
+decoded weight at a time, not the model's. The passes after decoding are the 16-bit layer's (the
+torch path on a CPU, the fused kernels on a GPU). Decoding inside the kernels' K-loop (no decoded
+copy in memory at all) is not built yet: bench/TODO.md.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import nf4 as nf4_format
+from .function import lora_linear, recomputable
+from .module import (DEFAULT_ADAPTER, AdapterSettings, LoRALinear, _check_adapter_dtype, _check_hparams,
+                     check_adapter_name, default_adapter_dtype)
+
+_STATE = ("absmax", "absmax_code", "absmax_scale", "absmax_offset")
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit (checked by name: bitsandbytes need not be installed)."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
+               for c in type(module).__mro__)
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return isinstance(module, Linear4bit) or is_bnb_4bit(module)
+
+
+def _register_state(module, w: "nf4_format.NF4Weight"):
+    """w's tensors as module state: `weight` the packed codes (a frozen uint8 Parameter, as
+    bitsandbytes holds them), the statistics as buffers, so .to() moves them and state_dict saves them."""
+    module.weight = nn.Parameter(w.packed, requires_grad=False)
+    offset = w.absmax_offset
+    if offset is not None and not isinstance(offset, torch.Tensor):
+        offset = torch.tensor(float(offset), dtype=torch.float32, device=w.packed.device)
+    for name, t in zip(_STATE, (w.absmax, w.absmax_code, w.absmax_scale, offset)):
+        module.register_buffer("weight_" + name, t)
+    module.weight_shape = torch.Size(w.shape)
+    module.weight_dtype = w.dtype
+
+
+def _apply_keeping_statistics(module, fn, apply):
+    """Module._apply(fn) that moves the NF4 statistics but never casts them: model.half() or
+    .to(torch.bfloat16) would round the float32 absmax (and the codes' meaning with it) for good;
+    they stay float32, as bitsandbytes keeps its quant state."""
+    kept = {}
+    for name in _STATE:
+        t = module._buffers.get("weight_" + name)
+        if t is not None:
+            kept[name] = t
+            module._buffers["weight_" + name] = None
+    try:
+        result = apply(fn)
+    finally:
+        for name, t in kept.items():
+            moved = fn(t)
+            module._buffers["weight_" + name] = t.to(moved.device) if moved.dtype != t.dtype else moved
+    return result
+
+
+def _nf4_of(module) -> "nf4_format.NF4Weight":
+    """The NF4Weight over a module's current tensors (built per call: .to() replaces them)."""
+    if getattr(module, "bnb_weight", False) or is_bnb_4bit(module):
+        return nf4_format.from_bnb(module.weight)
+    state = {name: getattr(module, "weight_" + name) for name in _STATE}
+    return nf4_format.NF4Weight(module.weight, state["absmax"], state["absmax_code"], state["absmax_scale"],
+                                state["absmax_offset"], module.weight_shape, module.weight_dtype)
+
+
+def compute_dtype_of(module) -> torch.dtype:
+    """The dtype a 4-bit linear computes in: its compute_dtype, else its weight's original dtype."""
+    return getattr(module, "compute_dtype", None) or _nf4_of(module).dtype
+
+
+def decoded_shape(module) -> tuple[int, int]:
+    """(out, in) of a 4-bit linear's weight."""
+    return tuple(_nf4_of(module).shape)
+
+
+def check_4bit(module, name=None):
+    """A 4-bit linear LoRALinear4bit can wrap (NF4 with 64-element blocks); raises naming it."""
+    what = f"{name!r}" if name else "base"
+    try:
+        _nf4_of(module)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{what}: {err}") from None
+
+
+def _compute_dtype(module, x):
+    """The dtype the layer computes in: its compute_dtype if set (bitsandbytes' convention: x is
+    cast to it, the output cast back), else x's."""
+    return getattr(module, "compute_dtype", None) or x.dtype
+
+
+class Linear4bit(nn.Module):
+    """y = x @ dequant(W)ᵀ + bias with W stored as NF4 (lora_fast.nf4: bitsandbytes' layout), frozen.
+
+    The state dict holds ``weight`` (the packed codes, uint8 (out·in/2, 1)) and ``weight_absmax``,
+    ``weight_absmax_code``, ``weight_absmax_scale``, ``weight_absmax_offset`` (the last three None
+    without double quantisation). compute_dtype: the dtype x is cast to (None: x's own)."""
+
+    def __init__(self, w: "nf4_format.NF4Weight", bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        """A frozen 4-bit linear over w (an nf4.NF4Weight: its tensors become this module's, not
+        copied), with bias (out,) or None, computing in compute_dtype (None: x's dtype)."""
+        super().__init__()
+        if not isinstance(w, nf4_format.NF4Weight):
+            raise TypeError(f"w: expected an lora_fast.nf4.NF4Weight, got {type(w).__name__}")
+        self.out_features, self.in_features = w.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
+        _register_state(self, w)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> "Linear4bit":
+        """linear's weight quantised (nf4.quantize_nf4: bitsandbytes' bytes; double_quant: its
+        absmax quantised too), its bias kept as it is; compute_dtype as for Linear4bit(...)."""
+        return cls(nf4_format.quantize_nf4(linear.weight.detach(), double_quant=double_quant),
+                   linear.bias, compute_dtype)
+
+    @property
+    def nf4(self) -> "nf4_format.NF4Weight":
+        return _nf4_of(self)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping_statistics(self, fn, lambda f: super(Linear4bit, self)._apply(f, recurse))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The decoded (out, in) weight in `dtype` (default: the original weight's)."""
+        return self.nf4.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) @ the decoded weightᵀ + bias, in the compute dtype; the result in x's dtype."""
+        dtype = _compute_dtype(self, x)
+        w = self.nf4.dequantize(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), w, bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        """Sizes, format and bias, for print(module)."""
+        w = self.nf4
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4, "
+                f"double_quant={w.double_quant}, bias={self.bias is not None}")
+
+
+class LoRALinear4bit(LoRALinear):
+    """A LoRALinear whose frozen base weight is NF4 (QLoRA): every adapter feature of LoRALinear
+    (named adapters, dropout, rslora, master adapters, disable_adapters), the base weight decoded
+    per call and not kept for backward.
+
+    ``weight`` is the packed uint8 codes — a bitsandbytes layer's own Params4bit when made from one
+    (shared, not copied: its bytes stay as they are) — so ``in_features``/``out_features`` come from
+    the decoded shape. merge() keeps the merged 16-bit weight beside the codes, which are never
+    touched, so unmerge() is exact; merge_and_unload gives an nn.Linear (decoded W0 + s·B@A in
+    float32, rounded once) or, with requantize=True, a Linear4bit again (quantising the merged
+    weight: NF4's error, up to half a level step times the block's absmax per element).
+    """
+
+    @classmethod
+    def from_4bit(cls, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                  use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
+                  adapter_name: str = DEFAULT_ADAPTER) -> "LoRALinear4bit":
+        """Wrap a 4-bit linear `base` (lora_fast's Linear4bit or bitsandbytes' Linear4bit with NF4),
+        sharing its codes, statistics and bias. r, lora_alpha, lora_dropout, use_rslora,
+        adapter_dtype (default: float32 master adapters on a 16-bit compute dtype, else the compute
+        dtype) and adapter_name as for LoRALinear.from_linear."""
+        if not is_4bit(base):
+            raise TypeError(f"base: expected a lora_fast.qlora.Linear4bit or a bitsandbytes Linear4bit, "
+                            f"got {type(base).__name__}")
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
+        check_adapter_name(adapter_name)
+        w = _nf4_of(base)
+        compute = getattr(base, "compute_dtype", None) or w.dtype
+        _check_adapter_dtype(adapter_dtype, compute)
+        layer = cls(w.shape[1], w.shape[0], r=1, bias=False, device="meta", dtype=compute)
+        layer.from_conv1d = False
+        layer._init_adapter_state()
+        layer.active_adapter = adapter_name
+        layer._add_weights(adapter_name, settings, {"device": w.device,
+                                                    "dtype": adapter_dtype or default_adapter_dtype(compute)})
+        layer.bnb_weight = is_bnb_4bit(base)
+        if layer.bnb_weight:
+            layer.weight = base.weight
+            layer.weight_shape, layer.weight_dtype = torch.Size(w.shape), w.dtype
+        else:
+            layer.weight = base.weight
+            for name in _STATE:
+                layer.register_buffer("weight_" + name, getattr(base, "weight_" + name))
+            layer.weight_shape, layer.weight_dtype = base.weight_shape, base.weight_dtype
+        layer.bias = base.bias
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        layer.compute_dtype = getattr(base, "compute_dtype", None)
+        layer.train(base.training)
+        return layer
+
+    @property
+    def nf4(self) -> "nf4_format.NF4Weight":
+        return _nf4_of(self)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping_statistics(self, fn, lambda f: super(LoRALinear4bit, self)._apply(f, recurse))
+
+    def base_dtype(self) -> torch.dtype:
+        """The compute dtype (the base layer's compute_dtype, else the original weight's dtype)."""
+        return self.compute_dtype or self.weight_dtype
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W0 decoded (no adapter) in `dtype` (default the compute dtype)."""
+        return self.nf4.dequantize(dtype or self.base_dtype())
+
+    # --- merging: the merged weight beside the codes ------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        """Whether merge() holds a merged weight now."""
+        return self._original_weight is not None
+
+    def check_mergeable(self) -> None:
+        """Raise, saying why, if merge() would be refused; nothing is changed."""
+        if self.merged:
+            raise RuntimeError("merge: the adapter is already merged; call unmerge() first")
+        if self.settings is None:
+            raise RuntimeError(f"merge: this layer has no adapter {self.active_adapter!r} (the active one)")
+        if self.mixed_rows is not None:
+            raise RuntimeError("merge: inside lora_fast.batch_adapters, rows use other adapters "
+                               "than the active one; merge outside the block")
+
+    def _merged_dense(self) -> torch.Tensor:
+        w = self.nf4.dequantize(torch.float32)
+        delta = self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        return (w + delta).to(self.base_dtype())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Keep W0 + s·B@A (float32, rounded once to the compute dtype) beside the codes; forward
+        is then a plain linear with it. Costs out·in values of the compute dtype while merged."""
+        self.check_mergeable()
+        # _original_weight is the merged-state marker of LoRALinear: here the merged weight
+        self._original_weight = self._merged_dense()
+        self.merged_adapter = self.active_adapter
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Drop the merged weight: the codes were never touched, so this is exact."""
+        if not self.merged:
+            raise RuntimeError("unmerge: the adapter is not merged")
+        self._original_weight = None
+        self.merged_adapter = None
+
+    @torch.no_grad()
+    def to_base(self, requantize: bool = False) -> nn.Module:
+        """An nn.Linear with the active adapter merged (decoded W0 + s·B@A in float32, rounded once
+        to the compute dtype), or with requantize=True a Linear4bit of that weight (lossy: NF4).
+        The codes are not changed: this layer still works afterwards."""
+        dense = self._merged_dense() if self.settings is not None else self.dense_weight()
+        bias = None if self.bias is None else self.bias.detach()
+        if requantize:
+            return Linear4bit(nf4_format.quantize_nf4(dense, double_quant=self.nf4.double_quant), bias,
+                              self.compute_dtype)
+        base = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        base.weight = nn.Parameter(dense, requires_grad=False)
+        base.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y (..., out) for x (..., in), as LoRALinear's table says, in the compute dtype (x cast to
+        it, the result cast back to x's dtype, as bitsandbytes' Linear4bit does)."""
+        dtype = _compute_dtype(self, x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        xc = x.to(dtype)
+        if self.merged and self.adapter_enabled:
+            return F.linear(xc, self._original_weight.to(dtype), bias).to(x.dtype)
+        if not self.adapter_enabled or self.settings is None:
+            return F.linear(xc, self.dense_weight(dtype), bias).to(x.dtype)
+        if self.mixed_rows is not None:
+            return self.mixed_rows.forward(self, xc).to(x.dtype)
+        source = self.nf4
+        with torch.no_grad():
+            weight = recomputable(source.dequantize(dtype), source)
+        y = lora_linear(xc, weight, self.lora_A, self.lora_B, bias, scaling=self.scaling,
+                        dropout_p=self.lora_dropout, training=self.training)
+        return y.to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        if self.bnb_weight:   # bitsandbytes' own keys for its statistics, as its Linear4bit saves them
+            for key, value in self.weight.quant_state.as_dict(packed=True).items():
+                destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                        unexpected_keys, error_msgs)
+        if self.bnb_weight:   # the statistics' keys belong to the codes (bitsandbytes' layout)
+            unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(prefix + "weight.")]
+
+    def extra_repr(self) -> str:
+        """LoRALinear's, and the weight format."""
+        return f"{super().extra_repr()}, nf4{' (bitsandbytes)' if self.bnb_weight else ''}"
+
+
+def quantize(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
+             compute_dtype: torch.dtype | None = None, skip_modules: list[str] | None = None) -> list[str]:
+    """Replace `model`'s nn.Linear layers in place by Linear4bit (NF4, bitsandbytes' bytes: a
+    model quantised here holds what loading it with BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4") would), every one but the output head (as QLoRA and transformers
+    leave it) and those named in skip_modules (exact names or dotted suffixes); returns the
+    quantised names. Nothing is changed if an argument is refused.
+
+    Args:
+        model: an nn.Module without LoRA layers (quantize first, then inject).
+        quant_type: "nf4" (the only 4-bit format here).
+        double_quant: quantise the absmax statistics too (bitsandbytes' compress_statistics /
+            bnb_4bit_use_double_quant): ~0.127 bits a parameter instead of 0.5.
+        compute_dtype: the dtype the layers compute in (bnb_4bit_compute_dtype); None: the input's.
+        skip_modules: names (exact or dotted suffix) left as they are (llm_int8_skip_modules).
+    """
+    from .inject import _output_head, lora_layers
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if quant_type != "nf4":
+        raise ValueError(f"quant_type: only 'nf4' is supported, got {quant_type!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant: expected a bool, got {type(double_quant).__name__}")
+    if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"compute_dtype: expected torch.float16, torch.bfloat16, torch.float32 or None, "
+                         f"got {compute_dtype}")
+    skip = list(skip_modules or [])
+    if not all(isinstance(s, str) and s for s in skip):
+        raise TypeError(f"skip_modules: expected a list of module names, got {skip_modules!r}")
+    if lora_layers(model):
+        raise RuntimeError("quantize: the model has LoRA layers already; quantize first, then inject")
+    head = _output_head(model)
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and m is not head
+             and not any(name == s or name.endswith("." + s) for s in skip)]
+    for name in names:   # every weight checked before the first layer is replaced
+        w = model.get_submodule(name).weight
+        if w.numel() % 2 or not torch.isfinite(w).all():
+            raise ValueError(f"quantize: layer {name!r}: its weight must have an even number of "
+                             "finite elements (two 4-bit codes per byte)")
+    quantized = {}
+    for name in names:
+        quantized[name] = Linear4bit.from_linear(model.get_submodule(name), double_quant, compute_dtype)
+    for name, layer in quantized.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return names
