@@ -100,6 +100,12 @@ def recomputable(weight, source):
     return weight
 
 
+def keep_source(weight, cast):
+    """cast (weight in another dtype) marked as weight is: its source decodes it in any dtype."""
+    source = getattr(weight, RECOMPUTE_ATTR, None)
+    return cast if source is None or cast is weight else recomputable(cast, source)
+
+
 def saved(ctx):
     """(x, xs, weight, lora_A, lora_B) kept by the forward, the weight decoded again if it was not kept."""
     x, xs, weight, lora_A, lora_B = ctx.saved_tensors
@@ -264,10 +270,12 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     bfloat16 has float32's range).
     """
     autocast = _autocast_dtype(x)
+    original_weight = weight
     check_tensor_kinds(x, weight, lora_A, lora_B, bias)   # before any cast: autocast's or the adapters'
     if autocast is not None:
         x, weight, lora_A, lora_B, bias = (t if t is None or t.dtype == torch.float64 else t.to(autocast)
                                            for t in (x, weight, lora_A, lora_B, bias))
+        weight = keep_source(original_weight, weight)   # a decoded 4-bit weight stays recomputable
     lora_A, lora_B = cast_master_adapters(x, lora_A, lora_B)
     check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, training, autocast)
     chosen = resolve_backend(backend, x.device, x.dtype)

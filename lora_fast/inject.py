@@ -245,10 +245,18 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     layers = require_lora_layers(inner, "merge_and_unload")
     _check_mergeable(inner, {name: layer for name, layer in layers.items()
                              if not layer.merged and layer.settings is not None}, "merge_and_unload")
+    # 4-bit layers' bases first: they change nothing, so a failure (a non-finite merged weight to
+    # requantize) leaves the model as it was
+    bases = {}
+    for name, layer in layers.items():
+        if isinstance(layer, qlora.LoRALinear4bit):
+            try:
+                bases[name] = layer.to_base(requantize)
+            except (ValueError, RuntimeError) as err:
+                raise type(err)(f"merge_and_unload: layer {name!r}: {err}") from None
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
-        base = layer.to_base(requantize) if isinstance(layer, qlora.LoRALinear4bit) else layer.to_base()
-        setattr(inner.get_submodule(parent_name), child, base)
+        setattr(inner.get_submodule(parent_name), child, bases[name] if name in bases else layer.to_base())
     inner.__dict__.pop("lora_fast_config", None)
     inner.__dict__.pop("lora_fast_adapters", None)
     return model

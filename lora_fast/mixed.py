@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from .backend import resolve_backend
 from .checks import check_lora_inputs, check_tensor_kinds
-from .function import _autocast_dtype, cast_master_adapters, passes, rows as as_rows
+from .function import RECOMPUTE_ATTR, keep_source, _autocast_dtype, cast_master_adapters, passes, rows as as_rows
 
 
 @contextlib.contextmanager
@@ -179,8 +179,10 @@ def mixed_lora_linear(x, layer, used, ids, perm, backend="auto"):
     check_tensor_kinds(x, weight, params[0], params[1], bias)
     autocast = _autocast_dtype(x)
     if autocast is not None:
+        original = weight
         x, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(autocast)
                            for t in (x, weight, bias))
+        weight = keep_source(original, weight)   # a decoded 4-bit weight stays recomputable
     training = layer.training
     settings = [layer.adapter_settings[name] for name in used]
     for (a, b), s in zip(zip(params[::2], params[1::2]), settings):
@@ -210,7 +212,9 @@ class MixedLoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan, ids, perm, backend, seed, *params):
         y, xs = passes(backend).multi_forward(as_rows(x), weight, bias, plan.A, plan.B, plan.scale,
                                               plan.dropout_p, seed, ids, perm, save_xs=True)
-        ctx.save_for_backward(x, xs, weight)
+        # a weight decoded from 4 bits is decoded again in backward, not kept (function.recomputable)
+        ctx.weight_source = getattr(weight, RECOMPUTE_ATTR, None)
+        ctx.save_for_backward(x, xs, None if ctx.weight_source is not None else weight)
         ctx.plan, ctx.ids, ctx.perm, ctx.backend, ctx.seed = plan, ids, perm, backend, seed
         return y
 
@@ -218,6 +222,8 @@ class MixedLoRAFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, xs, weight = ctx.saved_tensors
+        if ctx.weight_source is not None:
+            weight = ctx.weight_source.dequantize(x.dtype)
         plan, needs = ctx.plan, ctx.needs_input_grad
         need_x, need_w, need_b = needs[:3]
         need_a, need_lb = needs[8::2], needs[9::2]

@@ -65,6 +65,8 @@ def _apply_keeping_statistics(module, fn, apply):
         for name, t in kept.items():
             moved = fn(t)
             module._buffers["weight_" + name] = t.to(moved.device) if moved.dtype != t.dtype else moved
+    # the dtype the layer computes in follows the cast (as its bias does); the codes' meaning does not
+    module.weight_dtype = fn(torch.empty(0, dtype=module.weight_dtype)).dtype
     return result
 
 
@@ -96,10 +98,47 @@ def check_4bit(module, name=None):
         raise TypeError(f"{what}: {err}") from None
 
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_compute_dtype(compute_dtype):
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype: expected torch.float16, torch.bfloat16, torch.float32 or None, "
+                         f"got {compute_dtype}")
+
+
 def _compute_dtype(module, x):
     """The dtype the layer computes in: its compute_dtype if set (bitsandbytes' convention: x is
     cast to it, the output cast back), else x's."""
     return getattr(module, "compute_dtype", None) or x.dtype
+
+
+class _DecodedLinear(torch.autograd.Function):
+    """x @ decode(W)ᵀ + bias for a 4-bit W that keeps the codes, not the decoded copy, for backward
+    (dX = dY @ decode(W) decodes again): the base linear of a 4-bit layer without an adapter."""
+
+    @staticmethod
+    def forward(x, bias, source, dtype):
+        return F.linear(x, source.dequantize(dtype), bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bias, source, dtype = inputs
+        ctx.source, ctx.dtype, ctx.x_dtype = source, dtype, x.dtype
+
+    @staticmethod
+    def backward(ctx, dy):
+        need_x, need_b = ctx.needs_input_grad[:2]
+        # dY is the output's dtype (the autocast dtype under autocast): the product in it, dX in x's
+        dx = (dy @ ctx.source.dequantize(dy.dtype)).to(ctx.x_dtype) if need_x else None
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if need_b else None
+        return dx, dbias, None, None
+
+
+def _base_linear(module, x, dtype):
+    """The 4-bit base linear of x (already in dtype), its bias cast to dtype."""
+    bias = None if module.bias is None else module.bias.to(dtype)
+    return _DecodedLinear.apply(x, bias, module.nf4, dtype)
 
 
 class Linear4bit(nn.Module):
@@ -116,6 +155,7 @@ class Linear4bit(nn.Module):
         super().__init__()
         if not isinstance(w, nf4_format.NF4Weight):
             raise TypeError(f"w: expected an lora_fast.nf4.NF4Weight, got {type(w).__name__}")
+        check_compute_dtype(compute_dtype)
         self.out_features, self.in_features = w.shape
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
@@ -145,9 +185,7 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) @ the decoded weightᵀ + bias, in the compute dtype; the result in x's dtype."""
         dtype = _compute_dtype(self, x)
-        w = self.nf4.dequantize(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), w, bias).to(x.dtype)
+        return _base_linear(self, x.to(dtype), dtype).to(x.dtype)
 
     def extra_repr(self) -> str:
         """Sizes, format and bias, for print(module)."""
@@ -219,8 +257,11 @@ class LoRALinear4bit(LoRALinear):
         return self.compute_dtype or self.weight_dtype
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W0 decoded (no adapter) in `dtype` (default the compute dtype)."""
-        return self.nf4.dequantize(dtype or self.base_dtype())
+        """W0 decoded (no adapter) in `dtype` (default the compute dtype), marked so that the
+        autograd Functions decode it again in backward instead of keeping it (function.recomputable)."""
+        source = self.nf4
+        with torch.no_grad():
+            return recomputable(source.dequantize(dtype or self.base_dtype()), source)
 
     # --- merging: the merged weight beside the codes ------------------------------------------
 
@@ -284,14 +325,11 @@ class LoRALinear4bit(LoRALinear):
         xc = x.to(dtype)
         if self.merged and self.adapter_enabled:
             return F.linear(xc, self._original_weight.to(dtype), bias).to(x.dtype)
-        if not self.adapter_enabled or self.settings is None:
-            return F.linear(xc, self.dense_weight(dtype), bias).to(x.dtype)
-        if self.mixed_rows is not None:
+        if self.adapter_enabled and self.mixed_rows is not None:   # its adapters, active one or not
             return self.mixed_rows.forward(self, xc).to(x.dtype)
-        source = self.nf4
-        with torch.no_grad():
-            weight = recomputable(source.dequantize(dtype), source)
-        y = lora_linear(xc, weight, self.lora_A, self.lora_B, bias, scaling=self.scaling,
+        if not self.adapter_enabled or self.settings is None:
+            return _base_linear(self, xc, dtype).to(x.dtype)
+        y = lora_linear(xc, self.dense_weight(dtype), self.lora_A, self.lora_B, bias, scaling=self.scaling,
                         dropout_p=self.lora_dropout, training=self.training)
         return y.to(x.dtype)
 
@@ -303,10 +341,53 @@ class LoRALinear4bit(LoRALinear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                        unexpected_keys, error_msgs)
-        if self.bnb_weight:   # the statistics' keys belong to the codes (bitsandbytes' layout)
-            unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(prefix + "weight.")]
+        # as LoRALinear: a merged layer unmerges, loads and merges again, so forward uses what was loaded
+        merged = self.merged
+        if merged:
+            self.unmerge()
+        try:
+            nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                            unexpected_keys, error_msgs)
+            if self.bnb_weight:
+                self._load_bnb_statistics(state_dict, prefix, missing_keys, unexpected_keys, error_msgs)
+        finally:
+            if merged:
+                self.merge()
+
+    def _load_bnb_statistics(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs):
+        """bitsandbytes' statistics keys (weight.absmax, weight.quant_map, ...) into the codes' own
+        quant state, in place: codes loaded without their statistics would decode to another weight."""
+        head = prefix + "weight."
+        entries = {k[len(head):]: v for k, v in state_dict.items() if k.startswith(head)}
+        unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(head)]
+        current = self.weight.quant_state
+        if not entries:
+            if (prefix + "weight") in state_dict:
+                missing_keys.append(head + "absmax")   # codes without their statistics
+            return
+        from bitsandbytes.functional import QuantState
+        try:
+            loaded = QuantState.from_dict(entries, device=self.weight.device)
+        except (ValueError, KeyError, TypeError) as err:
+            error_msgs.append(f"{head}*: bitsandbytes' quant state could not be read: {err}")
+            return
+        same = (loaded.quant_type == current.quant_type and tuple(loaded.shape) == tuple(current.shape)
+                and loaded.blocksize == current.blocksize and bool(loaded.nested) == bool(current.nested)
+                and loaded.absmax.shape == current.absmax.shape)
+        if not same:
+            error_msgs.append(f"{head}*: the checkpoint's 4-bit weight ({loaded.quant_type}, {tuple(loaded.shape)}, "
+                              f"double quant {bool(loaded.nested)}) does not match this layer's "
+                              f"({current.quant_type}, {tuple(current.shape)}, double quant {bool(current.nested)})")
+            return
+        with torch.no_grad():
+            current.absmax.copy_(loaded.absmax)
+            if current.nested:
+                current.state2.absmax.copy_(loaded.state2.absmax)
+                current.state2.code.copy_(loaded.state2.code)
+                if isinstance(current.offset, torch.Tensor):
+                    current.offset.copy_(loaded.offset)
+                else:
+                    current.offset = loaded.offset
 
     def extra_repr(self) -> str:
         """LoRALinear's, and the weight format."""
@@ -336,9 +417,9 @@ def quantize(model: nn.Module, quant_type: str = "nf4", double_quant: bool = Tru
         raise ValueError(f"quant_type: only 'nf4' is supported, got {quant_type!r}")
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant: expected a bool, got {type(double_quant).__name__}")
-    if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"compute_dtype: expected torch.float16, torch.bfloat16, torch.float32 or None, "
-                         f"got {compute_dtype}")
+    check_compute_dtype(compute_dtype)
+    if isinstance(skip_modules, str) or not isinstance(skip_modules, (list, tuple, set, frozenset, type(None))):
+        raise TypeError(f"skip_modules: expected a list of module names, got {skip_modules!r}")
     skip = list(skip_modules or [])
     if not all(isinstance(s, str) and s for s in skip):
         raise TypeError(f"skip_modules: expected a list of module names, got {skip_modules!r}")
@@ -350,12 +431,20 @@ def quantize(model: nn.Module, quant_type: str = "nf4", double_quant: bool = Tru
              and not any(name == s or name.endswith("." + s) for s in skip)]
     for name in names:   # every weight checked before the first layer is replaced
         w = model.get_submodule(name).weight
-        if w.numel() % 2 or not torch.isfinite(w).all():
-            raise ValueError(f"quantize: layer {name!r}: its weight must have an even number of "
-                             "finite elements (two 4-bit codes per byte)")
+        if w.is_meta:
+            raise ValueError(f"quantize: layer {name!r}: its weight is on the meta device (no values to "
+                             "quantise); load or materialise the weights first")
+        if w.numel() % 2:
+            raise ValueError(f"quantize: layer {name!r}: its weight has {w.numel()} elements, expected an "
+                             "even number (two 4-bit codes per byte)")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"quantize: layer {name!r}: its weight has inf or NaN values")
     quantized = {}
     for name in names:
-        quantized[name] = Linear4bit.from_linear(model.get_submodule(name), double_quant, compute_dtype)
+        try:
+            quantized[name] = Linear4bit.from_linear(model.get_submodule(name), double_quant, compute_dtype)
+        except (ValueError, TypeError) as err:   # nothing replaced yet
+            raise type(err)(f"quantize: layer {name!r}: {err}") from None
     for name, layer in quantized.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)

@@ -356,3 +356,124 @@ def test_dtype_casts_move_but_never_round_the_statistics_and_state_dicts_round_t
     fresh.load_state_dict(model.state_dict())
     x = torch.randn(4, 64)
     assert torch.equal(fresh(x), model(x))
+
+
+# --- regressions from a hostile review (2026-12-02) ----------------------------------------------------
+
+def _saved_shapes(fn):
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        out = fn()
+    return out, shapes
+
+
+def test_no_entrance_keeps_a_decoded_weight_for_backward():
+    """Autocast, mixed batches and 4-bit linears without an adapter keep the codes, not the
+    decoded (out, in) weight, between forward and backward; the gradients are the dense twin's."""
+    model = _mlp()
+    qlora.quantize(model)
+    lora_fast.inject(model, r=2, lora_alpha=4, target_modules=["2"])   # "0" and "4": no adapter
+    named_adapters.add_adapter(model, "b", r=3, target_modules=["2"])
+    _randomize_adapters(model)
+    weights = {(128, 64), (64, 128), (96, 128), (128, 96), (10, 96), (96, 10)}
+    x = torch.randn(4, 64, requires_grad=True)
+    for entrance in ("plain", "autocast", "mixed"):
+        def run():
+            if entrance == "autocast":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(x)
+            if entrance == "mixed":
+                with batch_adapters(model, ["b", None, "default", "b"]):
+                    return model(x)
+            return model(x)
+        y, shapes = _saved_shapes(run)
+        assert not weights & set(shapes), (entrance, shapes)
+        x.grad = None
+        y.float().square().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all(), entrance
+
+
+def test_mixed_rows_reach_an_adapter_on_a_layer_without_the_active_one():
+    model = _mlp()
+    qlora.quantize(model)
+    lora_fast.inject(model, r=2, lora_alpha=4, target_modules=["0"])
+    named_adapters.add_adapter(model, "b", r=3, lora_alpha=2, target_modules=["2"])   # no "default" on "2"
+    _randomize_adapters(model)
+    x = torch.randn(4, 64)
+    names = ["default", "b", "b", None]
+    with torch.no_grad(), batch_adapters(model, names):
+        mixed = model(x)
+    assert rel_err(mixed, row_by_row(model, x, names)) <= bound(torch.float32)
+
+
+def test_loading_into_a_merged_4bit_layer_merges_what_was_loaded():
+    src, dst = _mlp(), _mlp()
+    for m in (src, dst):
+        qlora.quantize(m)
+        lora_fast.inject(m, r=2, target_modules=["0"])
+    _randomize_adapters(src, seed=1)
+    _randomize_adapters(dst, seed=2)
+    lora_fast.merge(dst)
+    dst.load_state_dict(lora_fast.lora_state_dict(src), strict=False)
+    x = torch.randn(3, 64)
+    assert dst[0].merged and rel_err(dst(x), src(x)) <= bound(torch.float32)
+
+
+def test_refusals_of_bad_settings():
+    with pytest.raises(ValueError, match="compute_dtype"):
+        qlora.Linear4bit.from_linear(nn.Linear(64, 8), compute_dtype=torch.int32)
+    model = _mlp()
+    with pytest.raises(TypeError, match="skip_modules"):
+        qlora.quantize(model, skip_modules="2")
+    model[2].weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'2'.*inf or NaN"):
+        qlora.quantize(model)
+    assert all(type(m) is nn.Linear for m in (model[0], model[2], model[4]))
+
+
+def test_a_failed_requantizing_unload_changes_nothing_and_a_cast_model_unloads():
+    model = _mlp()
+    qlora.quantize(model)
+    lora_fast.inject(model, r=2, target_modules="all-linear")
+    _randomize_adapters(model)
+    with torch.no_grad():
+        model[2].lora_B[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="merge_and_unload: layer '2'"):
+        lora_fast.merge_and_unload(model, requantize=True)
+    assert all(isinstance(model[i], qlora.LoRALinear4bit) for i in (0, 2, 4))
+    assert model.lora_fast_config
+    with torch.no_grad():
+        model[2].lora_B[0, 0] = 0.0
+    model.to(torch.bfloat16)
+    x = torch.randn(3, 64).bfloat16()
+    merged = lora_fast.merge(copy.deepcopy(model))   # the same merged bf16 weights, kept beside the codes
+    y = merged(x)
+    for requantize in (False, True):
+        unloaded = lora_fast.merge_and_unload(copy.deepcopy(model), requantize=requantize)
+        out = unloaded(x)
+        assert out.dtype == torch.bfloat16
+        if requantize:   # NF4 of the same merged bf16 weights
+            assert all(torch.equal(unloaded[i].weight, nf4.quantize_nf4(merged[i]._original_weight).packed)
+                       for i in (0, 2, 4))
+        else:
+            assert torch.equal(out, y)
+
+
+def test_a_bitsandbytes_state_dict_loads_its_statistics_with_its_codes():
+    pytest.importorskip("bitsandbytes")
+    a, b = _bnb_llama(), _bnb_llama()
+    with torch.no_grad():   # another checkpoint for b: its codes and statistics differ from a's
+        for m in b.modules():
+            if qlora.is_bnb_4bit(m):
+                m.weight.quant_state.absmax.copy_(m.weight.quant_state.absmax.flip(0))
+    for m in (a, b):
+        lora_fast.inject(m, r=2, target_modules=TARGETS)
+    x = tokens()
+    assert rel_err(a(x).logits, b(x).logits) > 1e-3
+    b.load_state_dict(a.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+    plain = _bnb_llama(double_quant=False)
+    lora_fast.inject(plain, r=2, target_modules=TARGETS)
+    with pytest.raises(RuntimeError, match="double quant"):
+        plain.load_state_dict(a.state_dict())
