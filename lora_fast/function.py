@@ -106,12 +106,29 @@ def keep_source(weight, cast):
     return cast if source is None or cast is weight else recomputable(cast, source)
 
 
+def kept_weight(ctx, weight):
+    """What a Function saves of `weight`: None for a recomputable one (its source on ctx), else weight."""
+    ctx.weight_source = getattr(weight, RECOMPUTE_ATTR, None)
+    return None if ctx.weight_source is not None else weight
+
+
+def decoded_weight(ctx, weight, dtype):
+    """The saved weight, or the one kept_weight did not save decoded again in `dtype`."""
+    return weight if ctx.weight_source is None else ctx.weight_source.dequantize(dtype)
+
+
+def autocast_inputs(dtype, x, weight, *rest):
+    """x, weight and rest as autocast casts nn.Linear's inputs (float64 ones and None not at all), a
+    recomputable weight's source kept on its cast."""
+    cast = [t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (x, weight, *rest)]
+    cast[1] = keep_source(weight, cast[1])
+    return cast
+
+
 def saved(ctx):
     """(x, xs, weight, lora_A, lora_B) kept by the forward, the weight decoded again if it was not kept."""
     x, xs, weight, lora_A, lora_B = ctx.saved_tensors
-    if ctx.weight_source is not None:
-        weight = ctx.weight_source.dequantize(x.dtype)
-    return x, xs, weight, lora_A, lora_B
+    return x, xs, decoded_weight(ctx, weight, x.dtype), lora_A, lora_B
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -140,9 +157,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, bias, lora_A, lora_B, scaling, backend, dropout_p, seed = inputs
         xs = output[1]
         ctx.mark_non_differentiable(xs)
-        # A weight decoded from another format (recomputable) is decoded again in backward, not kept
-        ctx.weight_source = getattr(weight, RECOMPUTE_ATTR, None)
-        kept = None if ctx.weight_source is not None else weight
+        kept = kept_weight(ctx, weight)   # a weight decoded from 4 bits is decoded again in backward
         ctx.save_for_backward(x, xs, kept, lora_A, lora_B)
         # jvp's tensors only while forward-mode AD can be on (inside a dual level, which
         # torch.func.jvp enters too): ctx outlives backward as long as y does, and would keep x.
@@ -270,12 +285,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     bfloat16 has float32's range).
     """
     autocast = _autocast_dtype(x)
-    original_weight = weight
     check_tensor_kinds(x, weight, lora_A, lora_B, bias)   # before any cast: autocast's or the adapters'
     if autocast is not None:
-        x, weight, lora_A, lora_B, bias = (t if t is None or t.dtype == torch.float64 else t.to(autocast)
-                                           for t in (x, weight, lora_A, lora_B, bias))
-        weight = keep_source(original_weight, weight)   # a decoded 4-bit weight stays recomputable
+        x, weight, lora_A, lora_B, bias = autocast_inputs(autocast, x, weight, lora_A, lora_B, bias)
     lora_A, lora_B = cast_master_adapters(x, lora_A, lora_B)
     check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, training, autocast)
     chosen = resolve_backend(backend, x.device, x.dtype)

@@ -36,7 +36,8 @@ from torch.autograd.function import once_differentiable
 
 from .backend import resolve_backend
 from .checks import check_lora_inputs, check_tensor_kinds
-from .function import RECOMPUTE_ATTR, keep_source, _autocast_dtype, cast_master_adapters, passes, rows as as_rows
+from .function import (_autocast_dtype, autocast_inputs, cast_master_adapters, decoded_weight, kept_weight, passes,
+                       rows as as_rows)
 
 
 @contextlib.contextmanager
@@ -107,7 +108,7 @@ class RowAdapters:
         """The layer's output for x, each row with its adapter."""
         used = tuple(name for name in self.order if name in layer.adapter_settings)
         if not used:   # no row uses an adapter this layer holds
-            return nn.functional.linear(x, layer.dense_weight(x.dtype), layer.bias)
+            return layer.base_linear(x)
         ids, perm = self.row_ids(used, x)
         return mixed_lora_linear(x, layer, used, ids, perm, self.backend)
 
@@ -179,10 +180,7 @@ def mixed_lora_linear(x, layer, used, ids, perm, backend="auto"):
     check_tensor_kinds(x, weight, params[0], params[1], bias)
     autocast = _autocast_dtype(x)
     if autocast is not None:
-        original = weight
-        x, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(autocast)
-                           for t in (x, weight, bias))
-        weight = keep_source(original, weight)   # a decoded 4-bit weight stays recomputable
+        x, weight, bias = autocast_inputs(autocast, x, weight, bias)
     training = layer.training
     settings = [layer.adapter_settings[name] for name in used]
     for (a, b), s in zip(zip(params[::2], params[1::2]), settings):
@@ -212,9 +210,7 @@ class MixedLoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan, ids, perm, backend, seed, *params):
         y, xs = passes(backend).multi_forward(as_rows(x), weight, bias, plan.A, plan.B, plan.scale,
                                               plan.dropout_p, seed, ids, perm, save_xs=True)
-        # a weight decoded from 4 bits is decoded again in backward, not kept (function.recomputable)
-        ctx.weight_source = getattr(weight, RECOMPUTE_ATTR, None)
-        ctx.save_for_backward(x, xs, None if ctx.weight_source is not None else weight)
+        ctx.save_for_backward(x, xs, kept_weight(ctx, weight))   # a 4-bit weight: decoded again in backward
         ctx.plan, ctx.ids, ctx.perm, ctx.backend, ctx.seed = plan, ids, perm, backend, seed
         return y
 
@@ -222,8 +218,7 @@ class MixedLoRAFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, xs, weight = ctx.saved_tensors
-        if ctx.weight_source is not None:
-            weight = ctx.weight_source.dequantize(x.dtype)
+        weight = decoded_weight(ctx, weight, x.dtype)
         plan, needs = ctx.plan, ctx.needs_input_grad
         need_x, need_w, need_b = needs[:3]
         need_a, need_lb = needs[8::2], needs[9::2]

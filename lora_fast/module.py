@@ -356,6 +356,10 @@ class LoRALinear(nn.Linear):
         """The dtype the base linear computes in (a 4-bit layer's is not its stored codes')."""
         return self.weight.dtype
 
+    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The base linear alone for x (..., in): x @ W0ᵀ + bias, the adapters left out."""
+        return F.linear(x, self.weight, self.bias)
+
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W0 as a dense (out, in) tensor in `dtype` (None: as stored; the weight itself then, decoded
         for a 4-bit layer)."""

@@ -221,7 +221,7 @@ class LoRALinear4bit(LoRALinear):
         settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
         check_adapter_name(adapter_name)
         w = _nf4_of(base)
-        compute = getattr(base, "compute_dtype", None) or w.dtype
+        compute = compute_dtype_of(base)
         _check_adapter_dtype(adapter_dtype, compute)
         layer = cls(w.shape[1], w.shape[0], r=1, bias=False, device="meta", dtype=compute)
         layer.from_conv1d = False
@@ -230,14 +230,11 @@ class LoRALinear4bit(LoRALinear):
         layer._add_weights(adapter_name, settings, {"device": w.device,
                                                     "dtype": adapter_dtype or default_adapter_dtype(compute)})
         layer.bnb_weight = is_bnb_4bit(base)
-        if layer.bnb_weight:
-            layer.weight = base.weight
-            layer.weight_shape, layer.weight_dtype = torch.Size(w.shape), w.dtype
-        else:
-            layer.weight = base.weight
+        layer.weight = base.weight
+        if not layer.bnb_weight:   # bitsandbytes' statistics live in its Params4bit's quant state
             for name in _STATE:
                 layer.register_buffer("weight_" + name, getattr(base, "weight_" + name))
-            layer.weight_shape, layer.weight_dtype = base.weight_shape, base.weight_dtype
+        layer.weight_shape, layer.weight_dtype = torch.Size(w.shape), w.dtype
         layer.bias = base.bias
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
@@ -256,6 +253,12 @@ class LoRALinear4bit(LoRALinear):
         """The compute dtype (the base layer's compute_dtype, else the original weight's dtype)."""
         return self.compute_dtype or self.weight_dtype
 
+    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The 4-bit base linear alone for x (..., in), in the compute dtype, the result in x's dtype;
+        the decoded weight is not kept for backward."""
+        dtype = _compute_dtype(self, x)
+        return _base_linear(self, x.to(dtype), dtype).to(x.dtype)
+
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W0 decoded (no adapter) in `dtype` (default the compute dtype), marked so that the
         autograd Functions decode it again in backward instead of keeping it (function.recomputable)."""
@@ -264,21 +267,6 @@ class LoRALinear4bit(LoRALinear):
             return recomputable(source.dequantize(dtype or self.base_dtype()), source)
 
     # --- merging: the merged weight beside the codes ------------------------------------------
-
-    @property
-    def merged(self) -> bool:
-        """Whether merge() holds a merged weight now."""
-        return self._original_weight is not None
-
-    def check_mergeable(self) -> None:
-        """Raise, saying why, if merge() would be refused; nothing is changed."""
-        if self.merged:
-            raise RuntimeError("merge: the adapter is already merged; call unmerge() first")
-        if self.settings is None:
-            raise RuntimeError(f"merge: this layer has no adapter {self.active_adapter!r} (the active one)")
-        if self.mixed_rows is not None:
-            raise RuntimeError("merge: inside lora_fast.batch_adapters, rows use other adapters "
-                               "than the active one; merge outside the block")
 
     def _merged_dense(self) -> torch.Tensor:
         w = self.nf4.dequantize(torch.float32)
@@ -328,7 +316,7 @@ class LoRALinear4bit(LoRALinear):
         if self.adapter_enabled and self.mixed_rows is not None:   # its adapters, active one or not
             return self.mixed_rows.forward(self, xc).to(x.dtype)
         if not self.adapter_enabled or self.settings is None:
-            return _base_linear(self, xc, dtype).to(x.dtype)
+            return self.base_linear(x)
         y = lora_linear(xc, self.dense_weight(dtype), self.lora_A, self.lora_B, bias, scaling=self.scaling,
                         dropout_p=self.lora_dropout, training=self.training)
         return y.to(x.dtype)

@@ -377,13 +377,14 @@ def test_no_entrance_keeps_a_decoded_weight_for_backward():
     _randomize_adapters(model)
     weights = {(128, 64), (64, 128), (96, 128), (128, 96), (10, 96), (96, 10)}
     x = torch.randn(4, 64, requires_grad=True)
-    for entrance in ("plain", "autocast", "mixed"):
+    for entrance in ("plain", "autocast", "mixed", "mixed_base_only"):
         def run():
             if entrance == "autocast":
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return model(x)
-            if entrance == "mixed":
-                with batch_adapters(model, ["b", None, "default", "b"]):
+            if entrance.startswith("mixed"):   # base-only: no row uses an adapter the layer holds
+                names = [None] * 4 if entrance == "mixed_base_only" else ["b", None, "default", "b"]
+                with batch_adapters(model, names):
                     return model(x)
             return model(x)
         y, shapes = _saved_shapes(run)
