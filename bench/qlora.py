@@ -10,8 +10,13 @@ Cases:
   train   fwd+bwd (W0 frozen, x requiring grad), r=16. GPU: M=8192, K=N=4096, bf16 compute
           (targets: ≥ 1.2x PEFT+bitsandbytes, ≤ 1.10x lora_fast's bf16 layer); CPU: M=2048,
           K=N=1024, fp32 (reported, no target: the torch path decodes W0 per call, as PEFT does)
-  decode  fwd of M=8 rows (GPU: 4096→4096 bf16; target ≥ 2x faster than bf16 nn.Linear once the
-          kernels decode in their K-loop, which they do not yet)
+  decode  fwd of M rows, --decode-M (GPU: 1, 8 and 64 rows, 4096→4096 bf16; targets: ≥ 2x faster
+          than bf16 nn.Linear — a quarter of its bytes — and at least bitsandbytes' own 4-bit
+          inference, `bnb`; CPU: 8 rows)
+Implementations: qlora (lora_fast's 4-bit LoRA layer: on a GPU the kernels decode W0 in their
+K-loop), base4 (lora_fast's Linear4bit, no adapter: the same kernels at rank 0), peft (PEFT's
+LoRA on bitsandbytes' Linear4bit), bnb (bitsandbytes' Linear4bit alone), lora16 (lora_fast's
+16-bit layer), linear (nn.Linear in the compute dtype).
 Rows go to bench/results/qlora.csv with device, versions, commit, command and date. On a CPU these
 are timings of the torch path's PyTorch ops and of bitsandbytes' CPU kernels.
 """
@@ -25,15 +30,17 @@ import lora_fast
 from bench import common
 from lora_fast import qlora
 
-TARGETS = {("cuda", "train"): (("qlora", "peft", 1 / 1.2), ("qlora", "lora16", 1.10))}
+TARGETS = {("cuda", "train"): (("qlora", "peft", 1 / 1.2), ("qlora", "lora16", 1.10)),
+           ("cuda", "decode"): (("qlora", "linear", 0.5), ("base4", "linear", 0.5), ("base4", "bnb", 1.0))}
+IMPLS = ("qlora", "base4", "peft", "bnb", "lora16", "linear")
 
 
-def _sizes(device, case, quick=False):
+def _sizes(device, case, quick=False, rows=None):
     if quick:
-        return dict(M=64 if case == "train" else 8, K=128, N=64, r=4)
+        return dict(M=64 if case == "train" else rows or 8, K=128, N=64, r=4)
     gpu = device.type == "cuda"
     big = 4096 if gpu else 1024
-    return dict(M=(8192 if gpu else 2048) if case == "train" else 8, K=big, N=big, r=16)
+    return dict(M=(8192 if gpu else 2048) if case == "train" else rows or 8, K=big, N=big, r=16)
 
 
 def _bnb_layer(linear, dtype):
@@ -47,9 +54,10 @@ def _bnb_layer(linear, dtype):
     return layer
 
 
-def bench_case(case, impls, rounds, warmup, device, meta, quick=False):
-    """Rows for one case: every impl's p50/p20/p80 ms, and its saved-for-backward bytes."""
-    s = _sizes(device, case, quick)
+def bench_case(case, impls, rounds, warmup, device, meta, quick=False, rows=None):
+    """Rows for one case (decode: of `rows` rows): every impl's p50/p20/p80 ms, and its
+    saved-for-backward bytes."""
+    s = _sizes(device, case, quick, rows)
     M, K, N, r = s["M"], s["K"], s["N"], s["r"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     train = case == "train"
@@ -59,6 +67,13 @@ def bench_case(case, impls, rounds, warmup, device, meta, quick=False):
     if "qlora" in impls:
         four = qlora.Linear4bit.from_linear(linear, compute_dtype=dtype)
         models["qlora"] = qlora.LoRALinear4bit.from_4bit(four, r=r, lora_alpha=2 * r)
+    if "base4" in impls:
+        models["base4"] = qlora.Linear4bit.from_linear(linear, compute_dtype=dtype)
+    if "bnb" in impls:
+        try:
+            models["bnb"] = _bnb_layer(linear, dtype)
+        except ImportError as err:
+            print(f"  bnb: skipped ({err})")
     if "lora16" in impls:
         models["lora16"] = lora_fast.LoRALinear.from_linear(nn.Linear(K, N, device=device, dtype=dtype), r=r,
                                                            lora_alpha=2 * r)
@@ -131,9 +146,11 @@ def build_parser():
     parser.add_argument("--cases", nargs="+", default=["train", "decode"], choices=("train", "decode"),
                         help="train: fwd+bwd; decode: fwd of 8 rows")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: tests the harness")
-    parser.add_argument("--impls", nargs="+", default=["qlora", "peft", "lora16", "linear"],
-                        choices=("qlora", "peft", "lora16", "linear"),
-                        help="qlora: lora_fast's 4-bit layer; peft: PEFT's LoRA on bitsandbytes' Linear4bit; "
+    parser.add_argument("--decode-M", type=int, nargs="+", default=None, metavar="M",
+                        help="rows of the decode case (default: 1 8 64 on a GPU, 8 on a CPU)")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
+                        help="qlora: lora_fast's 4-bit layer; base4: lora_fast's Linear4bit (no adapter); "
+                             "peft: PEFT's LoRA on bitsandbytes' Linear4bit; bnb: bitsandbytes' Linear4bit; "
                              "lora16: lora_fast's 16-bit layer; linear: nn.Linear")
     common.add_cpu_timing_arguments(parser, rounds=20, each="implementation", out_name="qlora.csv")
     return parser
@@ -143,8 +160,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     device, meta = common.start("qlora", args, argv)
-    for case in args.cases:
-        rows = bench_case(case, args.impls, args.rounds, args.warmup, device, meta, args.quick)
+    decode_rows = args.decode_M or ([1, 8, 64] if device.type == "cuda" else [8])
+    for case, n in [(c, n) for c in args.cases for n in (decode_rows if c == "decode" else [None])]:
+        rows = bench_case(case, args.impls, args.rounds, args.warmup, device, meta, args.quick, n)
         common.append_rows(args.out, rows)
         by = {row["impl"]: row for row in rows if row["metric"] == "time"}
         saved_by = {row["impl"]: row["p50"] for row in rows if row["metric"] == "saved_bytes"}

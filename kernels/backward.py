@@ -20,17 +20,19 @@ import triton.language as tl
 from . import configs
 from .backward_tma import launch_dx_tma
 from .blocks import dx_epilogue, k_loop
-from .launch import cdiv, empty, launch, optional, prologue, strides
+from .launch import cdiv, empty, launch, optional, prologue, strides, weight_args
 from .skinny import skinny
 from .tiling import grouped_tile, tile_offsets
 
 
-@triton.autotune(configs=configs.backward_configs(), key=configs.BACKWARD_KEY,
+@triton.autotune(configs=configs.backward_kernel_configs(), key=configs.BACKWARD_KEY,
                  prune_configs_by={"early_config_prune": configs.keep_backward_config}, do_bench=configs.bench_config)
-@triton.jit
+@triton.jit(do_not_specialize=["double_quant"])   # 0 or 1: one build for both
 def _lora_backward_kernel(
     # pointers
     dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, xs_ptr, gs_ptr, dx_ptr, da_part_ptr, db_part_ptr, seed_ptr,
+    # a 4-bit W0's statistics (launch.weight_args; stand-ins for a dense one)
+    absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
     # sizes (M_BUCKET is only the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
@@ -44,6 +46,7 @@ def _lora_backward_kernel(
     stride_dxm, stride_dxk,
     scaling,                    # s / (1 - p): the dropout rescale rides on gs
     dropout_p,
+    double_quant,               # a 4-bit W0's absmax is 8-bit codes (run time: blocks.nf4_tile)
     # meta-parameters
     DROPOUT: tl.constexpr,      # the LoRA branch saw keep ⊙ x: mask dX's low-rank term and dA's x
     G_IN_LOOP: tl.constexpr,    # accumulate gs (and dB partials) in the N-loop, else read gs
@@ -51,6 +54,7 @@ def _lora_backward_kernel(
     COMPUTE_DA: tl.constexpr,
     COMPUTE_DB: tl.constexpr,   # only with G_IN_LOOP
     INPUT_PRECISION: tl.constexpr,
+    WEIGHT: tl.constexpr,       # "dense", or "nf4": W0's tiles decoded (blocks.nf4_tile)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -64,7 +68,9 @@ def _lora_backward_kernel(
                         offs_m, offs_k, mask_m, mask_k, 0, N, N, R, pid_k == 0,
                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br,
                         stride_sm, stride_sr, dropout_p,
-                        G_IN_LOOP, False, COMPUTE_DB, INPUT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R)
+                        G_IN_LOOP, False, COMPUTE_DB, INPUT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R,
+                        0, True, False, absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
+                        double_quant, pid_k * BLOCK_K, K, WEIGHT, True)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -97,7 +103,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
     grid_m = cdiv(M, block_m)
 
     gs = db_part = None
-    if not fused:
+    if not fused and R > 0:   # rank 0 (kernels/base.py): no gs, the epilogue's rank loop is empty
         gs, db_part = skinny(dy, lora_B, pro.scale, pro.precision, side=xs if need_db else None)
     elif need_db:
         db_part = torch.empty((grid_m, N, R), device=dy.device, dtype=torch.float32)
@@ -107,21 +113,23 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
     if path == "tma":
         launch_dx_tma(dy, x, gs, weight, lora_A, dx, da_part, pro, block_m)
     elif need_dx or need_da:
-        dx_arg, gs_arg = optional(dx, dy), optional(gs, dy)
+        # without dX, W0 is not read: the dense build, dY standing in for it
+        dx_arg, gs_arg, w = optional(dx, dy), optional(gs, dy), weight_args(weight if need_dx else dy)
         grid = lambda meta: (grid_m * cdiv(K, meta["BLOCK_K"]),)
         launch(_lora_backward_kernel, grid, dy)(
-            dy, weight, lora_A, lora_B, x, xs, gs_arg, dx_arg, optional(da_part, dy), optional(db_part, dy),
-            pro.seed,
+            dy, w.ptr, lora_A, lora_B, x, optional(xs, dy), gs_arg, dx_arg, optional(da_part, dy), optional(db_part, dy),
+            pro.seed, *w.statistics,
             M, N, K, R, configs.m_bucket(M),
-            *strides(dy), *strides(weight), *strides(lora_A), *strides(lora_B), *strides(x), *strides(xs),
+            *strides(dy), *w.strides, *strides(lora_A), *strides(lora_B), *strides(x), *strides(xs),
             *strides(gs_arg), *strides(dx_arg),
-            pro.scale, dropout_p,
+            pro.scale, dropout_p, w.double_quant,
             DROPOUT=pro.dropout,
             G_IN_LOOP=fused,
             COMPUTE_DX=need_dx,
             COMPUTE_DA=need_da,
             COMPUTE_DB=fused and need_db,
             INPUT_PRECISION=pro.precision,
+            WEIGHT=w.kind,
             BLOCK_M=block_m,
             BLOCK_R=configs.block_r(R),
         )

@@ -2,7 +2,9 @@
 specialised by constexpr flags (Triton inlines them: a helper costs nothing at run time).
 
   keep_mask     the dropout keep-mask of elements (m, k) of x: one Philox draw each, wherever used
-  load_weight   the one read of a base-weight tile (where another weight format would decode)
+  load_weight   the one read of a 16/32-bit base-weight tile
+  nf4_tile      the one decode of a 4-bit (NF4, bitsandbytes' bytes) base-weight tile: codes and
+                block absmax (plain or double-quantised) loaded per tile, never a decoded copy
   k_loop        the base GEMM's reduction, with the LoRA product x·Aᵀ (or dY·B) of the same tiles
                 and the dB partial dYᵀ·xs as options
   tma_k_loop    the same reduction (base GEMM only) from TMA descriptors, for the Hopper kernels
@@ -18,6 +20,21 @@ pass 2**31 on large activations.
 import triton
 import triton.language as tl
 
+from .launch import INTERPRET
+
+# A product rounded before the sum it feeds: double-quantised absmax is map × scale, rounded, then
+# + offset, as bitsandbytes decodes it, where Triton fuses a plain `a * b + c` into one fma on the
+# GPU (fp fusion: 32 fma.rn.f32 in the split-K partial's PTX). PTX's mul.rn is never fused (and,
+# unlike libdevice's mul_rn, which Triton builds as mul.rn.ftz, keeps denormals). The interpreter
+# (numpy) never fuses, and runs no inline assembly.
+_ROUND_PRODUCTS = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _mul_rn(a, b):
+    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
 
 @triton.jit
 def keep_mask(seed, offs_m, offs_k, K, p):
@@ -29,10 +46,49 @@ def keep_mask(seed, offs_m, offs_k, K, p):
 
 @triton.jit
 def load_weight(w_ptrs, mask):
-    """A tile of the frozen base weight, in the compute dtype. Every kernel reads W0 through here
-    and nowhere else, so a weight stored in another format (4-bit blocks and their scales) is
-    decoded in this one place."""
+    """A tile of the frozen base weight stored in the compute dtype. Every kernel reads a dense W0
+    through here and a 4-bit one through nf4_tile, nowhere else."""
     return tl.load(w_ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def nf4_tile(codes_ptr, absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr, base, local,
+             mask, double_quant):
+    """The fp32 (rows, 2·cols) tile of an NF4 weight whose bytes are at codes_ptr + base + local
+    (base: the tile's first byte, int64; local: (rows, cols) int32 offsets from it): a row's
+    element 2j from byte j's high nibble and 2j + 1 from its low one (bitsandbytes' order over the
+    row-major (out, in) weight, in even), each NF4 level times its 64-element block's absmax in
+    fp32, as lora_fast.nf4 decodes it (the caller rounds it once to the compute dtype). The absmax
+    is absmax_ptr's fp32 or, with double_quant, a uint8 code (qabsmax_ptr) into the 256-entry map
+    code_ptr, times its group's fp32 scale (256 blocks a group), plus the one offset. double_quant
+    is a run-time flag, not a constexpr: one build serves both formats (the branch is uniform, once
+    per tile), which halves the 4-bit builds. Masked elements are 0.
+
+    Offsets within the tile are int32 (rows · in/2 + cols < 2**31 while in < 2**24, which
+    dispatch.kernels_read_4bit requires), from int64 scalars: int64 tiles of byte, block and group
+    indices spilled on sm_80 (AOT report, bench/NOTES.md v12). Block b of byte base + l is
+    base // 32 + (base % 32 + l) // 32, and likewise for the groups of 256 blocks.
+
+    One byte tile per K-step, contiguous along the row (two codes a byte: a quarter of a 16-bit
+    tile's bytes); the 16 levels and the map are read through the L1 cache (64 B and 1 KB)."""
+    byte = tl.load(codes_ptr + base + local, mask=mask, other=0).to(tl.int32)
+    block0 = base // 32                # 32 bytes (64 codes) a block: both codes of a byte in one
+    block = ((base % 32).to(tl.int32) + local) // 32
+    if double_quant:
+        q = tl.load(qabsmax_ptr + block0 + block, mask=mask, other=0).to(tl.int32)
+        code = tl.load(code_ptr + q)
+        group = ((block0 % 256).to(tl.int32) + block) // 256
+        scale = tl.load(scale_ptr + block0 // 256 + group, mask=mask, other=0.0)
+        if _ROUND_PRODUCTS:
+            absmax = _mul_rn(code, scale) + tl.load(offset_ptr)
+        else:
+            absmax = code * scale + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block0 + block, mask=mask, other=0.0)
+    absmax = tl.where(mask, absmax, 0.0)
+    high = tl.load(levels_ptr + (byte >> 4)) * absmax
+    low = tl.load(levels_ptr + (byte & 15)) * absmax
+    return tl.interleave(high, low)
 
 
 @triton.jit
@@ -43,7 +99,9 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
            LORA: tl.constexpr, DROPOUT: tl.constexpr, PARTIAL: tl.constexpr,
            INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-           side_rows=0, BASE: tl.constexpr = True, SIDE_ROWS: tl.constexpr = False):
+           side_rows=0, BASE: tl.constexpr = True, SIDE_ROWS: tl.constexpr = False,
+           absmax_ptr=0, qabsmax_ptr=0, code_ptr=0, scale_ptr=0, offset_ptr=0, levels_ptr=0, double_quant=0,
+           w_out0=0, w_cols=0, WEIGHT: tl.constexpr = "dense", W_BY_ROWS: tl.constexpr = False):
     """(acc, xa) over the reduction range [k_lo, k_hi): acc = x[offs_m, k] @ w[k, offs_n] in fp32
     and, with LORA, xa = d(x)[offs_m, k] @ a[k, :R] from the x tiles already loaded for acc (d: the
     dropout keep-mask with DROPOUT, keep_mask's column index k of a K-wide x).
@@ -57,6 +115,13 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
     the first leaves the base GEMM out (BASE=False: acc stays zero, W0 is not read), and with
     SIDE_ROWS only the rows side_rows of side (that adapter's) enter the dB partial. dropout_p may
     be a (BLOCK_M, 1) tensor, each row's own probability.
+
+    WEIGHT "nf4": w_ptr is an NF4 weight's bytes (nf4_tile, its statistics the pointers after
+    SIDE_ROWS; stride_wk, stride_wn the bytes per row of W0 and 1, in this loop's (reduction,
+    output) naming), decoded per tile and rounded once to x's dtype. The byte tile runs along W0's
+    rows: the reduction's in the forward (W0's columns are reduced, then the tile is transposed;
+    the output tile is W0's rows from w_out0), the output's with W_BY_ROWS (the dX GEMM reduces
+    over W0's rows; its output columns are [w_out0, w_out0 + BLOCK_N) of w_cols).
     """
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
@@ -65,9 +130,21 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
         seed = tl.load(seed_ptr)
     k_first = k_lo + offs_k
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :] * stride_xk
-    w_ptrs = w_ptr + k_first[:, None] * stride_wk + offs_n[None, :] * stride_wn
     x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
-    w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
+    if WEIGHT == "dense":
+        w_ptrs = w_ptr + k_first[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
+    elif W_BY_ROWS:   # byte tile (BLOCK_K rows of W0, BLOCK_N / 2 bytes of the output columns)
+        out_half = tl.arange(0, BLOCK_N // 2)
+        w_local = tl.arange(0, BLOCK_K)[:, None] * stride_wk + out_half[None, :]   # int32: nf4_tile
+        w_ptrs = tl.cast(k_lo, tl.int64) * stride_wk + w_out0 // 2                 # the tile's first byte
+        w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
+        out_mask = w_out0 + 2 * out_half < w_cols
+    else:             # byte tile (BLOCK_N rows of W0, BLOCK_K / 2 bytes of the reduction)
+        k_half = tl.arange(0, BLOCK_K // 2)
+        w_local = tl.arange(0, BLOCK_N)[:, None] * stride_wn + k_half[None, :]
+        w_ptrs = tl.cast(w_out0, tl.int64) * stride_wn + k_lo // 2
+        w_step = BLOCK_K // 2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if LORA:
@@ -83,7 +160,15 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
         mask_k = offs_k < k_hi - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if BASE:
-            w = load_weight(w_ptrs, mask_k[:, None] & mask_n[None, :])
+            if WEIGHT == "dense":
+                w = load_weight(w_ptrs, mask_k[:, None] & mask_n[None, :])
+            elif W_BY_ROWS:
+                w = nf4_tile(w_ptr, absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr, w_ptrs,
+                             w_local, mask_k[:, None] & out_mask[None, :], double_quant).to(x.dtype)
+            else:   # k_hi - k0 is even (even K, even split bounds): a byte is in range or not
+                w = nf4_tile(w_ptr, absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr, w_ptrs,
+                             w_local, mask_n[:, None] & (2 * k_half < k_hi - k0)[None, :], double_quant)
+                w = tl.trans(w.to(x.dtype))
             acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         if LORA:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)

@@ -154,8 +154,11 @@ LIMITS = (
     # registers, no spill
     Limit(("split_k",), dict(dropout=True), max_step=64),
     # decode rows, 16-bit, no dropout: 64-wide K steps spilled 8-16 B (sm_80 under Triton 3.9, sm_90
-    # under 3.6, 96 registers); 128-wide did not
-    Limit(("split_k",), dict(fp32=False, dropout=False, decode=True), min_step=128),
+    # under 3.6, 96 registers); 128-wide did not (a dense W0: the 4-bit tiles are NF4_SPLIT_K_TILES')
+    Limit(("split_k",), dict(fp32=False, dropout=False, decode=True, nf4=False), min_step=128),
+    # 4-bit W0 (NF4_SPLIT_K_TILES) with dropout on sm_90: 32 decode rows with 64-wide K steps spilled
+    # 24 B under Triton 3.9 (16 and 64 rows did not); 32-wide steps are the decode rows' tile there
+    Limit(("split_k",), dict(nf4=True, dropout=True, hopper=True, decode=True), max_step=32),
     # ieee (FMA) tiles: of those tried (both Triton versions, with and without dropout) only these
     # spilled nowhere: 8 warps and 2 stages up to 32 rows, 4 warps at 64
     Limit(("split_k",), dict(ieee=True, decode=True), warps=8),
@@ -194,10 +197,63 @@ LIMITS = (
 )
 
 
-def _facts(capability, itemsize, ieee, dropout, in_loop=False, partial=False):
+def _facts(capability, itemsize, ieee, dropout, in_loop=False, partial=False, nf4=False):
     """The launch facts LIMITS rows are matched on (decode and warps come per config)."""
     return {"hopper": capability >= 9, "fp32": itemsize == 4, "ieee": ieee, "dropout": bool(dropout),
-            "in_loop": bool(in_loop), "partial": bool(partial)}
+            "in_loop": bool(in_loop), "partial": bool(partial), "nf4": bool(nf4)}
+
+
+def _nf4(a):
+    """Whether the launch reads a 4-bit W0 (WEIGHT "nf4" / "nf4_dq": blocks.nf4_tile)."""
+    return a.get("WEIGHT", "dense") != "dense"
+
+
+# The 4-bit kernels' tiles (WEIGHT "nf4"), one per tile class: 8 warps and 64x64 W0 tiles, i.e. 16
+# decoded weights a thread beside the accumulator (blocks.nf4_tile holds the codes, the block
+# indices, the absmax and both nibbles' values of its tile at once). From the dense lists' tiles
+# 4-warp ones and 128-wide steps spilled 8-400 B on sm_80 and, under Triton 3.6, on sm_90 (decode
+# tiles included), and fp32 64x128 dX tiles crashed both Triton versions' sm_90 layout pass
+# (`python -m lora_fast.aot --all-configs`, bench/NOTES.md v12). Not tuned: one build per class
+# until a GPU session times the decode against other tiles (bench/TODO.md); each candidate would
+# cost the first step a compile, and CI's AOT check ~2.6 s a build (a dense one ~1.5).
+NF4_FORWARD_TILES = ((16, 64, 64, 3, 8), (32, 64, 64, 3, 8), (64, 64, 64, 3, 8), (128, 64, 64, 3, 8))
+NF4_BACKWARD_TILES = ((32, 64, 3, 8), (64, 64, 3, 8))        # (BLOCK_N, BLOCK_K, stages, warps)
+NF4_SPLIT_K_TILES = ((64, 3, 8), (32, 3, 8))                # (BLOCK_K, stages, warps); 32: LIMITS
+
+
+def _gemm_shape(c):
+    return tuple(c.kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (c.num_stages, c.num_warps)
+
+
+def _backward_shape(c):
+    return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
+
+
+def _split_k_shape(c):
+    return (c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
+
+
+def _with_nf4_tiles(configs, tiles, shape, make):
+    """A kernel's config list: the dense one and the 4-bit tiles it lacks (the interpreter: one config)."""
+    if INTERPRET:
+        return configs
+    have = {shape(c) for c in configs}
+    return configs + [make(t) for t in tiles if t not in have]
+
+
+def _for_weight(configs, a, tiles, shape, dense):
+    """The configs a launch chooses from: a 4-bit W0's tiles only, or for a dense W0 the dense list's
+    (not the tiles only the 4-bit kernels have). Under the interpreter, the one config."""
+    if INTERPRET and len(configs) == 1:
+        return configs
+    if _nf4(a):
+        return [c for c in configs if shape(c) in tiles]
+    return [c for c in configs if shape(c) in dense]
+
+
+def _one_if_nf4(kept, a):
+    """A 4-bit W0's launch: the first tile kept (one build per class, not tuned)."""
+    return kept[:1] if _nf4(a) else kept
 
 
 def _within_limits(kernels, facts, config, rows, cols, step):
@@ -249,7 +305,12 @@ def _config(bm, bn, bk, stages, warps, group_m=8):
 
 # ---------------------------------------------------------------------------------------------
 # Forward GEMM (forward.py): tiles of y, BLOCK_M x BLOCK_N, reduction BLOCK_K.
-FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R", "XS_IN_LOOP", "DROPOUT", "INPUT_PRECISION"]
+FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R", "XS_IN_LOOP", "DROPOUT", "INPUT_PRECISION", "WEIGHT"]
+
+
+def forward_kernel_configs():
+    """forward.py's list: forward_configs() and the 4-bit tiles."""
+    return _with_nf4_tiles(forward_configs(), NF4_FORWARD_TILES, _gemm_shape, lambda t: _config(*t))
 
 
 def forward_configs():
@@ -270,7 +331,9 @@ def keep_forward_config(configs, a, cap):
     """The M bucket's row class (row_class; at least 32 rows for the ieee tiles), the ieee tiles for
     ieee dots only, LIMITS, and pipelines (x, W0 and with x·Aᵀ in the loop A tiles) that fit shared
     memory on this device."""
-    return _forward_kept(configs, a, cap, "forward")
+    dense = {_gemm_shape(c) for c in forward_configs()}
+    return _one_if_nf4(_forward_kept(_for_weight(configs, a, NF4_FORWARD_TILES, _gemm_shape, dense), a, cap,
+                                     "forward"), a)
 
 
 def _forward_kept(configs, a, cap, kernels, ieee_max_rows=128):
@@ -278,7 +341,7 @@ def _forward_kept(configs, a, cap, kernels, ieee_max_rows=128):
     rows = min(ieee_max_rows, max(32, row_class(a["M_BUCKET"]))) if ieee else row_class(a["M_BUCKET"])
     itemsize = a["x_ptr"].element_size()
     rank = a["BLOCK_R"] if a["XS_IN_LOOP"] else 0
-    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], in_loop=a["XS_IN_LOOP"])
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], in_loop=a["XS_IN_LOOP"], nf4=_nf4(a))
     return [c for c in configs
             if c.kwargs["BLOCK_M"] == rows and (c.kwargs["BLOCK_K"] == 16) == ieee
             and _within_limits(kernels, facts, c, rows, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
@@ -290,7 +353,12 @@ def _forward_kept(configs, a, cap, kernels, ieee_max_rows=128):
 # dX GEMM (backward.py): tiles of dX, BLOCK_M x BLOCK_K (BLOCK_M the launcher's partial_block_m),
 # reduction over N in BLOCK_N.
 BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_M", "BLOCK_R", "G_IN_LOOP", "DROPOUT", "COMPUTE_DX",
-                "INPUT_PRECISION"]
+                "INPUT_PRECISION", "WEIGHT"]
+
+
+def backward_kernel_configs():
+    """backward.py's list: backward_configs() and the 4-bit tiles."""
+    return _with_nf4_tiles(backward_configs(), NF4_BACKWARD_TILES, _backward_shape, lambda t: _config(None, *t))
 
 
 def backward_configs():
@@ -308,7 +376,9 @@ def keep_backward_config(configs, a, cap):
     """The tile class by its BLOCK_N (ieee, decode rows (BLOCK_M <= 32), the others), LIMITS, and
     pipelines (dY, W0 and with gs in the loop B tiles) that fit shared memory; the dA-only launch
     (no dX: the epilogue alone, no N-loop) gets one config, as its tiles do not change its work."""
-    return _backward_kept(configs, a, cap, "backward")
+    dense = {_backward_shape(c) for c in backward_configs()}
+    return _one_if_nf4(_backward_kept(_for_weight(configs, a, NF4_BACKWARD_TILES, _backward_shape, dense), a, cap,
+                                      "backward"), a)
 
 
 def _backward_kept(configs, a, cap, kernels):
@@ -317,7 +387,7 @@ def _backward_kept(configs, a, cap, kernels):
     rank = a["BLOCK_R"] if a["G_IN_LOOP"] else 0
     ieee = a["INPUT_PRECISION"] == "ieee"
     width = 16 if ieee else 32 if bm <= 32 else 64
-    facts = _facts(cap, itemsize, ieee, a["DROPOUT"])
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], nf4=_nf4(a))
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] == width
             and _within_limits(kernels, facts, c, bm, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"])
@@ -363,7 +433,9 @@ SPLIT_K_BLOCK_N = 16 if INTERPRET else 64
 SPLIT_K_GRANULE = 32 if INTERPRET else 256
 # The reduce kernel is not autotuned: split_k_plan's tile, this many warps, Triton's default stages.
 SPLIT_K_REDUCE_WARPS = 4
-SPLIT_K_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_R", "DROPOUT", "INPUT_PRECISION"]
+# the mixed-batch partial kernel (multi.py) reads a dense W0 only: the key less WEIGHT
+MULTI_SPLIT_K_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_R", "DROPOUT", "INPUT_PRECISION"]
+SPLIT_K_KEY = MULTI_SPLIT_K_KEY + ["WEIGHT"]
 
 
 def split_k_target_programs(device):
@@ -382,6 +454,12 @@ def split_k_plan(m, n, k, programs, block_n=SPLIT_K_BLOCK_N, granule=SPLIT_K_GRA
     return block_m, block_n, cdiv(k, k_per_split), k_per_split
 
 
+def split_k_kernel_configs():
+    """splitk.py's partial kernel's list: split_k_configs() and the 4-bit tile."""
+    return _with_nf4_tiles(split_k_configs(), NF4_SPLIT_K_TILES, _split_k_shape,
+                           lambda t: triton.Config({"BLOCK_K": t[0]}, num_stages=t[1], num_warps=t[2]))
+
+
 def split_k_configs():
     """The partial kernel's K step and pipeline (its tile is split_k_plan's): memory-bound, so deep
     pipelines of wide K steps."""
@@ -396,14 +474,16 @@ def split_k_configs():
 def keep_split_k_config(configs, a, cap):
     """The ieee tiles exactly for ieee dots, LIMITS (the tile BLOCK_M x BLOCK_N, step BLOCK_K), and
     pipelines (x, W0, A) that fit shared memory; of those, the 4-warp ones where there are any."""
-    return _split_k_kept(configs, a, cap, "split_k")
+    dense = {_split_k_shape(c) for c in split_k_configs()}
+    return _one_if_nf4(_split_k_kept(_for_weight(configs, a, NF4_SPLIT_K_TILES, _split_k_shape, dense), a, cap,
+                                     "split_k"), a)
 
 
 def _split_k_kept(configs, a, cap, kernels):
     bm, bn, rank = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_R"]
     itemsize = a["x_ptr"].element_size()
     ieee = a["INPUT_PRECISION"] == "ieee"
-    facts = _facts(cap, itemsize, ieee, a["DROPOUT"])
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], nf4=_nf4(a))
     kept = [c for c in configs
             if (c.kwargs["BLOCK_K"] == 16) == ieee
             and _within_limits(kernels, facts, c, bm, bn, c.kwargs["BLOCK_K"])

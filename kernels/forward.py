@@ -15,17 +15,19 @@ import triton.language as tl
 
 from . import configs
 from .blocks import k_loop, y_epilogue
-from .launch import bias_arg, cdiv, empty, launch, optional, prologue
+from .launch import bias_arg, cdiv, empty, launch, optional, prologue, weight_args
 from .skinny import skinny
 from .tiling import grouped_tile, tile_offsets
 
 
-@triton.autotune(configs=configs.forward_configs(), key=configs.FORWARD_KEY,
+@triton.autotune(configs=configs.forward_kernel_configs(), key=configs.FORWARD_KEY,
                  prune_configs_by={"early_config_prune": configs.keep_forward_config}, do_bench=configs.bench_config)
-@triton.jit
+@triton.jit(do_not_specialize=["double_quant"])   # 0 or 1: one build for both
 def _lora_forward_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xs_ptr, y_ptr, seed_ptr,
+    # a 4-bit W0's statistics (launch.weight_args; stand-ins for a dense one)
+    absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
     # sizes (M_BUCKET is only the autotune key)
     M, N, K, R, M_BUCKET,
     # strides
@@ -37,12 +39,14 @@ def _lora_forward_kernel(
     stride_ym, stride_yn,
     scaling,                    # s / (1 - p): the dropout rescale rides on xs
     dropout_p,
+    double_quant,               # a 4-bit W0's absmax is 8-bit codes (run time: blocks.nf4_tile)
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,      # in-loop only: zero the dropped x elements for the x·Aᵀ product
     XS_IN_LOOP: tl.constexpr,   # compute xs in the K-loop (else read it from xs_ptr)
     STORE_XS: tl.constexpr,     # in-loop only: write xs for backward
     INPUT_PRECISION: tl.constexpr,
+    WEIGHT: tl.constexpr,       # "dense", or "nf4": w_ptr is NF4 bytes (blocks.nf4_tile)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -50,7 +54,9 @@ def _lora_forward_kernel(
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     acc, xa = k_loop(x_ptr, w_ptr, a_ptr, x_ptr, x_ptr, seed_ptr, offs_m, offs_n, mask_m, mask_n, 0, K, K, R,
                      False, stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, 0, 0, dropout_p,
-                     XS_IN_LOOP, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                     XS_IN_LOOP, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+                     0, True, False, absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
+                     double_quant, pid_n * BLOCK_N, 0, WEIGHT)
     # Every column-tile computed the same xs; the first one keeps it for backward.
     y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, pid_n == 0,
                stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scaling,
@@ -71,25 +77,29 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
     y = empty(x, M, N)
     if in_loop:
         xs = empty(x, M, R) if save_xs else None
+    elif R == 0:   # no adapter (kernels/base.py): the GEMM and the bias alone
+        xs = None
     else:
         xs, _ = skinny(x, lora_A.t(), pro.scale, pro.precision, dropout_p=dropout_p, seed=seed)
     xs_arg = optional(xs, y)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    w = weight_args(weight)
     launch(_lora_forward_kernel, grid, x)(
-        x, weight, bias_arg(bias, y), lora_A, lora_B, xs_arg, y, pro.seed,
+        x, w.ptr, bias_arg(bias, y), lora_A, lora_B, xs_arg, y, pro.seed, *w.statistics,
         M, N, K, R, configs.m_bucket(M),
         x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1),
+        *w.strides,
         lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1),
         xs_arg.stride(0), xs_arg.stride(1),
         y.stride(0), y.stride(1),
-        pro.scale, dropout_p,
+        pro.scale, dropout_p, w.double_quant,
         HAS_BIAS=bias is not None,
         DROPOUT=pro.dropout and in_loop,
         XS_IN_LOOP=in_loop,
         STORE_XS=xs is not None,
         INPUT_PRECISION=pro.precision,
+        WEIGHT=w.kind,
         BLOCK_R=configs.block_r(R),
     )
     return y, xs

@@ -14,6 +14,7 @@ import torch
 from triton.runtime.autotuner import Autotuner
 
 from lora_fast.backend import tf32_allowed
+from lora_fast.weights import packed_source
 
 from . import tuning
 
@@ -159,3 +160,41 @@ def empty(like, rows, cols, dtype=None):
     """An uninitialised (rows, cols) output on like's device, in like's dtype unless given."""
     return torch.empty((rows, cols), device=like.device, dtype=dtype or like.dtype)
 
+
+
+class WeightArgs(NamedTuple):
+    """A base weight as the GEMM kernels take it (their w_ptr, statistics pointers, W0 strides,
+    double_quant flag and WEIGHT constexpr)."""
+    ptr: torch.Tensor
+    statistics: tuple             # absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr
+    strides: tuple                # W0's (row, column) strides: elements, or for NF4 bytes
+    double_quant: int             # 1: NF4 absmax as 8-bit codes (qabsmax_ptr, code_ptr, scale_ptr, offset_ptr)
+    kind: str                     # "dense" or "nf4"
+
+
+_LEVELS = {}   # device -> the 16 NF4 levels, float32
+
+
+def weight_args(weight):
+    """The kernels' view of `weight`: a dense tensor itself (it also stands in for the statistics,
+    never read), or a packed NF4 stand-in's codes and statistics (lora_fast.weights: the source
+    is a lora_fast.nf4.NF4Weight, in even; 16-byte-aligned bytes per row when in % 32 == 0).
+    Pointers a format does not use are stand-ins of the same dtype (fp32 ones for absmax, code,
+    scale and offset, the codes for qabsmax), so both formats share one build."""
+    w = packed_source(weight)
+    if w is None:
+        return WeightArgs(weight, (weight,) * 6, (weight.stride(0), weight.stride(1)), 0, "dense")
+    device = w.device
+    if device not in _LEVELS:
+        from lora_fast.nf4 import nf4_levels
+        _LEVELS[device] = nf4_levels(device)
+    levels = _LEVELS[device]
+    strides = (w.shape[1] // 2, 1)
+    if not w.double_quant:
+        return WeightArgs(w.packed, (w.absmax, w.packed, levels, levels, levels, levels), strides, 0, "nf4")
+    offset = w.absmax_offset
+    # a tensor as bitsandbytes keeps it (no host sync to read it); a float filled on the device
+    offset = offset.reshape(1) if isinstance(offset, torch.Tensor) else torch.full(
+        (1,), offset, dtype=torch.float32, device=device)
+    return WeightArgs(w.packed, (levels, w.absmax, w.absmax_code, w.absmax_scale, offset, levels), strides, 1,
+                      "nf4")

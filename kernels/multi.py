@@ -151,7 +151,7 @@ def _multi_forward_kernel(
                "sum", STORE_XS, HAS_BIAS, INPUT_PRECISION, BLOCK_R, ids, a_lo, a_hi, stride_ba, True)
 
 
-@triton.autotune(configs=configs.split_k_configs(), key=configs.SPLIT_K_KEY,
+@triton.autotune(configs=configs.split_k_configs(), key=configs.MULTI_SPLIT_K_KEY,
                  prune_configs_by={"early_config_prune": configs.keep_multi_split_k_config},
                  do_bench=configs.bench_config)
 @triton.jit

@@ -19,22 +19,25 @@ import triton.language as tl
 
 from . import configs
 from .blocks import k_loop, y_epilogue
-from .launch import bias_arg, cdiv, empty, launch, optional, prologue
+from .launch import bias_arg, cdiv, empty, launch, optional, prologue, weight_args
 from .tiling import row_major_tile, tile_offsets
 
 
-@triton.autotune(configs=configs.split_k_configs(), key=configs.SPLIT_K_KEY,
+@triton.autotune(configs=configs.split_k_kernel_configs(), key=configs.SPLIT_K_KEY,
                  prune_configs_by={"early_config_prune": configs.keep_split_k_config}, do_bench=configs.bench_config)
-@triton.jit
+@triton.jit(do_not_specialize=["double_quant"])   # 0 or 1: one build for both
 def _lora_split_k_partial_kernel(
     x_ptr, w_ptr, a_ptr, part_ptr, xa_part_ptr, seed_ptr,
+    absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,   # a 4-bit W0's statistics
     M, N, K, R, M_BUCKET, SPLIT_K, K_PER_SPLIT,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_ar, stride_ak,
     dropout_p,
+    double_quant,               # a 4-bit W0's absmax is 8-bit codes (run time: blocks.nf4_tile)
     DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    WEIGHT: tl.constexpr,       # "dense", or "nf4" (blocks.nf4_tile)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m, pid_n = row_major_tile(tl.program_id(0), N, BLOCK_N)
@@ -52,7 +55,9 @@ def _lora_split_k_partial_kernel(
     acc, xa = k_loop(x_ptr, w_ptr, a_ptr, x_ptr, x_ptr, seed_ptr, offs_m, offs_n, mask_m, mask_n,
                      k_lo, k_hi, K, R, False,
                      stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, 0, 0, dropout_p,
-                     True, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                     True, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+                     0, True, False, absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
+                     double_quant, pid_n * BLOCK_N, 0, WEIGHT)
 
     split_m = split.to(tl.int64) * M + offs_m          # row of the (SPLIT_K·M, ·) partial buffers
     tl.store(part_ptr + split_m[:, None] * N + offs_n[None, :], acc,
@@ -100,18 +105,19 @@ def lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=Tr
     block_m, block_n, split, k_per_split = configs.split_k_plan(M, N, K, configs.split_k_target_programs(x.device))
     block_r = configs.block_r(R)
     part = empty(x, split * M, N, torch.float32)
-    xa_part = empty(x, split * M, R, torch.float32)
+    xa_part = empty(x, split * M, max(R, 1), torch.float32)   # a real pointer at rank 0 too (never written)
     y = empty(x, M, N)
     xs = empty(x, M, R) if save_xs else None
     tiles = cdiv(M, block_m) * cdiv(N, block_n)
+    w = weight_args(weight)
     launch(_lora_split_k_partial_kernel, (tiles, split), x)(
-        x, weight, lora_A, part, xa_part, pro.seed,
+        x, w.ptr, lora_A, part, xa_part, pro.seed, *w.statistics,
         M, N, K, R, configs.m_bucket(M), split, k_per_split,
         x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1),
+        *w.strides,
         lora_A.stride(0), lora_A.stride(1),
-        dropout_p,
-        DROPOUT=pro.dropout, INPUT_PRECISION=pro.precision,
+        dropout_p, w.double_quant,
+        DROPOUT=pro.dropout, INPUT_PRECISION=pro.precision, WEIGHT=w.kind,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
     )
     xs_arg = optional(xs, y)

@@ -61,6 +61,26 @@ class Variant:
     archs: tuple = (80, 90)          # the targets it is built for
     dtypes: tuple = ("bf16", "fp16", "fp32", "fp32-ieee")
     descs: tuple = ()                # TMA descriptor arguments: (name, (row block, column block))
+    pointers: tuple = ()             # (name, type) for pointers not of the build's dtype (NF4's bytes)
+
+
+# A 4-bit W0 (launch.weight_args): its bytes, and its statistics (absmax fp32, or uint8 codes into
+# the fp32 map with fp32 scales and offset: one build for both, blocks.nf4_tile; the fp32 levels)
+_NF4_POINTERS = (("w_ptr", "*u8"), ("absmax_ptr", "*fp32"), ("qabsmax_ptr", "*u8"), ("code_ptr", "*fp32"),
+                 ("scale_ptr", "*fp32"), ("offset_ptr", "*fp32"), ("levels_ptr", "*fp32"))
+
+
+def _with_weight(variants):
+    """The GEMM variants that read W0 as they are (WEIGHT "dense") and again for a 4-bit one
+    (WEIGHT "nf4"), in the 16-bit dtypes: on a GPU a 4-bit W0 with fp32 compute runs cuBLAS on the
+    decoded weight (dispatch.kernels_read_4bit)."""
+    out = []
+    for v in variants:
+        out.append(v)
+        if "WEIGHT" in v.constexprs and v.constexprs.get("COMPUTE_DX") is not False:   # reads W0
+            out.append(Variant(f"{v.name}_nf4", v.kernel, {**v.constexprs, "WEIGHT": "nf4"}, v.unit_strides,
+                               v.main_path, v.archs, ("bf16", "fp16"), v.descs, _NF4_POINTERS))
+    return out
 
 
 def _variants():
@@ -71,19 +91,24 @@ def _variants():
                    "stride_gr", "stride_dxk")
     sk = skinny._lora_skinny_kernel
     both = {"COMPUTE_DX": True, "COMPUTE_DA": True}
+    dense = {"WEIGHT": "dense"}   # _with_weight adds the NF4 builds of these
     variants = []
     for dropout in (False, True):
         tag = "_dropout" if dropout else ""
         variants += [
             Variant("forward_in_loop" + tag, fwd,
-                    {"HAS_BIAS": True, "XS_IN_LOOP": True, "STORE_XS": True, "DROPOUT": dropout},
+                    {"HAS_BIAS": True, "XS_IN_LOOP": True, "STORE_XS": True, "DROPOUT": dropout, **dense},
                     fwd_strides, True),
-            Variant("backward_fused" + tag, bwd, {"G_IN_LOOP": True, "COMPUTE_DB": True, "DROPOUT": dropout, **both},
+            Variant("backward_fused" + tag, bwd, {"G_IN_LOOP": True, "COMPUTE_DB": True, "DROPOUT": dropout, **both,
+                                                  **dense},
                     bwd_strides, True),
-            Variant("backward_split" + tag, bwd, {"G_IN_LOOP": False, "COMPUTE_DB": False, "DROPOUT": dropout, **both},
+            Variant("backward_split" + tag, bwd, {"G_IN_LOOP": False, "COMPUTE_DB": False, "DROPOUT": dropout, **both,
+                                                  **dense},
                     bwd_strides, True),
+            # no dX, no N-loop: W0 is not read, so one build serves every weight format
             Variant("backward_da_only" + tag, bwd, {"G_IN_LOOP": False, "COMPUTE_DB": False, "DROPOUT": dropout,
-                                                    "COMPUTE_DX": False, "COMPUTE_DA": True},
+                                                    "COMPUTE_DX": False, "COMPUTE_DA": True,
+                                                    **dense},
                     bwd_strides, False),
             # forward first pass: src = x (M, K), mat = Aᵀ (K, r) so its L-stride is 1
             Variant("skinny_xa" + tag, sk, {"WITH_PARTIAL": False, "DROPOUT": dropout},
@@ -92,7 +117,7 @@ def _variants():
     # the first-pass forward GEMM reads xs and never sees the mask; the dY pass has no dropout
     variants += [
         Variant("forward_first_pass", fwd, {"HAS_BIAS": True, "XS_IN_LOOP": False, "STORE_XS": False,
-                                            "DROPOUT": False}, fwd_strides, True),
+                                            "DROPOUT": False, **dense}, fwd_strides, True),
         Variant("skinny_dy", sk, {"WITH_PARTIAL": True, "DROPOUT": False},
                 ("stride_sl", "stride_mr", "stride_or", "stride_dr"), False),
         # the decode split-K forward (M <= 64): memory-bound, not a main GEMM
@@ -111,7 +136,7 @@ def _variants():
                                 descs=(("dy_desc", ("BLOCK_M", "BLOCK_N")), ("w_desc", ("BLOCK_N", "BLOCK_K")))))
     for dropout in (False, True):
         variants.append(Variant("split_k_partial" + ("_dropout" if dropout else ""),
-                                splitk._lora_split_k_partial_kernel, {"DROPOUT": dropout},
+                                splitk._lora_split_k_partial_kernel, {"DROPOUT": dropout, **dense},
                                 ("stride_xk", "stride_wk", "stride_ak"), False))
     # the mixed-batch kernels (rows in perm's order, as an unsorted batch runs them); their dA/dB
     # reducer is left out: a streaming sum with no MMA, which every build here is checked to use
@@ -129,7 +154,7 @@ def _variants():
     variants.append(Variant("multi_split_k_reduce", multi._multi_split_k_reduce_kernel,
                             {"HAS_BIAS": True, "STORE_XS": True, "PERM": True}, ("stride_br", "stride_sr", "stride_yn"),
                             False))
-    return variants
+    return _with_weight(variants)
 
 
 # The split-K kernels (decode rows: their main tile is 16 rows') and, of those, the reduce kernels
@@ -175,8 +200,8 @@ def compile_variant(variant, dtype_name, arch, config, strided=False):
         elif name == "seed_ptr":
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
-            signature[name] = ("*fp32" if name in _FP32_POINTERS else "*i32" if name in _I32_POINTERS
-                               else f"*{_TYPE[dtype]}")
+            signature[name] = dict(spec.pointers).get(name) or (
+                "*fp32" if name in _FP32_POINTERS else "*i32" if name in _I32_POINTERS else f"*{_TYPE[dtype]}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _SCALARS:
             signature[name] = "fp32"
@@ -200,6 +225,7 @@ def compile_variant(variant, dtype_name, arch, config, strided=False):
         "mma": "mma.sync" in ptx or "wgmma" in ptx,
         "shared_bytes": compiled.metadata.shared,
         "i32_operand_offsets": len(_OPERAND_ADDPTR.findall(compiled.asm["ttir"])),
+        "rounded_products": ptx.count("mul.rn.f32"),     # blocks._mul_rn: the 4-bit absmax decode
         **resource_usage(compiled.asm["cubin"]),
     }
 

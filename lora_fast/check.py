@@ -19,8 +19,9 @@ plain PyTorch int64 ops, the C++ one with its own Philox: lora_fast.dropout), so
 elements are checked one by one, not only in distribution.
 
 --nf4: W0 is stored in 4 bits (QLoRA's NF4, lora_fast.nf4; M x K x N with K·N even): the passes
-get it decoded as the 4-bit layer decodes it, the float64 and C++ references decode the codes
-themselves.
+get the 4-bit layer's stand-in for it (lora_fast.weights.packed: the kernels decode its codes in
+their K-loop, the torch path decodes it first), the float64 and C++ references decode the codes
+themselves, and the codes must come back unchanged.
 
 --all-paths checks every path the GPU dispatcher can pick (lora_fast.dispatch: in_loop / split /
 split_k / tma / cublas forward × fused / split / tma / cublas backward, those that apply to the shape), one row
@@ -137,12 +138,14 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0, nf4=False):
     inputs in place (zeroes lora_A and lora_B, say) is still compared with the right answer, and
     the check sees that it wrote to them.
 
-    nf4: W0 is stored in 4 bits (lora_fast.nf4, QLoRA's format): the implementation gets it decoded
-    as the 4-bit layer decodes it (fp32, rounded once to the dtype), the float64 reference decodes
-    the bytes itself (reference.dequantize_nf4_ref) and the C++ reference with its own decoder."""
+    nf4: W0 is stored in 4 bits (lora_fast.nf4, QLoRA's format): the implementation gets the 4-bit
+    layer's stand-in for it (weights.packed: the kernels read the codes, the torch path decodes them
+    as the layer does, fp32 rounded once to the dtype) and the codes are the input checked for
+    writes; the float64 reference decodes the bytes itself (reference.dequantize_nf4_ref) and the
+    C++ reference with its own decoder."""
     import torch
 
-    from lora_fast import cref, torch_path
+    from lora_fast import cref, torch_path, weights
     from lora_fast.reference import dequantize_nf4_ref, lora_linear_backward_ref, lora_linear_ref
     from lora_fast.tolerances import bound, rel_err
 
@@ -151,7 +154,8 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0, nf4=False):
     if nf4:
         from lora_fast.nf4 import quantize_nf4
         codes = quantize_nf4(tensors["weight"].float().cpu())
-        tensors["weight"] = codes.to(device).dequantize(dtype)        # the 4-bit layer's decoding
+        on_device = codes.to(device)
+        tensors["weight"] = on_device.packed                           # checked for writes, bit for bit
         w_ref = dequantize_nf4_ref(codes)
         w_cpp = cref.dequantize_nf4_cref(codes) if cref.available() else None
     copies = {name: t.clone() for name, t in tensors.items()}   # never handed to the implementation
@@ -173,6 +177,8 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0, nf4=False):
                **cref.lora_linear_backward_cref(dy, x, wc, a, b, SCALING, bias_grad=False, **drop)}
 
     x, w, a, b, bias, dy, drop_seed = (tensors[n] for n in INPUT_NAMES)
+    if nf4:
+        w = weights.packed(on_device, dtype)
     drop = {"dropout_p": p, "seed": drop_seed} if p > 0 else {}
     modified = []
 

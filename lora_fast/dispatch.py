@@ -58,7 +58,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-from . import cache_file, torch_path
+from . import cache_file, torch_path, weights
 
 FORWARD_PATHS = ("in_loop", "split", "split_k", "tma", "cublas")
 BACKWARD_PATHS = ("fused", "split", "tma", "cublas")
@@ -101,15 +101,18 @@ class Call:
     torch.compile with dynamic shapes: then compared with nothing, which would guard on it), the
     rank, whether dX is asked, and — computed when a predicate first asks — whether the TMA kernels
     can read its first operand and weight here (`tma_possible`)."""
-    __slots__ = ("M", "R", "need_dx", "_operands", "_tma")
+    __slots__ = ("M", "R", "need_dx", "_operands", "_tma", "packed", "kernels_read_weight")
 
-    def __init__(self, M, R, need_dx=True, operands=None, tma=None):
+    def __init__(self, M, R, need_dx=True, operands=None, tma=None, packed=False, kernels_read_weight=True):
         self.M, self.R, self.need_dx, self._operands, self._tma = M, R, need_dx, operands, tma
+        # a 4-bit weight (lora_fast.weights.packed): the kernels decode it in their K-loop if its
+        # rows are whole bytes (in_features even), and the TMA kernels do not read it
+        self.packed, self.kernels_read_weight = packed, kernels_read_weight
 
     @property
     def tma(self):
         if self._tma is None:
-            self._tma = self._operands is not None and tma_possible(*self._operands)
+            self._tma = not self.packed and self._operands is not None and tma_possible(*self._operands)
         return self._tma
 
     @property
@@ -134,21 +137,27 @@ def _always(call):
     return True
 
 
+def _kernels_read_weight(call):
+    return call.kernels_read_weight
+
+
 @functools.cache
 def table() -> dict[str, dict[str, Path]]:
     """{pass: {path: Path(applies, launcher)}}, in FORWARD_PATHS / BACKWARD_PATHS order."""
     from lora_fast import kernels   # imports triton: only when a triton-backend call runs
     return {
         "forward": {
-            "in_loop": Path(lambda c: c.one_tile, functools.partial(kernels.lora_forward, in_loop=True)),
-            "split": Path(_always, functools.partial(kernels.lora_forward, in_loop=False)),
-            "split_k": Path(lambda c: c.one_tile and c.decode, kernels.lora_forward_split_k),
+            "in_loop": Path(lambda c: c.one_tile and c.kernels_read_weight,
+                            functools.partial(kernels.lora_forward, in_loop=True)),
+            "split": Path(_kernels_read_weight, functools.partial(kernels.lora_forward, in_loop=False)),
+            "split_k": Path(lambda c: c.one_tile and c.decode and c.kernels_read_weight, kernels.lora_forward_split_k),
             "tma": Path(lambda c: c.one_tile and c.above_decode and c.tma, kernels.lora_forward_tma),
             "cublas": Path(_always, torch_path.lora_forward),
         },
         "backward": {
-            "fused": Path(lambda c: c.need_dx and c.one_tile, functools.partial(kernels.lora_backward, path="fused")),
-            "split": Path(_always, functools.partial(kernels.lora_backward, path="split")),
+            "fused": Path(lambda c: c.need_dx and c.one_tile and c.kernels_read_weight,
+                          functools.partial(kernels.lora_backward, path="fused")),
+            "split": Path(_kernels_read_weight, functools.partial(kernels.lora_backward, path="split")),
             "tma": Path(lambda c: c.need_dx and c.one_tile and c.above_decode and c.tma,
                         functools.partial(kernels.lora_backward, path="tma")),
             "cublas": Path(_always, torch_path.lora_backward),
@@ -177,7 +186,12 @@ def heuristic(pass_name: str, call: Call) -> str:
     single = _SINGLE[pass_name]
     if table()[pass_name][single].applies(call) and call.M <= _configs().IN_LOOP_MAX_M:
         return single
-    return "split"
+    return _split_or_cublas(pass_name, call)
+
+
+def _split_or_cublas(pass_name, call):
+    """split, which applies to every call the kernels can read the weight of, else cublas."""
+    return "split" if table()[pass_name]["split"].applies(call) else "cublas"
 
 
 def tma_possible(x, weight):
@@ -206,11 +220,31 @@ def _needs_seed(dropout_p, seed):
                          "the backward needs the forward's)")
 
 
+def kernels_read_4bit(device, dtype, in_features):
+    """Whether the kernels decode a 4-bit W0 of these: rows of whole bytes (in_features even, and
+    below 2**24), and on a GPU a 16-bit compute dtype. fp32 there runs cuBLAS (tf32 or SGEMM) on the decoded weight:
+    QLoRA computes in bf16, and 4-bit fp32 builds would add a third of the 4-bit AOT builds
+    (tests/test_aot.py) for a path the fp32 "ieee" rule would not take anyway."""
+    # in < 2**24: nf4_tile's in-tile offsets (rows · in/2 bytes) are int32
+    return in_features % 2 == 0 and in_features < 2 ** 24 and not (device.type == "cuda" and dtype == torch.float32)
+
+
+def _weight_kind(weight, K):
+    """(packed, whether the kernels can read it, the key's suffix: () for a dense weight, so that
+    its keys and cache-file entries are those of before 4-bit weights)."""
+    source = weights.packed_source(weight)
+    if source is None:
+        return False, True, ()
+    return True, kernels_read_4bit(weight.device, weight.dtype, K), ("nf4_dq" if source.double_quant else "nf4",)
+
+
 def _forward_call(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
     _needs_seed(dropout_p, seed)
     M, K = x.shape
     N, R = lora_B.shape
-    return Call(M, R, operands=(x, weight)), x, (M, N, K, R, dropout_p > 0, bias is not None, save_xs)
+    packed, readable, kind = _weight_kind(weight, K)
+    return (Call(M, R, operands=(x, weight), packed=packed, kernels_read_weight=readable), x,
+            (M, N, K, R, dropout_p > 0, bias is not None, save_xs) + kind)
 
 
 def _backward_call(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, need_da=True, need_db=True,
@@ -218,7 +252,9 @@ def _backward_call(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, 
     _needs_seed(dropout_p, seed)
     M, N = dy.shape
     K, R = x.shape[1], lora_A.shape[0]
-    return Call(M, R, need_dx, (dy, weight)), dy, (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db)
+    packed, readable, kind = _weight_kind(weight, K)
+    return (Call(M, R, need_dx, (dy, weight), packed=packed, kernels_read_weight=readable), dy,
+            (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db) + kind)
 
 
 def _empty_forward(x, weight, lora_A, lora_B, *args, **kwargs):
@@ -251,7 +287,8 @@ def run(pass_name, *args, **kwargs):
     if path is None:
         path = choose(pass_name, key, like, call, shape, on)
     elif not paths[path].applies(call):
-        path = "split"   # the key chose tma, but these tensors' alignment (or a trace) rules it out
+        # the key chose tma, but these tensors' alignment (or a trace) rules it out
+        path = _split_or_cublas(pass_name, call)
     if shape[0] == 0:
         return empty(*args, **kwargs)
     try:

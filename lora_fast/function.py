@@ -39,7 +39,7 @@ from torch._functorch.utils import unwrap_dead_wrappers
 from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-from . import dropout, ops, torch_path
+from . import dropout, ops, torch_path, weights
 from .backend import resolve_backend
 from .checks import check_lora_inputs, check_tensor_kinds
 
@@ -88,41 +88,22 @@ def input_grads(backward_op, dy, x, xs, weight, lora_A, lora_B, scaling, dropout
     return dx, dw, da, db, dbias
 
 
-# The attribute naming, on a weight tensor decoded from another format (a 4-bit one: lora_fast.qlora),
-# the object whose dequantize(dtype) gives it again: the Function then keeps that, not the decoded
-# copy (out·in values per layer, alive from forward to backward), and decodes it again in backward.
-RECOMPUTE_ATTR = "_lora_fast_decoded_from"
-
-
-def recomputable(weight, source):
-    """weight (decoded from `source`) marked so that LoRALinearFunction does not keep it."""
-    setattr(weight, RECOMPUTE_ATTR, source)
-    return weight
-
-
-def keep_source(weight, cast):
-    """cast (weight in another dtype) marked as weight is: its source decodes it in any dtype."""
-    source = getattr(weight, RECOMPUTE_ATTR, None)
-    return cast if source is None or cast is weight else recomputable(cast, source)
-
-
 def kept_weight(ctx, weight):
-    """What a Function saves of `weight`: None for a recomputable one (its source on ctx), else weight."""
-    ctx.weight_source = getattr(weight, RECOMPUTE_ATTR, None)
-    return None if ctx.weight_source is not None else weight
+    """What a Function saves of `weight` (lora_fast.weights.kept): None for a 4-bit one."""
+    return weights.kept(ctx, weight)
 
 
 def decoded_weight(ctx, weight, dtype):
-    """The saved weight, or the one kept_weight did not save decoded again in `dtype`."""
-    return weight if ctx.weight_source is None else ctx.weight_source.dequantize(dtype)
+    """The saved weight, or the 4-bit one kept_weight did not save, made again (weights.restored)."""
+    return weights.restored(ctx, weight, dtype)
 
 
 def autocast_inputs(dtype, x, weight, *rest):
     """x, weight and rest as autocast casts nn.Linear's inputs (float64 ones and None not at all), a
-    recomputable weight's source kept on its cast."""
-    cast = [t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (x, weight, *rest)]
-    cast[1] = keep_source(weight, cast[1])
-    return cast
+    4-bit weight's source kept on its cast (weights.cast)."""
+    cast = [t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (x, *rest)]
+    w = weight if weight.dtype == torch.float64 else weights.cast(weight, dtype)
+    return [cast[0], w, *cast[1:]]
 
 
 def saved(ctx):
@@ -196,6 +177,7 @@ class LoRALinearFunction(torch.autograd.Function):
         """Forward-mode AD: y is linear in each input, so its tangent is the sum of the forward's
         terms with one factor replaced by its tangent (plain PyTorch ops, on either backend)."""
         x, xs, weight, lora_A, lora_B = saved(ctx)
+        weight = weights.dense(weight)   # plain ops: a 4-bit weight's values
         x, s, drop = rows(x), *_dropout(ctx, x)
         # Out of place: under jacfwd / hessian the tangents are batched and the saved tensors not.
         y_t = x.new_zeros((x.shape[0], weight.shape[0]))
@@ -235,6 +217,7 @@ def _transform_backward(ctx, dy):
     lora_A: the saved one is a non-differentiable output, so dB would not depend on lora_A."""
     need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
     x, _, weight, lora_A, lora_B = saved(ctx)
+    weight = weights.dense(weight)   # plain ops: a 4-bit weight's values
     x2d, (s, drop) = rows(x), _dropout(ctx, x)
     gs = s * (dy @ lora_B)
     dx = (dy @ weight + drop(gs @ lora_A)).view(x.shape) if need_x else None

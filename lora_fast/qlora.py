@@ -5,12 +5,13 @@
                      bytes shared (not copied, never re-quantised)
     quantize         a model's linears to Linear4bit, the same bytes bitsandbytes would write
 
-The weight is decoded per call (fp32 arithmetic, rounded once to the compute dtype) and the
-decoded copy is not kept for backward: LoRALinearFunction decodes it again there (function.
-recomputable), as bitsandbytes' own 4-bit matmul does, so a training step holds one layer's
-decoded weight at a time, not the model's. The passes after decoding are the 16-bit layer's (the
-torch path on a CPU, the fused kernels on a GPU). Decoding inside the kernels' K-loop (no decoded
-copy in memory at all) is not built yet: bench/TODO.md.
+Where the fused kernels run a call ("triton" backend, eagerly: kernels_decode), the layers hand
+them a stand-in for W0 (weights.packed) and the kernels decode the codes tile by tile in their
+K-loop: no decoded copy of W0 exists (a layer without an adapter runs them at rank 0:
+kernels/base.py). Elsewhere the weight is decoded per call (fp32 arithmetic, rounded once to the
+compute dtype) and the decoded copy is not kept for backward: the autograd Functions decode it
+again there (weights.recomputable), as bitsandbytes' own 4-bit matmul does, so a training step
+holds one layer's decoded weight at a time, not the model's.
 """
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.autograd import forward_ad
+
 from . import nf4 as nf4_format
-from .function import lora_linear, recomputable
+from . import weights
+from .backend import resolve_backend
+from .function import lora_linear
+from .weights import recomputable
 from .module import (DEFAULT_ADAPTER, AdapterSettings, LoRALinear, _check_adapter_dtype, _check_hparams,
                      check_adapter_name, default_adapter_dtype)
 
@@ -107,6 +113,14 @@ def check_compute_dtype(compute_dtype):
                          f"got {compute_dtype}")
 
 
+def kernels_decode(x, dtype):
+    """Whether a call on x (in `dtype`) runs the "triton" backend eagerly, where the kernels read the
+    4-bit codes themselves: not while torch.compile traces (its ops take real tensors: the traced
+    graph decodes, README), nor under torch.func transforms or forward-mode AD (plain-op formulas)."""
+    return (resolve_backend("auto", x.device, dtype) == "triton" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0)
+
+
 def _compute_dtype(module, x):
     """The dtype the layer computes in: its compute_dtype if set (bitsandbytes' convention: x is
     cast to it, the output cast back), else x's."""
@@ -119,6 +133,12 @@ class _DecodedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, bias, source, dtype):
+        if _base_on_kernels(x, dtype, source):
+            from lora_fast.kernels import base
+            rows = x.reshape(-1, x.shape[-1])
+            y = base.base_forward(rows, weights.packed(source, dtype), bias) if rows.shape[0] else \
+                rows.new_empty((0, source.shape[0]))
+            return y.view(*x.shape[:-1], source.shape[0])
         return F.linear(x, source.dequantize(dtype), bias)
 
     @staticmethod
@@ -130,9 +150,26 @@ class _DecodedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         need_x, need_b = ctx.needs_input_grad[:2]
         # dY is the output's dtype (the autocast dtype under autocast): the product in it, dX in x's
-        dx = (dy @ ctx.source.dequantize(dy.dtype)).to(ctx.x_dtype) if need_x else None
+        dx = None
+        if need_x and _base_on_kernels(dy, dy.dtype, ctx.source):
+            from lora_fast.kernels import base
+            rows = dy.reshape(-1, dy.shape[-1])
+            dx = base.base_backward(rows, weights.packed(ctx.source, dy.dtype)) if rows.shape[0] else \
+                rows.new_empty((0, ctx.source.shape[1]))
+            dx = dx.view(*dy.shape[:-1], ctx.source.shape[1]).to(ctx.x_dtype)
+        elif need_x:
+            dx = (dy @ ctx.source.dequantize(dy.dtype)).to(ctx.x_dtype)
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if need_b else None
         return dx, dbias, None, None
+
+
+def _base_on_kernels(x, dtype, source):
+    """Whether the base linear alone runs on the kernels (kernels/base.py: the codes decoded in the
+    K-loop): where a LoRA layer's call would (kernels_decode) and the kernels read this weight
+    (dispatch.kernels_read_4bit), not under autocast (F.linear's casts there, as before)."""
+    from lora_fast import dispatch
+    return (not torch.is_autocast_enabled(x.device.type) and kernels_decode(x, dtype)
+            and dispatch.kernels_read_4bit(x.device, dtype, source.shape[1]))
 
 
 def _base_linear(module, x, dtype):
@@ -259,9 +296,17 @@ class LoRALinear4bit(LoRALinear):
         dtype = _compute_dtype(self, x)
         return _base_linear(self, x.to(dtype), dtype).to(x.dtype)
 
+    def kernel_weight(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """W0 as lora_linear takes it for x (already in `dtype`): a packed stand-in (lora_fast.weights)
+        where the fused kernels run the call, so that they decode the codes tile by tile in their
+        K-loop (no decoded copy in memory), else decoded (dense_weight)."""
+        if kernels_decode(x, dtype):
+            return weights.packed(self.nf4, dtype)
+        return self.dense_weight(dtype)
+
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W0 decoded (no adapter) in `dtype` (default the compute dtype), marked so that the
-        autograd Functions decode it again in backward instead of keeping it (function.recomputable)."""
+        autograd Functions decode it again in backward instead of keeping it (weights.recomputable)."""
         source = self.nf4
         with torch.no_grad():
             return recomputable(source.dequantize(dtype or self.base_dtype()), source)
@@ -317,7 +362,7 @@ class LoRALinear4bit(LoRALinear):
             return self.mixed_rows.forward(self, xc).to(x.dtype)
         if not self.adapter_enabled or self.settings is None:
             return self.base_linear(x)
-        y = lora_linear(xc, self.dense_weight(dtype), self.lora_A, self.lora_B, bias, scaling=self.scaling,
+        y = lora_linear(xc, self.kernel_weight(xc, dtype), self.lora_A, self.lora_B, bias, scaling=self.scaling,
                         dropout_p=self.lora_dropout, training=self.training)
         return y.to(x.dtype)
 

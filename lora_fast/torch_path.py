@@ -22,6 +22,7 @@ xs·Bᵀ ≈ 70000 and x·W0ᵀ = -60000 gave inf for 10016 (tests/test_entrance
 import torch
 
 from . import dropout
+from .weights import dense
 
 
 def _keep(seed, x, p):
@@ -56,7 +57,8 @@ def _mm32(a, b):
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
     """(y, xs) for 2-D x (M, K); xs = scaling/(1-p) · (keep ⊙ x) @ lora_Aᵀ (M, r) for backward (None
-    unless save_xs)."""
+    unless save_xs). A packed 4-bit weight (lora_fast.weights) is decoded first."""
+    weight = dense(weight)
     x_lora = x
     if dropout_p > 0:
         x_lora = x * _keep(seed, x, dropout_p)
@@ -81,6 +83,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
                   need_dx=True, need_da=True, need_db=True, dropout_p=0.0, seed=None):
     """(dX, dA, dB) with W0 frozen, None for those not asked; reuses gs = s'·dY@B for dX and dA."""
+    weight = dense(weight) if need_dx else weight
     dx = da = db = None
     keep = _keep(seed, x, dropout_p) if dropout_p > 0 and (need_dx or need_da) else None
     if need_dx or need_da:

@@ -56,8 +56,21 @@ def _where(r):
 def test_every_variant_dtype_arch_built(rows):
     built = {(r["variant"], r["dtype"], r["arch"]) for r in rows}
     assert built == {(v, d, f"sm_{a}") for v, spec in VARIANTS.items() for d in spec.dtypes for a in spec.archs}
-    # bf16, fp16, fp32 (tf32) and fp32-ieee; the three TMA ones: sm_90, bf16 and fp16 only
-    assert len(built) == 2 * 4 * (len(VARIANTS) - 3) + 3 * 2
+    # bf16, fp16, fp32 (tf32) and fp32-ieee; the three TMA ones: sm_90, bf16 and fp16 only; the 4-bit
+    # ones (WEIGHT "nf4"): bf16 and fp16
+    nf4 = [v for v in VARIANTS if v.endswith("_nf4")]
+    assert len(nf4) == 9
+    assert len(built) == 2 * 4 * (len(VARIANTS) - 3 - len(nf4)) + 3 * 2 + 2 * 2 * len(nf4)
+
+
+def test_4bit_builds_round_the_absmax_product_before_the_offset(rows):
+    """Double-quantised absmax = fp32(map · scale) + offset, two roundings as bitsandbytes decodes it:
+    the product is PTX's mul.rn.f32 (never fused into an fma); no dense build has one."""
+    for r in rows:
+        if r["variant"].endswith("_nf4"):
+            assert r["rounded_products"] > 0, _where(r)
+        else:
+            assert r["rounded_products"] == 0, _where(r)
 
 
 def test_tensor_cores_and_shared_memory(rows):
@@ -153,6 +166,49 @@ def test_mixed_kernels_take_their_fallback_tiles_only_where_limits_leave_no_shar
         ("multi_forward_dropout", "fp32-ieee", 90), ("multi_backward_dropout", "fp32", 80),
         ("multi_backward_dropout", "fp32", 90), ("multi_backward_dropout", "fp32-ieee", 80),
         ("multi_backward_dropout", "fp32-ieee", 90)}
+
+
+# Prints, per variant, the tiles its pruner keeps over every row class that are (not) 4-bit tiles.
+_NF4_TILE_USE = """
+import json
+from lora_fast.aot import VARIANTS, autotune_configs
+from lora_fast.kernels import configs
+tiles = {"forward": {t for t in configs.NF4_FORWARD_TILES}, "backward": {t for t in configs.NF4_BACKWARD_TILES},
+         "split_k": {t for t in configs.NF4_SPLIT_K_TILES}}
+only = {k: v - {s for s in v if s in dense} for k, (v, dense) in {
+    "forward": (tiles["forward"], {configs._gemm_shape(c) for c in configs.forward_configs()}),
+    "backward": (tiles["backward"], {configs._backward_shape(c) for c in configs.backward_configs()}),
+    "split_k": (tiles["split_k"], {configs._split_k_shape(c) for c in configs.split_k_configs()})}.items()}
+def shape(kind, c):
+    if kind == "forward":
+        return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"], c["num_warps"])
+    if kind == "backward":
+        return (c["BLOCK_N"], c["BLOCK_K"], c["num_stages"], c["num_warps"])
+    return (c["BLOCK_K"], c["num_stages"], c["num_warps"])
+wrong = []
+for v, spec in VARIANTS.items():
+    kind = ("forward" if v.startswith("forward_") and "tma" not in v else "backward" if v.startswith("backward_")
+            and "tma" not in v else "split_k" if v.startswith("split_k_partial") else None)
+    if kind is None:
+        continue
+    for a in spec.archs:
+        for d in spec.dtypes:
+            for c in autotune_configs(v, a, d):
+                s = shape(kind, c)
+                if v.endswith("_nf4") != (s in tiles[kind]) and (v.endswith("_nf4") or s in only[kind]):
+                    wrong.append((v, d, a, s))
+print(json.dumps(wrong))
+"""
+
+
+def test_4bit_kernels_take_only_their_tiles_and_dense_ones_never():
+    """A 4-bit W0's launches choose among configs.NF4_*_TILES only (8 warps, 64x64 W0 tiles: the dense
+    lists' tiles spilled with the decode), and a dense W0's launches never take the tiles only the
+    4-bit kernels have: the dense builds are those of before 4-bit weights."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _NF4_TILE_USE], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
 
 
 def test_operand_offsets_are_64_bit_for_any_strides():

@@ -173,9 +173,15 @@ def test_qlora_bench(tmp_path):
     _run("bench.qlora", "--quick", "--rounds", "2", "--warmup", "1", "--out", str(out))
     rows = common.read_rows(out)
     _check_rows(rows)
+    impls = ("qlora", "base4", "peft", "bnb", "lora16", "linear")
     assert {(r["case"], r["impl"], r["metric"]) for r in rows} == {
-        *((c, i, "time") for c in ("train", "decode") for i in ("qlora", "peft", "lora16", "linear")),
-        *(("train", i, "saved_bytes") for i in ("qlora", "peft", "lora16", "linear"))}
+        *((c, i, "time") for c in ("train", "decode") for i in impls),
+        *(("train", i, "saved_bytes") for i in impls)}
+    # the decode case at each --decode-M (default on a CPU: 8 rows)
+    _run("bench.qlora", "--quick", "--cases", "decode", "--decode-M", "1", "3", "--impls", "base4", "bnb",
+         "--rounds", "1", "--warmup", "0", "--out", str(out))
+    decode = [r for r in common.read_rows(out) if r["case"] == "decode"]
+    assert sorted({int(r["M"]) for r in decode}) == [1, 3, 8]
     saved = {r["impl"]: float(r["p50"]) for r in rows if r["metric"] == "saved_bytes"}
     assert 0 < saved["qlora"] <= saved["lora16"]
     assert weight_bytes_per_parameter([(4096, 4096)]) <= 0.52 < weight_bytes_per_parameter([(4096, 4096)], False)

@@ -188,22 +188,32 @@ def test_check_fails_a_right_impl_that_writes_to_x(monkeypatch, capsys):
 
 
 def test_nf4_check_passes_and_catches_a_wrong_decoding(monkeypatch, capsys):
-    """--nf4: the passes get the 4-bit layer's decoded W0, each reference decodes the bytes itself,
-    so a decoder that reads the nibbles the other way round fails against both."""
+    """--nf4: the passes get the 4-bit layer's stand-in for W0 (the kernels decode its codes in their
+    K-loop, the torch path with NF4Weight.dequantize), each reference decodes the bytes itself, so
+    a decoder that reads the nibbles the other way round fails against both, in either place."""
+    import torch
+
     from lora_fast import check, nf4
+    from lora_fast.kernels import launch
     args = ["--shapes", "9x64x10", "1x32x33", "--ranks", "3", "--dtypes", "fp32", "--nf4"]
-    assert check.main(args) == 0
-    out = capsys.readouterr().out
-    assert "W0 in NF4" in out and len(_ok_rows(out)) == 2 * 2 * 4
+    torch_path = args + ["--impl", "lora_fast.torch_path"]
+    for passing in (args, torch_path):
+        assert check.main(passing) == 0
+        out = capsys.readouterr().out
+        assert "W0 in NF4" in out and len(_ok_rows(out)) == 2 * 2 * 4
     real = nf4.NF4Weight.dequantize
 
     def swapped(self, dtype=None):
         w = real(self, dtype)
         return w.reshape(-1, 2).flip(1).reshape(w.shape)
-    monkeypatch.setattr(nf4.NF4Weight, "dequantize", swapped)
+    with monkeypatch.context() as patch:
+        patch.setattr(nf4.NF4Weight, "dequantize", swapped)
+        assert check.main(torch_path) == 1
+        assert "FAIL" in capsys.readouterr().out
+    # the kernels' decode: its 16-entry level table in the wrong order
+    monkeypatch.setattr(launch, "_LEVELS", {torch.device("cpu"): nf4.nf4_levels().flip(0)})
     assert check.main(args) == 1
-    out = capsys.readouterr().out
-    assert "FAIL" in out
+    assert "FAIL" in capsys.readouterr().out
 
 
 def test_same_bits_sees_signed_zeros_and_keeps_nans_equal():
