@@ -3,8 +3,8 @@
 One file per pass, each holding its kernel's grid and program mapping and its launcher:
 forward.py (fused forward GEMM), backward.py (fused dX/dA/dB GEMM), skinny.py (the x @ Aᵀ / dY @ B
 first pass of the split path), forward_tma.py and backward_tma.py (the split path's GEMMs with a
-TMA, persistent main loop, for Hopper), splitk.py (the split-K decode forward), base.py (the base
-linear alone at rank 0: a 4-bit linear without an adapter). They are built
+TMA, persistent main loop, for Hopper), splitk.py (the split-K decode forward); at rank 0 each is
+the base linear alone (a 4-bit linear without an adapter: dispatch.base_forward). They are built
 from blocks.py (the shared K-loop, the NF4 tile decode, epilogues and dropout mask); launch.py holds what every
 launcher does before a launch; configs.py every block size, autotune list and register limit;
 dropout.py the mask as a tensor, for tests and the torch path. lora_fast.dispatch chooses the path
@@ -18,11 +18,9 @@ if __name__ == "kernels":
     __file__ = None
 else:
     from .backward import lora_backward
-    from .base import base_backward, base_forward
     from .forward import lora_forward
     from .forward_tma import lora_forward_tma
     from .launch import tma_eligible
     from .splitk import lora_forward_split_k
 
-    __all__ = ["lora_forward", "lora_backward", "lora_forward_split_k", "lora_forward_tma", "tma_eligible",
-               "base_forward", "base_backward"]
+    __all__ = ["lora_forward", "lora_backward", "lora_forward_split_k", "lora_forward_tma", "tma_eligible"]

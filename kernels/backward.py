@@ -103,7 +103,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
     grid_m = cdiv(M, block_m)
 
     gs = db_part = None
-    if not fused and R > 0:   # rank 0 (kernels/base.py): no gs, the epilogue's rank loop is empty
+    if not fused and R > 0:   # rank 0 (dispatch.base_backward): no gs, the epilogue's rank loop is empty
         gs, db_part = skinny(dy, lora_B, pro.scale, pro.precision, side=xs if need_db else None)
     elif need_db:
         db_part = torch.empty((grid_m, N, R), device=dy.device, dtype=torch.float32)

@@ -77,7 +77,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
     y = empty(x, M, N)
     if in_loop:
         xs = empty(x, M, R) if save_xs else None
-    elif R == 0:   # no adapter (kernels/base.py): the GEMM and the bias alone
+    elif R == 0:   # no adapter (dispatch.base_forward): the GEMM and the bias alone
         xs = None
     else:
         xs, _ = skinny(x, lora_A.t(), pro.scale, pro.precision, dropout_p=dropout_p, seed=seed)

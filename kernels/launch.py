@@ -184,6 +184,9 @@ def weight_args(weight):
     w = packed_source(weight)
     if w is None:
         return WeightArgs(weight, (weight,) * 6, (weight.stride(0), weight.stride(1)), 0, "dense")
+    if not all(t.is_contiguous() for t in (w.packed, w.absmax) + ((w.absmax_code, w.absmax_scale)
+                                                                 if w.double_quant else ())):
+        w = _contiguous(w)   # the kernels index the bytes and statistics as flat arrays
     device = w.device
     if device not in _LEVELS:
         from lora_fast.nf4 import nf4_levels
@@ -198,3 +201,11 @@ def weight_args(weight):
         (1,), offset, dtype=torch.float32, device=device)
     return WeightArgs(w.packed, (levels, w.absmax, w.absmax_code, w.absmax_scale, offset, levels), strides, 1,
                       "nf4")
+
+
+def _contiguous(w):
+    """An NF4Weight over contiguous copies of w's tensors (a strided view of bitsandbytes' bytes)."""
+    from lora_fast.nf4 import NF4Weight
+    same = (lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t)
+    return NF4Weight(same(w.packed), same(w.absmax), same(w.absmax_code), same(w.absmax_scale), w.absmax_offset,
+                     tuple(w.shape), w.dtype, w.blocksize)

@@ -21,7 +21,8 @@ elements are checked one by one, not only in distribution.
 --nf4: W0 is stored in 4 bits (QLoRA's NF4, lora_fast.nf4; M x K x N with K·N even): the passes
 get the 4-bit layer's stand-in for it (lora_fast.weights.packed: the kernels decode its codes in
 their K-loop, the torch path decodes it first), the float64 and C++ references decode the codes
-themselves, and the codes must come back unchanged.
+themselves, and the codes must come back unchanged. An --impl module outside lora_fast gets the
+stand-in too: lora_fast.weights.dense(weight) gives it the decoded tensor.
 
 --all-paths checks every path the GPU dispatcher can pick (lora_fast.dispatch: in_loop / split /
 split_k / tma / cublas forward × fused / split / tma / cublas backward, those that apply to the shape), one row
@@ -211,18 +212,24 @@ def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p, nf4=False):
     """(paths label, (rows, modified)) for one case at dropout p: the impl's own choice, or every
     dispatcher path pair (every path drops the kernels' elements, so every pair applies with dropout too)."""
     x, w, *_, dy = _inputs(M, K, N, r, dtype, device, seed)
+
+    def call(first):   # the dispatcher's view of the call: a 4-bit W0 is read by fewer paths
+        if not nf4:
+            return impl.Call(M, r, operands=(first, w))
+        return impl.Call(M, r, operands=(first, w), packed=True,
+                         kernels_read_weight=impl.kernels_read_4bit(first.device, dtype, K))
     if not all_paths:
         if getattr(impl, "__name__", "") == "lora_fast.dispatch":
             # the kernels on the static rule's paths: nothing timed, no cache file written, no
             # fallback hiding a path that fails, and fp32 on a GPU checks the kernels, not cuBLAS
-            paths = {name: impl.heuristic(name, impl.Call(M, r, operands=(x, w))) for name in ("forward", "backward")}
+            paths = {name: impl.heuristic(name, call(x if name == "forward" else dy)) for name in ("forward", "backward")}
             with impl.forced(**paths):
                 yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p, nf4)
             return
         yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p, nf4)
         return
-    for forward in impl.candidates("forward", impl.Call(M, r, operands=(x, w))):
-        for backward in impl.candidates("backward", impl.Call(M, r, operands=(dy, w))):
+    for forward in impl.candidates("forward", call(x)):
+        for backward in impl.candidates("backward", call(dy)):
             with impl.forced(forward=forward, backward=backward):
                 yield f"{forward}/{backward}", check_case(impl, M, K, N, r, dtype, device, seed, p, nf4)
 

@@ -305,6 +305,26 @@ lora_forward = functools.partial(run, "forward")
 lora_backward = functools.partial(run, "backward")
 
 
+# The base linear alone (a 4-bit linear without an adapter) is a call of rank 0: every path computes
+# it (the epilogues' rank loops run no iteration, the in-loop rank tiles are masked), so it is chosen,
+# timed and fallen back from on the same table, under keys of its own (r = 0). The adapter arguments
+# are empty views of the first operand, never read.
+def _no_adapter(t, n, k):
+    return t[:0, :1].expand(0, k), t[:1, :0].expand(n, 0)
+
+
+def base_forward(x, weight, bias):
+    """y = x @ weightᵀ + bias for 2-D x (M, K) of any strides; weight dense or a 4-bit stand-in."""
+    return run("forward", x, weight, *_no_adapter(x, *weight.shape), bias, 0.0, save_xs=False)[0]
+
+
+def base_backward(dy, weight):
+    """dX = dy @ weight for 2-D dy (M, N) of any strides."""
+    N, K = weight.shape
+    x = dy[:1, :1].expand(dy.shape[0], K)   # dA is not asked: x is never read
+    return run("backward", dy, x, None, weight, *_no_adapter(dy, N, K), 0.0, need_da=False, need_db=False)[0]
+
+
 def _key(pass_name, t, shape):
     """(device, dtype, pass, M rounded up to a power of two, the rest of shape); None for M = 0
     (it shares no key with M = 1) and for a symbolic M (torch.compile with dynamic shapes)."""
@@ -339,8 +359,10 @@ def choose(pass_name, key, t, call, shape, run):
     if forced is not None:
         paths = applicable(pass_name, call)
         if forced not in paths:
+            why = (" (a 4-bit weight: no TMA path, and only cublas where the kernels cannot read it: "
+                   "odd or >= 2**24 in_features, fp32 on a GPU)") if call.packed else ""
             raise ValueError(f"forced {pass_name} path {forced!r} does not apply to this call "
-                             f"(M, N, K, r = {shape[:4]}, dropout {shape[4]}): expected one of {paths}")
+                             f"(M, N, K, r = {shape[:4]}, dropout {shape[4]}){why}: expected one of {paths}")
         return forced
     if key is None:
         return heuristic(pass_name, call)

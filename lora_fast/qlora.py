@@ -8,7 +8,7 @@
 Where the fused kernels run a call ("triton" backend, eagerly: kernels_decode), the layers hand
 them a stand-in for W0 (weights.packed) and the kernels decode the codes tile by tile in their
 K-loop: no decoded copy of W0 exists (a layer without an adapter runs them at rank 0:
-kernels/base.py). Elsewhere the weight is decoded per call (fp32 arithmetic, rounded once to the
+dispatch.base_forward). Elsewhere the weight is decoded per call (fp32 arithmetic, rounded once to the
 compute dtype) and the decoded copy is not kept for backward: the autograd Functions decode it
 again there (weights.recomputable), as bitsandbytes' own 4-bit matmul does, so a training step
 holds one layer's decoded weight at a time, not the model's.
@@ -116,8 +116,14 @@ def check_compute_dtype(compute_dtype):
 def kernels_decode(x, dtype):
     """Whether a call on x (in `dtype`) runs the "triton" backend eagerly, where the kernels read the
     4-bit codes themselves: not while torch.compile traces (its ops take real tensors: the traced
-    graph decodes, README), nor under torch.func transforms or forward-mode AD (plain-op formulas)."""
-    return (resolve_backend("auto", x.device, dtype) == "triton" and not torch.compiler.is_compiling()
+    graph decodes, README), nor under torch.func transforms or forward-mode AD (plain-op formulas).
+    A backend setting that cannot run here (LORA_FAST_BACKEND=triton on a float64 input, say) is
+    not this function's to refuse: False, and lora_linear says why where it applies."""
+    try:
+        backend = resolve_backend("auto", x.device, dtype)
+    except (ValueError, ImportError):
+        return False
+    return (backend == "triton" and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0)
 
 
@@ -133,11 +139,9 @@ class _DecodedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, bias, source, dtype):
-        if _base_on_kernels(x, dtype, source):
-            from lora_fast.kernels import base
-            rows = x.reshape(-1, x.shape[-1])
-            y = base.base_forward(rows, weights.packed(source, dtype), bias) if rows.shape[0] else \
-                rows.new_empty((0, source.shape[0]))
+        if _base_on_kernels(x, dtype):
+            from lora_fast import dispatch
+            y = dispatch.base_forward(x.reshape(-1, x.shape[-1]), weights.packed(source, dtype), bias)
             return y.view(*x.shape[:-1], source.shape[0])
         return F.linear(x, source.dequantize(dtype), bias)
 
@@ -151,11 +155,9 @@ class _DecodedLinear(torch.autograd.Function):
         need_x, need_b = ctx.needs_input_grad[:2]
         # dY is the output's dtype (the autocast dtype under autocast): the product in it, dX in x's
         dx = None
-        if need_x and _base_on_kernels(dy, dy.dtype, ctx.source):
-            from lora_fast.kernels import base
-            rows = dy.reshape(-1, dy.shape[-1])
-            dx = base.base_backward(rows, weights.packed(ctx.source, dy.dtype)) if rows.shape[0] else \
-                rows.new_empty((0, ctx.source.shape[1]))
+        if need_x and _base_on_kernels(dy, dy.dtype):
+            from lora_fast import dispatch
+            dx = dispatch.base_backward(dy.reshape(-1, dy.shape[-1]), weights.packed(ctx.source, dy.dtype))
             dx = dx.view(*dy.shape[:-1], ctx.source.shape[1]).to(ctx.x_dtype)
         elif need_x:
             dx = (dy @ ctx.source.dequantize(dy.dtype)).to(ctx.x_dtype)
@@ -163,13 +165,12 @@ class _DecodedLinear(torch.autograd.Function):
         return dx, dbias, None, None
 
 
-def _base_on_kernels(x, dtype, source):
-    """Whether the base linear alone runs on the kernels (kernels/base.py: the codes decoded in the
-    K-loop): where a LoRA layer's call would (kernels_decode) and the kernels read this weight
-    (dispatch.kernels_read_4bit), not under autocast (F.linear's casts there, as before)."""
-    from lora_fast import dispatch
-    return (not torch.is_autocast_enabled(x.device.type) and kernels_decode(x, dtype)
-            and dispatch.kernels_read_4bit(x.device, dtype, source.shape[1]))
+def _base_on_kernels(x, dtype):
+    """Whether the base linear alone runs on the "triton" backend's table at rank 0
+    (dispatch.base_forward: the codes decoded in the kernels' K-loop, or decode-then-cuBLAS where the
+    dispatcher measures that faster or the kernels cannot read the weight): where a LoRA layer's call
+    would (kernels_decode), not under autocast (F.linear's casts there, as before)."""
+    return not torch.is_autocast_enabled(x.device.type) and kernels_decode(x, dtype)
 
 
 def _base_linear(module, x, dtype):

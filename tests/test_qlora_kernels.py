@@ -30,8 +30,10 @@ from lora_fast.qlora import Linear4bit, LoRALinear4bit
 pytestmark = pytest.mark.skipif(not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the kernels need a GPU or the Triton interpreter")
 
-# (M, K, N, r): K not a multiple of 64 (absmax blocks straddle rows) nor of 32, odd N, M = 1
-SHAPES = [(5, 96, 48, 8), (1, 64, 40, 4), (33, 160, 24, 16), (7, 34, 70, 3)]
+# (M, K, N, r): K not a multiple of 64 (absmax blocks straddle rows) nor of 32, odd N, M = 1, and
+# more than 256 blocks
+SHAPES = [(5, 96, 48, 8), (1, 64, 40, 4), (33, 160, 24, 16), (7, 34, 70, 3),
+          (3, 130, 131, 4)]   # 267 blocks: double quantisation's second group of 256
 
 
 def _nf4_inputs(M, K, N, r, dtype, double_quant, seed=0):
@@ -279,12 +281,52 @@ def test_a_4bit_linear_without_an_adapter_runs_the_kernels_at_rank_0(rows, monke
     for name, (y, dx) in run("triton").items():
         assert_close(f"{name} y", y, expected[name][0], torch.float32)
         assert_close(f"{name} dx", dx, expected[name][1], torch.float32)
-    # the kernels alone, against the float64 reference on the reference's decode
-    from lora_fast.kernels import base as base_kernels
+    # every path of the table at rank 0, against the float64 reference on the reference's decode
     w64 = reference.dequantize_nf4_ref(base.nf4)
     x2 = x.reshape(-1, 96)
-    y = base_kernels.base_forward(x2, weights.packed(base.nf4, torch.float32), base.bias)
-    assert_close("base_forward", y, x2.double() @ w64.t() + base.bias.double(), torch.float32)
+    packed = weights.packed(base.nf4, torch.float32)
     dy = torch.randn(2 * rows, 40)
-    assert_close("base_backward", base_kernels.base_backward(dy, weights.packed(base.nf4, torch.float32)),
-                 dy.double() @ w64, torch.float32)
+    kernel_paths = ["in_loop", "split"] + (["split_k"] if rows <= 64 else [])
+    for forward, backward in [*zip(kernel_paths, ["fused", "split", "fused"]), ("cublas", "cublas")]:
+        if forward == "cublas":
+            monkeypatch.undo()   # the torch path decodes W0
+        with dispatch.forced(forward=forward, backward=backward):
+            y = dispatch.base_forward(x2, packed, base.bias)
+            dx = dispatch.base_backward(dy, packed)
+        assert_close(f"base_forward {forward}", y, x2.double() @ w64.t() + base.bias.double(), torch.float32)
+        assert_close(f"base_backward {backward}", dx, dy.double() @ w64, torch.float32)
+
+
+def test_odd_in_features_and_settings_the_kernels_cannot_run_keep_the_4bit_layers_working():
+    """in_features odd (a row's codes are not whole bytes): cublas, on the decoded weight;
+    LORA_FAST_BACKEND=triton with a float64 input: Linear4bit decodes and runs F.linear as before
+    (no backend error from a layer that has no adapter); a strided view of the bytes decodes right."""
+    torch.manual_seed(0)
+    odd = Linear4bit.from_linear(nn.Linear(33, 6), double_quant=False)
+    x = torch.randn(4, 33)
+    with _backend("torch"):
+        expected = odd(x)
+    with _backend("triton"):
+        assert torch.equal(odd(x), expected)
+        b64 = Linear4bit.from_linear(nn.Linear(64, 8)).double()
+        x64 = torch.randn(3, 64, dtype=torch.float64)
+        assert torch.equal(b64(x64), nn.functional.linear(x64, b64.dequantize(torch.float64), b64.bias))
+    w = nf4.quantize_nf4(torch.randn(8, 64), double_quant=True)
+    wide = torch.zeros(w.packed.shape[0], 2, dtype=torch.uint8)
+    wide[:, :1] = w.packed
+    strided = nf4.NF4Weight(wide[:, :1], w.absmax, w.absmax_code, w.absmax_scale, w.absmax_offset, (8, 64))
+    assert not strided.packed.is_contiguous()
+    a, b = torch.randn(2, 64), torch.randn(8, 2)
+    x = torch.randn(5, 64)
+    with dispatch.forced(forward="in_loop"):
+        y, _ = dispatch.lora_forward(x, weights.packed(strided, torch.float32), a, b, None, 1.0)
+    assert torch.equal(y, dispatch.lora_forward(x, weights.packed(w, torch.float32), a, b, None, 1.0)[0])
+
+
+def test_check_cli_on_a_4bit_weight_with_odd_in_features():
+    """lora-fast-check --nf4 on a shape whose in_features is odd: the dispatcher's only path there
+    (cublas) is the one checked, on both the default and --all-paths runs (no forced kernel path)."""
+    from lora_fast import check
+    for extra in ([], ["--all-paths"]):
+        assert check.main(["--shapes", "3x33x10", "--ranks", "3", "--dtypes", "fp32", "--nf4", "--dropout", "0",
+                           *extra]) == 0
