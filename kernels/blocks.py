@@ -122,6 +122,9 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
     rows: the reduction's in the forward (W0's columns are reduced, then the tile is transposed;
     the output tile is W0's rows from w_out0), the output's with W_BY_ROWS (the dX GEMM reduces
     over W0's rows; its output columns are [w_out0, w_out0 + BLOCK_N) of w_cols).
+    Every caller passes WEIGHT: Triton 3.6 (the GPU image's) fails to compile a call that leaves a
+    string constexpr to its default ("'str' object has no attribute 'type'"); 3.9 and the
+    interpreter accept it, so only the AOT report under 3.6 sees it.
     """
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)

@@ -160,8 +160,14 @@ LIMITS = (
     # 24 B under Triton 3.9 (16 and 64 rows did not); 32-wide steps are the decode rows' tile there
     Limit(("split_k",), dict(nf4=True, dropout=True, hopper=True, decode=True), max_step=32),
     # ieee (FMA) tiles: of those tried (both Triton versions, with and without dropout) only these
-    # spilled nowhere: 8 warps and 2 stages up to 32 rows, 4 warps at 64
-    Limit(("split_k",), dict(ieee=True, decode=True), warps=8),
+    # spilled nowhere: 8 warps and 2 stages up to 32 rows, 4 warps at 64; except with dropout on
+    # sm_90, where 16 rows with 8 warps spilled 4 B under Triton 3.9 (64 registers: ptxas's choice
+    # under Triton's --regAllocOptLevel=2, not pressure; after the 4-bit statistics pointers joined
+    # the kernel's arguments) and the 4-warp tile did not (80-126 registers, both versions, both
+    # split-K kernels, 16 and 32 rows; 2026-12-03)
+    Limit(("split_k",), dict(ieee=True, decode=True, hopper=False), warps=8),
+    Limit(("split_k",), dict(ieee=True, decode=True, hopper=True, dropout=False), warps=8),
+    Limit(("split_k",), dict(ieee=True, decode=True, hopper=True, dropout=True), warps=4),
     Limit(("split_k",), dict(ieee=True, decode=False), warps=4),
     # The mixed-batch kernels (multi.py), beside the GEMM rows above: the other adapters' low-rank
     # passes hold a second x·Aᵀ (gs) tile and, with dropout, draw again (`python -m lora_fast.aot

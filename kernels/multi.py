@@ -98,7 +98,7 @@ def _other_adapters(ids, a_lo, a_hi, x_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
                        offs_m, offs_n, mask_m, mask_n, 0, L, K, R, emit_partial,
                        stride_xm, stride_xk, stride_xk, stride_xk, stride_ak, stride_ar, stride_sm, stride_sr,
                        dropout_p, True, DROPOUT, PARTIAL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-                       rows, False, True)[1]
+                       rows, False, True, WEIGHT="dense")[1]
         xa = tl.where(rows[:, None], xa_ad, xa)
         ad = next_adapter(ids, ad, a_hi)
     return xa
@@ -143,7 +143,7 @@ def _multi_forward_kernel(
     acc, xa = k_loop(x_ptr, w_ptr, a_ptr + a_lo.to(tl.int64) * stride_aa, x_ptr, x_ptr, seed_ptr,
                      offs_m, offs_n, mask_m, mask_n, 0, K, K, R, False,
                      stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, 0, 0, p,
-                     True, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                     True, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, WEIGHT="dense")
     xa = tl.where((ids == a_lo)[:, None], xa, xa_others)
     # Every column-tile computed the same xs; the first one keeps it for backward.
     y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, pid_n == 0,
@@ -180,7 +180,7 @@ def _multi_split_k_partial_kernel(
     acc = k_loop(x_ptr, w_ptr, a_ptr, x_ptr, x_ptr, seed_ptr, offs_m, offs_n, mask_m, mask_n,
                  k_lo, k_hi, K, R, False,
                  stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, 0, 0, 0.0,
-                 False, False, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)[0]
+                 False, False, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, WEIGHT="dense")[0]
     split_m = split.to(tl.int64) * M + offs_m          # row of the (SPLIT_K·M, ·) partial buffers
     tl.store(part_ptr + split_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
     # The j-th adapter present goes to column tile j mod (the number of column tiles), which
@@ -194,7 +194,7 @@ def _multi_split_k_partial_kernel(
                         offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K, R, False,
                         stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, 0, 0, p,
                         True, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-                        0, False)[1]
+                        0, False, WEIGHT="dense")[1]
             tl.store(xa_part_ptr + split_m[:, None] * R + offs_r[None, :], xa,
                      mask=(mask_m & rows)[:, None] & (offs_r[None, :] < R))
         ad = next_adapter(ids, ad, a_hi)
@@ -279,7 +279,7 @@ def _multi_backward_kernel(
                     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br,
                     stride_sm, stride_sr, 0.0,
                     True, False, COMPUTE_DB, INPUT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R,
-                    ids == a_lo, COMPUTE_DX, True)
+                    ids == a_lo, COMPUTE_DX, True, WEIGHT="dense")
     g = tl.where((ids == a_lo)[:, None], g, g_others)
     p = 0.0
     if DROPOUT:

@@ -30,6 +30,33 @@ from lora_fast.qlora import Linear4bit, LoRALinear4bit
 pytestmark = pytest.mark.skipif(not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the kernels need a GPU or the Triton interpreter")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def layout_independent_interpreter_dot():
+    """The interpreter's tl.dot is np.matmul, and OpenBLAS's result depends on the operands'
+    memory layout on some CPUs (a transposed view takes another kernel: 1 ulp apart in fp32 on an
+    AMD EPYC, never on the CPU these tests were first run on). The forward's 4-bit tile is a
+    tl.trans of the decoded one, the dense tile a plain load, so "bit for bit the same GEMM" would
+    test numpy there, not the kernels; on a GPU the MMA does not see layouts. Under the interpreter
+    the operands are made contiguous for this module's tests."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a, b = copy.copy(a), copy.copy(b)
+        a.data, b.data = np.ascontiguousarray(a.data), np.ascontiguousarray(b.data)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    try:
+        yield
+    finally:
+        interpreter.InterpreterBuilder.create_dot = original
+
 # (M, K, N, r): K not a multiple of 64 (absmax blocks straddle rows) nor of 32, odd N, M = 1, and
 # more than 256 blocks
 SHAPES = [(5, 96, 48, 8), (1, 64, 40, 4), (33, 160, 24, 16), (7, 34, 70, 3),
