@@ -119,6 +119,42 @@ def interleaved(jobs, run, rounds, warmup, sync=lambda: None):
     return times
 
 
+def layer_rows(models, x, dy, train, rounds, warmup, device, row):
+    """Time each of `models` (name -> module) on x, interleaved (`interleaved`), the L2 flushed before
+    each run: fwd+bwd with dy when `train`, else a no-grad forward; one time row per model (p50/p20/p80
+    ms) and, when training, one saved_bytes row (what autograd keeps for backward), each `row` plus
+    impl, metric and values."""
+    flush = L2Flush(device)
+
+    def run(job):
+        flush()
+        model = models[job]
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+        with Timer(device) as t:
+            if train:
+                model(x).backward(dy)
+            else:
+                with torch.no_grad():
+                    model(x)
+        return t
+
+    jobs = list(models)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = interleaved(jobs, run, rounds, warmup, sync)
+    rows = []
+    for job in jobs:
+        p50, p20, p80 = quantiles(times[job])
+        rows.append({**row, "impl": job, "metric": "time", "p50": p50, "p20": p20, "p80": p80, "unit": "ms"})
+        if train:
+            params = list(models[job].parameters()) + list(models[job].buffers())
+            saved = saved_bytes(lambda: models[job](x), params)
+            rows.append({**row, "impl": job, "metric": "saved_bytes", "p50": saved, "p20": saved, "p80": saved,
+                         "unit": "B"})
+    return rows
+
+
 class Timer:
     """Times one region: CUDA events on a GPU (device work is asynchronous), perf_counter on CPU."""
 

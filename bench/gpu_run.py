@@ -33,6 +33,9 @@ of the dispatcher's choices):
     qlora     the 4-bit kernels' tests (tests/test_qlora_kernels.py, bf16 included), then bench.qlora:
               a training step of 8192 rows and decode of 1, 8 and 64 rows at 4096->4096 r=16 bf16
               against PEFT+bitsandbytes, bitsandbytes' Linear4bit, the 16-bit layer and nn.Linear
+    dora      the DoRA tests (tests/test_dora.py: the kernels' LoRA passes under DoRA, bf16 included),
+              then bench.dora: a training step of 8192 rows at 4096->4096 r=16 bf16, dropout 0 and 0.1,
+              both dropout forms against lora_fast's LoRA layer and PEFT's DoRA
     model     bench.model --steps 3 --warmup 1 --dropout 0.05 twice, the second in a new process
               with the first's caches (model.log holds both; the rows carry each run's date)
     grid      bench.layer --grid targets without the cases headline and decode measured, in the
@@ -78,7 +81,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("install", "env", "smoke", "headline", "decode", "mixed", "qlora", "model", "grid")
+STAGES = ("install", "env", "smoke", "headline", "decode", "mixed", "qlora", "dora", "model", "grid")
 GRACE_S = 5.0   # between SIGINT and SIGKILL: enough for pytest to write its junit XML
 LOG_TAIL = 20   # lines of a failed command's log echoed to the console (the device reply shows its end)
 
@@ -123,6 +126,10 @@ class Sizes:
     qlora_tests_s: float
     qlora: tuple        # bench.qlora arguments
     qlora_s: float
+    dora_tests: tuple   # pytest arguments
+    dora_tests_s: float
+    dora: tuple         # bench.dora arguments
+    dora_s: float
     model: tuple        # bench.model arguments
     model_s: tuple      # (first run, cold caches; second run, warm)
     grid: tuple
@@ -149,6 +156,8 @@ GPU = Sizes(
     # the 4-bit kernels' tests in bf16 too, then training (M=8192) and decode (1, 8, 64 rows) at 4096
     qlora_tests=("tests/test_qlora_kernels.py",), qlora_tests_s=45,
     qlora=("--rounds", "10"), qlora_s=60,
+    dora_tests=("tests/test_dora.py",), dora_tests_s=45,
+    dora=("--rounds", "10"), dora_s=60,
     # the cold run holds the first step's compiling and tuning (predicted 20-40 s, bench/NOTES.md v7)
     model=("--steps", "3", "--warmup", "1", "--dropout", "0.05"), model_s=(100, 40),
     grid=("--grid", "targets"), grid_min_s=30,
@@ -166,6 +175,8 @@ DRY = Sizes(
     mixed=("--quick",), mixed_s=60,
     qlora_tests=("tests/test_qlora_kernels.py", "-k", "empty_batch"), qlora_tests_s=60,
     qlora=("--quick", "--cases", "decode", "--impls", "qlora", "base4", "linear"), qlora_s=60,
+    dora_tests=("tests/test_dora.py", "-k", "gradcheck"), dora_tests_s=60,
+    dora=("--quick", "--dropout", "0", "--impls", "dora", "lora"), dora_s=60,
     model=("--size", "tiny", "--steps", "1", "--warmup", "0", "--dropout", "0.05"), model_s=(30, 30),
     grid=("--shapes", "tiny", "--M", "1", "33", "--r", "4", "--dtype", "fp32", "--dropout", "0.1",
           "--impls", "linear", "lora_fast"), grid_min_s=10,
@@ -181,7 +192,7 @@ def plan(out, cache, sizes):
     def report(csv):
         return Step(py("bench.report", csv), sizes.report_s, needs=csv)
 
-    csv = {name: out / f"{name}.csv" for name in ("headline", "decode", "mixed", "qlora", "model", "grid")}
+    csv = {name: out / f"{name}.csv" for name in ("headline", "decode", "mixed", "qlora", "dora", "model", "grid")}
     pytest = ("pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--durations=15")
     model = (*sizes.model, "--out", csv["model"])
     return [
@@ -208,6 +219,10 @@ def plan(out, cache, sizes):
                              sizes.qlora_tests_s),
                         Step(py("bench.qlora", *sizes.qlora, "--out", csv["qlora"]), sizes.qlora_s),
                         report(csv["qlora"])]),
+        Stage("dora", [Step(py(*pytest, "--junitxml", out / "dora-junit.xml", *sizes.dora_tests),
+                            sizes.dora_tests_s),
+                       Step(py("bench.dora", *sizes.dora, "--out", csv["dora"]), sizes.dora_s),
+                       report(csv["dora"])]),
         Stage("model", [Step(py("bench.model", *model), sizes.model_s[0]),
                         Step(py("bench.model", *model), sizes.model_s[1]),
                         report(csv["model"])],

@@ -93,37 +93,9 @@ def bench_case(case, impls, rounds, warmup, device, meta, quick=False, rows=None
                 nn.init.normal_(p, std=0.02)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=train)
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    flush = common.L2Flush(device)
-
-    def run(job):
-        flush()
-        model = models[job]
-        x.grad = None
-        for p in model.parameters():
-            p.grad = None
-        with common.Timer(device) as t:
-            if train:
-                model(x).backward(dy)
-            else:
-                with torch.no_grad():
-                    model(x)
-        return t
-
-    jobs = list(models)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = common.interleaved(jobs, run, rounds, warmup, sync)
-    rows = []
-    for job in jobs:
-        p50, p20, p80 = common.quantiles(times[job])
-        params = [p for p in models[job].parameters()] + [b for b in models[job].buffers()]
-        saved = common.saved_bytes(lambda: models[job](x), params) if train else None
-        row = {**meta, "case": case, "M": M, "K": K, "N": N, "r": r, "dtype": {v: k for k, v in common.DTYPES.items()}[dtype],
-               "dropout": 0.0, "impl": job, "mode": "fwd_bwd" if train else "fwd"}
-        rows.append({**row, "metric": "time", "p50": p50, "p20": p20, "p80": p80, "unit": "ms"})
-        if saved is not None:
-            rows.append({**row, "metric": "saved_bytes", "p50": saved, "p20": saved, "p80": saved,
-                         "unit": "B"})
-    return rows
+    row = {**meta, "case": case, "M": M, "K": K, "N": N, "r": r, "dtype": {v: k for k, v in common.DTYPES.items()}[dtype],
+           "dropout": 0.0, "mode": "fwd_bwd" if train else "fwd"}
+    return common.layer_rows(models, x, dy, train, rounds, warmup, device, row)
 
 
 def weight_bytes_per_parameter(shapes, double_quant=True):

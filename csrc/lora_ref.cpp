@@ -17,6 +17,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -342,6 +343,157 @@ py::array_t<float> decode_absmax(const py::array_t<uint8_t, py::array::c_style |
   return result;
 }
 
+// ---- DoRA (weight-decomposed LoRA, PEFT's use_dora) ------------------------------------------
+//
+//   n_j = ||w_j + s B_j A||  (the row of the sum itself)     c = m / n  (a constant to gradients)
+//   peft form:  y = x W0^T + b + (c - 1) (d(x) W0^T) + c s (d(x) A^T) B^T
+//   lora form:  y = c (x W0^T + s (d(x) A^T) B^T) + b
+//   e = dY c;  dA = s (e B)^T d(x);  dB = s e^T (d(x) A^T);  dm_j = sum_m dY_mj side_mj / n_j
+//   with side = d(x) W0^T + s (d(x) A^T) B^T (peft) or x W0^T + s (d(x) A^T) B^T (lora), and
+//   dX = dY W0 + keep/(1-p) ((c - 1) dY W0 + s (e B) A) (peft) or e W0 + keep/(1-p) s (e B) A (lora).
+
+std::vector<double> dora_norms(const Matrix& w, const Matrix& a, const Matrix& b, double scaling) {
+  std::vector<double> norm(w.rows);
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < w.rows; ++n) {
+    double acc = 0.0;
+    for (int64_t k = 0; k < w.cols; ++k) {
+      double v = w.at(n, k);
+      for (int64_t j = 0; j < a.rows; ++j) v += scaling * b.at(n, j) * a.at(j, k);
+      acc += v * v;
+    }
+    norm[n] = std::sqrt(acc);
+  }
+  return norm;
+}
+
+struct DoraParts {
+  std::vector<double> norm, c, base, based, low;   // (N), (N), (M, N) x W0^T, d(x) W0^T, s xa B^T
+  std::vector<double> scale, storage, xa;
+  int64_t M, N, K, R;
+};
+
+DoraParts dora_parts(const Matrix& x, const Matrix& w, const Matrix& a, const Matrix& b, const Array& m_,
+                     double scaling, const std::optional<int64_t>& seed, double p) {
+  DoraParts d;
+  d.M = x.rows, d.N = w.rows, d.K = w.cols, d.R = a.rows;
+  if (m_.ndim() != 1 || m_.shape(0) != d.N)
+    throw std::invalid_argument("magnitude: expected shape (" + std::to_string(d.N) + ",)");
+  d.norm = dora_norms(w, a, b, scaling);
+  d.c.resize(d.N);
+  for (int64_t n = 0; n < d.N; ++n) d.c[n] = m_.data()[n] / d.norm[n];
+  d.scale = dropout_scale(seed, p, d.M, d.K);
+  const Matrix xd = dropped(x, d.scale, d.storage);
+  d.xa = x_at(xd, a);
+  d.base.resize(d.M * d.N), d.based.resize(d.M * d.N), d.low.resize(d.M * d.N);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < d.M; ++i)
+    for (int64_t n = 0; n < d.N; ++n) {
+      double base = 0.0, based = 0.0, low = 0.0;
+      for (int64_t k = 0; k < d.K; ++k) {
+        base += x.at(i, k) * w.at(n, k);
+        based += xd.at(i, k) * w.at(n, k);
+      }
+      for (int64_t j = 0; j < d.R; ++j) low += d.xa[i * d.R + j] * b.at(n, j);
+      d.base[i * d.N + n] = base, d.based[i * d.N + n] = based, d.low[i * d.N + n] = scaling * low;
+    }
+  return d;
+}
+
+Array dora_forward(const Array& x_, const Array& w_, const Array& a_, const Array& b_, const Array& m_,
+                   const std::optional<Array>& bias_, double scaling, const std::optional<int64_t>& seed,
+                   double p, bool peft_form) {
+  Matrix w = view(w_, "weight", -1, -1);
+  Matrix x = view(x_, "x", -1, w.cols);
+  Matrix a = view(a_, "lora_A", -1, w.cols);
+  Matrix b = view(b_, "lora_B", w.rows, a.rows);
+  if (bias_ && (bias_->ndim() != 1 || bias_->shape(0) != w.rows))
+    throw std::invalid_argument("bias: expected shape (" + std::to_string(w.rows) + ",)");
+  DoraParts d = dora_parts(x, w, a, b, m_, scaling, seed, p);
+  Array y_({d.M, d.N});
+  double* y = y_.mutable_data();
+  for (int64_t i = 0; i < d.M; ++i)
+    for (int64_t n = 0; n < d.N; ++n) {
+      const int64_t at = i * d.N + n;
+      double v = peft_form ? d.base[at] + (d.c[n] - 1.0) * d.based[at] + d.c[n] * d.low[at]
+                           : d.c[n] * (d.base[at] + d.low[at]);
+      y[at] = v + (bias_ ? bias_->data()[n] : 0.0);
+    }
+  return y_;
+}
+
+py::dict dora_backward(const Array& dy_, const Array& x_, const Array& w_, const Array& a_, const Array& b_,
+                       const Array& m_, double scaling, const std::optional<int64_t>& seed, double p,
+                       bool peft_form) {
+  Matrix w = view(w_, "weight", -1, -1);
+  Matrix x = view(x_, "x", -1, w.cols);
+  Matrix dy = view(dy_, "grad_out", x.rows, w.rows);
+  Matrix a = view(a_, "lora_A", -1, w.cols);
+  Matrix b = view(b_, "lora_B", w.rows, a.rows);
+  DoraParts d = dora_parts(x, w, a, b, m_, scaling, seed, p);
+  const int64_t M = d.M, N = d.N, K = d.K, R = d.R;
+  std::vector<double> storage;
+  const Matrix xd = dropped(x, d.scale, storage);
+  std::vector<double> g(M * R);   // (e B), e = dY c
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < R; ++j) {
+      double acc = 0.0;
+      for (int64_t n = 0; n < N; ++n) acc += dy.at(i, n) * d.c[n] * b.at(n, j);
+      g[i * R + j] = acc;
+    }
+  Array dx_({M, K});
+  double* dx = dx_.mutable_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k) {
+      double full = 0.0, masked = 0.0;   // the terms on x, and those on d(x) (before its scale)
+      for (int64_t n = 0; n < N; ++n) {
+        if (peft_form) {
+          full += dy.at(i, n) * w.at(n, k);
+          masked += (d.c[n] - 1.0) * dy.at(i, n) * w.at(n, k);
+        } else {
+          full += d.c[n] * dy.at(i, n) * w.at(n, k);
+        }
+      }
+      for (int64_t j = 0; j < R; ++j) masked += scaling * g[i * R + j] * a.at(j, k);
+      dx[i * K + k] = full + (d.scale.empty() ? masked : masked * d.scale[i * K + k]);
+    }
+  Array da_({R, K});
+  double* da = da_.mutable_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < R; ++j) {
+      double acc = 0.0;
+      for (int64_t i = 0; i < M; ++i) acc += g[i * R + j] * xd.at(i, k);
+      da[j * K + k] = scaling * acc;
+    }
+  Array db_({N, R});
+  double* db = db_.mutable_data();
+  Array dm_({N});
+  double* dm = dm_.mutable_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < R; ++j) {
+      double acc = 0.0;
+      for (int64_t i = 0; i < M; ++i) acc += dy.at(i, n) * d.c[n] * d.xa[i * R + j];
+      db[n * R + j] = scaling * acc;
+    }
+    double acc = 0.0;
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t at = i * N + n;
+      acc += dy.at(i, n) * ((peft_form ? d.based[at] : d.base[at]) + d.low[at]);
+    }
+    dm[n] = acc / d.norm[n];
+  }
+  py::dict grads;
+  grads["x"] = dx_;
+  grads["lora_A"] = da_;
+  grads["lora_B"] = db_;
+  grads["magnitude"] = dm_;
+  return grads;
+}
+
 bool has_openmp() {
 #ifdef _OPENMP
   return true;
@@ -374,5 +526,14 @@ PYBIND11_MODULE(_cref, m) {
   m.def("decode_absmax", &decode_absmax, py::arg("codes"), py::arg("map"), py::arg("scales"),
         py::arg("offset"), py::arg("blocksize") = 256,
         "Double quantisation's absmax in float32: map[codes[j]] * scales[j / blocksize] + offset.");
+  m.def("dora_forward", &dora_forward, py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"),
+        py::arg("magnitude"), py::arg("bias") = std::nullopt, py::arg("scaling") = 1.0,
+        py::arg("seed") = std::nullopt, py::arg("p") = 0.0, py::arg("peft_form") = true,
+        "DoRA's y (M, N): c = m / ||W0 + s B A||_row; peft_form: x W0^T + b + (c - 1) d(x) W0^T +\n"
+        "c s d(x) A^T B^T, else c (x W0^T + s d(x) A^T B^T) + b.");
+  m.def("dora_backward", &dora_backward, py::arg("grad_out"), py::arg("x"), py::arg("weight"),
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("magnitude"), py::arg("scaling") = 1.0,
+        py::arg("seed") = std::nullopt, py::arg("p") = 0.0, py::arg("peft_form") = true,
+        "DoRA's gradients (the norm a constant): dict with 'x', 'lora_A', 'lora_B', 'magnitude'.");
   m.def("has_openmp", &has_openmp, "Whether this build runs its loops on OpenMP threads.");
 }

@@ -11,6 +11,7 @@ reference and a plain-PyTorch path. Public API:
     add_adapter / set_adapter / delete_adapter / adapter_names / active_adapter: named adapters
     batch_adapters(model, names): each batch row with its own adapter, trained or served
     quantize(model, "nf4") / Linear4bit / LoRALinear4bit: QLoRA, a 4-bit NF4 base (bitsandbytes' bytes)
+    dora_linear / LoRALinear(..., use_dora=True) / inject(..., use_dora=True): DoRA (PEFT's use_dora)
     dispatch: which kernel path each pass runs on a GPU, measured per shape and cached
     dropout.keep_mask(seed, M, K, p): the kernels' LoRA dropout mask, reproduced outside them
 """
@@ -23,6 +24,7 @@ from .named_adapters import active_adapter, adapter_names, add_adapter, delete_a
 from .adapters import load_adapter, load_adapters, lora_state_dict, save_adapter
 from .mixed import batch_adapters
 from .qlora import Linear4bit, LoRALinear4bit, quantize
+from .dora import dora_linear
 
 from ._version import __version__
 __all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "dropout", "inject", "merge",
@@ -30,4 +32,4 @@ __all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "drop
            "mark_only_lora_as_trainable", "trainable_parameters", "disable_adapters",
            "save_adapter", "load_adapter", "load_adapters", "add_adapter", "set_adapter",
            "delete_adapter", "adapter_names", "active_adapter", "batch_adapters", "quantize", "Linear4bit",
-           "LoRALinear4bit", "__version__"]
+           "LoRALinear4bit", "dora_linear", "__version__"]

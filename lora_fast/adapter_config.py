@@ -14,7 +14,7 @@ from .inject import _check_targets
 # --- how load_adapter treats each LoraConfig field ---------------------------------------------
 # Checked by load_adapter itself (_config_hparams, _check_init, bias, fan_in_fan_out).
 _CHECKED_FIELDS = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
-                   "exclude_modules", "bias", "fan_in_fan_out", "init_lora_weights"}
+                   "exclude_modules", "bias", "fan_in_fan_out", "init_lora_weights", "use_dora"}
 # Do not change what a trained adapter computes, whatever their value.
 _HARMLESS_FIELDS = {
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -29,7 +29,6 @@ _HARMLESS_FIELDS = {
 # Change what the adapter computes (or what a continued training would train) and are not
 # implemented: refused unless off (None/False/{}/[]).
 _REFUSED_FIELDS = {
-    "use_dora": "DoRA (a learned magnitude per output feature)",
     "alora_invocation_tokens": "aLoRA (the adapter acts only from its invocation tokens on)",
     "arrow_config": "Arrow (per-token routing among adapters)",
     "velora_config": "VeLoRA (a LoRA variant with a backward of its own)",
@@ -50,6 +49,8 @@ _REFUSED_FIELDS = {
     "ensure_weight_tying": "adapters tied across tied layers",
 }
 CLASSIFIED_FIELDS = _CHECKED_FIELDS | _HARMLESS_FIELDS | set(_REFUSED_FIELDS)
+# PEFT's LoRA variants lora_fast implements (checked, not refused): DoRA (lora_fast.dora)
+IMPLEMENTED_VARIANTS = {"use_dora"}
 
 # init_lora_weights only says how A and B started, except for the inits that also rewrite the base
 # weight: for those PEFT's from_pretrained recomputes the initial A0, B0 from the base weight and
@@ -182,6 +183,9 @@ def _config_hparams(config, where):
     rslora = config.get("use_rslora", False)
     if not isinstance(rslora, bool):   # "no" would be truthy
         raise bad("use_rslora", "true or false")
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise bad("use_dora", "true or false")
     fan_in_fan_out = config.get("fan_in_fan_out", False)
     if not isinstance(fan_in_fan_out, bool):
         raise bad("fan_in_fan_out", "true or false")
@@ -191,5 +195,5 @@ def _config_hparams(config, where):
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
     return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "use_rslora": rslora,
-            "fan_in_fan_out": fan_in_fan_out, "target_modules": config["target_modules"],
+            "use_dora": use_dora, "fan_in_fan_out": fan_in_fan_out, "target_modules": config["target_modules"],
             "exclude_modules": config.get("exclude_modules")}

@@ -1,8 +1,9 @@
 """Adapters on disk in PEFT's format: a directory with adapter_config.json and
 adapter_model.safetensors, whose keys are ``base_model.model.<module path>.lora_A.weight`` (r, in)
 and ``...lora_B.weight`` (out, r). PEFT's ``PeftModel.from_pretrained`` loads what `save_adapter`
-writes, and `load_adapter` loads what PEFT's ``save_pretrained`` writes (plain LoRA; PEFT features
-without a lora_fast equivalent, such as DoRA, aLoRA or per-module ranks, are refused by name).
+writes, and `load_adapter` loads what PEFT's ``save_pretrained`` writes (LoRA and DoRA, whose
+magnitude is ``...lora_magnitude_vector`` (out,), without ".weight", as PEFT writes it; PEFT features
+without a lora_fast equivalent, such as aLoRA or per-module ranks, are refused by name).
 
 Several adapters (lora_fast.add_adapter) are kept on disk as PEFT keeps them: the adapter named
 "default" at the root of the directory, every other one in a subfolder named after it, each
@@ -56,14 +57,21 @@ _EXPECTED_FILES = {CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, "README.md",
 # are moved into place before the config, so a save interrupted between the two leaves new weights
 # beside the old config; load_adapter compares the two and refuses a mix that disagrees.
 SAVED_WITH_KEY = "lora_fast_hparams"
-_SAVED_HPARAMS = ("r", "lora_alpha", "use_rslora", "lora_dropout")
+_SAVED_HPARAMS = ("r", "lora_alpha", "use_rslora", "lora_dropout", "use_dora")
+MAGNITUDE = "lora_magnitude_vector"   # DoRA's (out,) magnitude: PEFT's key, no ".weight" in its files
+_PARTS = ("lora_A", "lora_B", MAGNITUDE)
+
+
+def _file_key(key):
+    """PEFT's key in adapter_model.safetensors for lora_state_dict's `key`."""
+    return f"{PREFIX}{key}" if key.endswith("." + MAGNITUDE) else f"{PREFIX}{key}.weight"
 
 
 # --- state dict ---------------------------------------------------------------------------------
 
 def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)} of one adapter, detached, for the
-    layers that hold it. For the adapter "default" these are the model's own state-dict names;
+    """{"<path>.lora_A": (r, in), "<path>.lora_B": (out, r)} (and a DoRA adapter's
+    "<path>.lora_magnitude_vector" (out,)) of one adapter, detached, for the layers that hold it. For the adapter "default" these are the model's own state-dict names;
     another adapter's weights have the same keys here (its state-dict keys are
     ``<path>.lora_adapters.<name>.lora_A``). Weights sharded by FSDP2 (DTensor) are gathered
     whole: that is a collective, so every rank must call this.
@@ -98,7 +106,7 @@ def _holding(model, adapter_name, what):
 def _gathered(layers, adapter_name):
     out = {}
     for name, layer in layers.items():
-        for part, param in zip(("lora_A", "lora_B"), layer.adapter_weights(adapter_name)):
+        for part, param in zip(_PARTS, layer.adapter_parameters(adapter_name)):
             tensor = param.detach()
             if hasattr(tensor, "full_tensor"):   # a DTensor shard (FSDP2)
                 tensor = tensor.full_tensor()
@@ -156,8 +164,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     for name in names:   # _holding refuses a name of the wrong kind or one the model lacks
         name, layers = _holding(inner, name, "save_adapter")
         config = _adapter_config(inner, name, layers, base_model_name_or_path)
-        tensors = {f"{PREFIX}{key}.weight": t.cpu().contiguous()
-                   for key, t in _gathered(layers, name).items()}
+        tensors = {_file_key(key): t.cpu().contiguous() for key, t in _gathered(layers, name).items()}
         at_root = adapter_name is not None or name == DEFAULT_ADAPTER
         planned.append(_Planned(
             folder=path if at_root else path / name, tensors=tensors,
@@ -241,6 +248,7 @@ def _adapter_config(model, adapter_name, layers, base_model_name_or_path):
         "lora_alpha": common("lora_alpha"),
         "lora_dropout": common("lora_dropout"),
         "use_rslora": common("use_rslora"),
+        "use_dora": common("use_dora"),
         "target_modules": recorded.get("target_modules", sorted(layers)),
         "bias": "none",
         "fan_in_fan_out": any(layer.from_conv1d for layer in layers.values()),
@@ -324,10 +332,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         targets = {name: _Target.of(layer) for name, layer in holders.items()}
     else:
         targets = _targets(module, hparams, config_file, lora_too=True)
-    _check_tensors_fit(targets, tensors, hparams["r"], weights_file, config_file)
+    _check_tensors_fit(targets, tensors, hparams["r"], weights_file, config_file, hparams["use_dora"])
     _check_fan_in_fan_out(targets, hparams, config_file)
-    incoming = {name: tuple(tensors[f"{PREFIX}{name}.{part}.weight"] for part in ("lora_A", "lora_B"))
-                for name in targets}
+    parts = _PARTS if hparams["use_dora"] else _PARTS[:2]
+    incoming = {name: tuple(tensors[_file_key(f"{name}.{part}")] for part in parts) for name in targets}
     if hotswap:
         incoming = _padded_and_scaled(holders, adapter_name, hparams, incoming)
 
@@ -337,13 +345,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             inject(module, r=hparams["r"], lora_alpha=hparams["lora_alpha"],
                    target_modules=hparams["target_modules"], lora_dropout=hparams["lora_dropout"],
                    use_rslora=hparams["use_rslora"], exclude_modules=hparams["exclude_modules"],
-                   adapter_dtype=file_dtype, adapter_name=adapter_name)
+                   adapter_dtype=file_dtype, adapter_name=adapter_name, use_dora=hparams["use_dora"])
         elif adapter_name not in known:
             named_adapters.add_adapter(
                 module, adapter_name, r=hparams["r"], lora_alpha=hparams["lora_alpha"],
                 target_modules=hparams["target_modules"], lora_dropout=hparams["lora_dropout"],
                 use_rslora=hparams["use_rslora"], exclude_modules=hparams["exclude_modules"],
-                adapter_dtype=file_dtype)
+                adapter_dtype=file_dtype, use_dora=hparams["use_dora"])
         loaded = named_adapters.adapter_layers(module, adapter_name)
         _copy_into(loaded, _Incoming(adapter_name, incoming))
     return list(loaded)
@@ -473,7 +481,7 @@ def _check_saved_with(metadata, hparams, config_file, weights_file):
 def _check_layer_hparams(layers, adapter_name, hparams, config_file):
     for name, layer in layers.items():
         settings = layer.adapter_settings[adapter_name]
-        for attr in ("r", "lora_alpha", "use_rslora"):
+        for attr in ("r", "lora_alpha", "use_rslora", "use_dora"):
             if getattr(settings, attr) != hparams[attr]:
                 raise ValueError(
                     f"load_adapter: layer {name!r} has {attr}={getattr(settings, attr)!r}, the "
@@ -499,6 +507,12 @@ def _check_hotswap(holders, adapter_name, hparams, tensors, weights_file):
             f"layers it does not have {extra[:5]}; a hot swap replaces weights only (new LoRA "
             "layers would change what torch.compile traced): load it with hotswap=False under "
             "another adapter_name")
+    dora = sorted(name for name, layer in holders.items()
+                  if layer.adapter_settings[adapter_name].use_dora != hparams["use_dora"])
+    if dora:
+        raise ValueError(f"hotswap: the file's use_dora={hparams['use_dora']} differs from adapter "
+                         f"{adapter_name!r}'s on {len(dora)} layers (e.g. {dora[0]!r}); a hot swap "
+                         "replaces weights only: load it with hotswap=False under another adapter_name")
     for name, layer in holders.items():
         slot = layer.adapter_settings[adapter_name].r
         if hparams["r"] > slot:
@@ -516,7 +530,7 @@ def _padded_and_scaled(holders, adapter_name, hparams, incoming):
     s_file = AdapterSettings(hparams["r"], hparams["lora_alpha"], hparams["lora_dropout"],
                              hparams["use_rslora"]).scaling
     out = {}
-    for name, (lora_A, lora_B) in incoming.items():
+    for name, (lora_A, lora_B, *magnitude) in incoming.items():   # a DoRA magnitude: taken as it is
         layer = holders[name]
         param_A, param_B = layer.adapter_weights(adapter_name)
         ratio = s_file / layer.adapter_settings[adapter_name].scaling
@@ -531,7 +545,7 @@ def _padded_and_scaled(holders, adapter_name, hparams, incoming):
             padded_A[:r] = lora_A
             padded_B[:, :r] = lora_B
             lora_A, lora_B = padded_A, padded_B
-        out[name] = (lora_A, lora_B)
+        out[name] = (lora_A, lora_B, *magnitude)
     return out
 
 
@@ -571,19 +585,25 @@ def _targets(module, hparams, config_file, lora_too=False):
     return targets
 
 
-def _check_tensors_fit(targets, tensors, r, weights_file, config_file):
-    """One tensor per layer and part, each of the shape the layer will have. Compared from the
-    sizes alone, so that a wrong r (even 2**40) is refused before anything is allocated."""
+def _check_tensors_fit(targets, tensors, r, weights_file, config_file, use_dora=False):
+    """One tensor per layer and part (a DoRA adapter's magnitude too), each of the shape the layer
+    will have. Compared from the sizes alone, so that a wrong r (even 2**40) is refused before
+    anything is allocated."""
     expected = {}
     for name, target in targets.items():
         expected[f"{PREFIX}{name}.lora_A.weight"] = (r, target.in_features)
         expected[f"{PREFIX}{name}.lora_B.weight"] = (target.out_features, r)
+        if use_dora:
+            expected[_file_key(f"{name}.{MAGNITUDE}")] = (target.out_features,)
     missing = [key for key in expected if key not in tensors]
     unexpected = [key for key in tensors if key not in expected]
     if missing or unexpected:
+        magnitudes = [key for key in missing + unexpected if key.endswith("." + MAGNITUDE)]
+        hint = (f"; {config_file} says use_dora={use_dora}, and a DoRA adapter holds one {MAGNITUDE} "
+                "per layer, a LoRA one none" if magnitudes else "")
         raise KeyMismatchError(f"load_adapter: {weights_file} does not fit the model's LoRA layers: "
                        f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} "
-                       f"({len(unexpected)} in all)")
+                       f"({len(unexpected)} in all){hint}")
     for key, shape in expected.items():
         found = tuple(tensors[key].shape)
         if found != shape:
@@ -637,7 +657,7 @@ def _restored_on_error(module, layers):
     requires_grad = [(p, p.requires_grad) for p in module.parameters()]
     records = {key: module.__dict__.get(key) for key in ("lora_fast_config", "lora_fast_adapters")}
     saved = {name: _LayerState(
-                 {adapter: tuple(p.detach().clone() for p in layer.adapter_weights(adapter))
+                 {adapter: tuple(p.detach().clone() for p in layer.adapter_parameters(adapter))
                   for adapter in layer.adapter_settings},
                  layer.active_adapter, layer.merged)
              for name, layer in layers.items()}
@@ -653,7 +673,7 @@ def _restored_on_error(module, layers):
                 for added in [a for a in layer.adapter_settings if a not in state.weights]:
                     layer.delete_adapter(added)
                 for adapter, values in state.weights.items():
-                    for param, value in zip(layer.adapter_weights(adapter), values):
+                    for param, value in zip(layer.adapter_parameters(adapter), values):
                         param.copy_(value)
                 if state.merged:   # merge() folds the active adapter, the one merged before
                     layer.merge()
@@ -685,8 +705,8 @@ def _copy_into(layers, incoming):
         layer.unmerge()
     with torch.no_grad():
         for name, layer in layers.items():
-            for param, value in zip(layer.adapter_weights(incoming.adapter_name),
-                                    incoming.tensors[name]):
+            for param, value in zip(layer.adapter_parameters(incoming.adapter_name),
+                                    incoming.tensors[name], strict=True):
                 value = value.to(param.dtype)
                 if hasattr(param, "device_mesh"):   # sharded by FSDP2: copy in this rank's shard
                     from torch.distributed.tensor import distribute_tensor

@@ -24,6 +24,11 @@ their K-loop, the torch path decodes it first), the float64 and C++ references d
 themselves, and the codes must come back unchanged. An --impl module outside lora_fast gets the
 stand-in too: lora_fast.weights.dense(weight) gives it the decoded tensor.
 
+--dora: the DoRA layer (lora_fast.dora, PEFT's use_dora) on the implementation's passes, with a
+magnitude m (out,) a little off W0's row norms: y, dX, dA, dB and dm against the float64 reference
+(reference.dora_linear_ref, by float64 autograd of PEFT's formula, dropout in PEFT's form) and the
+C++ reference's own DoRA loops (hand-derived gradients: two independent derivations).
+
 --all-paths checks every path the GPU dispatcher can pick (lora_fast.dispatch: in_loop / split /
 split_k / tma / cublas forward × fused / split / tma / cublas backward, those that apply to the shape), one row
 group per pair and dropout p, instead of the one the dispatcher picks.
@@ -208,10 +213,69 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0, nf4=False):
     return rows, modified
 
 
-def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p, nf4=False):
+def check_dora_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
+    """(rows, modified) as check_case's, for DoRA on impl's passes (lora_fast.dora.DoRALinearFunction,
+    dropout in PEFT's form): y, dX, dA, dB and dm against the float64 reference; the bound allows for
+    the torch path's error in the same dtype."""
+    import torch
+
+    from lora_fast import cref, dora, torch_path
+    from lora_fast.reference import dora_linear_ref
+    from lora_fast.tolerances import bound, rel_err
+
+    tensors = dict(zip(INPUT_NAMES, (*_inputs(M, K, N, r, dtype, device, seed), _dropout_seed(seed, device))))
+    g = torch.Generator().manual_seed(seed + 1)
+    norms = torch.linalg.vector_norm(tensors["weight"].double().cpu(), dim=1)
+    tensors["magnitude"] = (norms * (1 + 0.2 * torch.rand(N, generator=g, dtype=torch.float64))).to(device, dtype)
+    copies = {name: t.clone() for name, t in tensors.items()}
+    x, w, a, b, bias, dy, drop_seed, m = (copies[n] for n in (*INPUT_NAMES, "magnitude"))
+    y_ref, grads = dora_linear_ref(x, w, a, b, m, bias, SCALING, dropout_p=p, seed=drop_seed if p > 0 else None,
+                                   grad_out=dy)
+    cpp = None
+    if cref.available():
+        drop = {"dropout_p": p, "seed": drop_seed} if p > 0 else {}
+        g_cpp = cref.dora_linear_backward_cref(dy, x, w, a, b, m, SCALING, **drop)
+        cpp = [cref.dora_linear_cref(x, w, a, b, m, bias, SCALING, **drop), g_cpp["x"], g_cpp["lora_A"],
+               g_cpp["lora_B"], g_cpp["magnitude"]]
+
+    def run(passes, t):
+        leaves = [t[n].clone().requires_grad_() for n in ("x", "lora_A", "lora_B", "magnitude")]
+        norm = dora.weight_norm(t["weight"], t["lora_A"], t["lora_B"], SCALING)
+        y = dora.DoRALinearFunction.apply(leaves[0], t["weight"], t["bias"], leaves[1], leaves[2], leaves[3], norm,
+                                          SCALING, passes, p, t["seed"] if p > 0 else None, True)
+        y.backward(t["dy"])
+        return [y.detach()] + [leaf.grad for leaf in leaves]
+
+    baseline = run(torch_path, copies)
+    modified = []
+    outs = run(impl, tensors)
+    changed = _modified(tensors, copies, set())
+    if changed:
+        modified.append(("DoRA forward/backward", changed))
+    rows = []
+    refs = [y_ref, grads["x"], grads["lora_A"], grads["lora_B"], grads["magnitude"]]
+    for i, (name, out, base, ref) in enumerate(zip(("y", "dX", "dA", "dB", "dm"), outs, baseline, refs)):
+        if M == 0 and name in ("y", "dX"):
+            continue
+        shape_ok = out is not None and tuple(out.shape) == tuple(ref.shape)
+        finite = shape_ok and bool(torch.isfinite(out).all())
+        err = rel_err(out, ref) if shape_ok else float("inf")
+        err_cpp = rel_err(out, cpp[i]) if (cpp is not None and shape_ok) else None
+        limit = bound(dtype, rel_err(base, ref))
+        rows.append((name, err, err_cpp, limit, finite and err <= limit and (err_cpp is None or err_cpp <= limit)))
+    return rows, modified
+
+
+def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p, nf4=False, dora=False):
     """(paths label, (rows, modified)) for one case at dropout p: the impl's own choice, or every
     dispatcher path pair (every path drops the kernels' elements, so every pair applies with dropout too)."""
     x, w, *_, dy = _inputs(M, K, N, r, dtype, device, seed)
+    if dora:
+        def check(*args):
+            return check_dora_case(*args)
+    else:
+        def check(*args):
+            return check_case(*args, nf4)
 
     def call(first):   # the dispatcher's view of the call: a 4-bit W0 is read by fewer paths
         if not nf4:
@@ -224,14 +288,14 @@ def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p, nf4=False):
             # fallback hiding a path that fails, and fp32 on a GPU checks the kernels, not cuBLAS
             paths = {name: impl.heuristic(name, call(x if name == "forward" else dy)) for name in ("forward", "backward")}
             with impl.forced(**paths):
-                yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p, nf4)
+                yield "default", check(impl, M, K, N, r, dtype, device, seed, p)
             return
-        yield "default", check_case(impl, M, K, N, r, dtype, device, seed, p, nf4)
+        yield "default", check(impl, M, K, N, r, dtype, device, seed, p)
         return
     for forward in impl.candidates("forward", call(x)):
         for backward in impl.candidates("backward", call(dy)):
             with impl.forced(forward=forward, backward=backward):
-                yield f"{forward}/{backward}", check_case(impl, M, K, N, r, dtype, device, seed, p, nf4)
+                yield f"{forward}/{backward}", check(impl, M, K, N, r, dtype, device, seed, p)
 
 
 def build_parser():
@@ -259,6 +323,9 @@ def build_parser():
     parser.add_argument("--nf4", action="store_true",
                         help="W0 in 4 bits (QLoRA's NF4): the passes get it decoded as the 4-bit layer "
                              "decodes it, each reference decodes the codes itself")
+    parser.add_argument("--dora", action="store_true",
+                        help="DoRA (lora_fast.dora) on the passes: y, dX, dA, dB and the magnitude's dm against "
+                             "the float64 reference; not with --nf4")
     parser.add_argument("--all-paths", action="store_true",
                         help="check every forward x backward path the GPU dispatcher can pick "
                              "(lora_fast.dispatch) instead of the one it picks; not with another --impl")
@@ -342,6 +409,8 @@ def main(argv=None):
             parser.error(f"--nf4: W0 (N x K) needs an even number of elements, not {', '.join(odd)}")
         shapes = [(M, K, N) for M, K, N in shapes if (K * N) % 2 == 0]
     _check_case_sizes(parser, shapes, ranks)
+    if args.dora and args.nf4:
+        parser.error("--dora with --nf4: DoRA on a 4-bit base weight is not available yet")
     if args.impl == "lora_fast.kernels":
         args.impl = "lora_fast.dispatch"
     if args.all_paths and args.impl != "lora_fast.dispatch":
@@ -350,7 +419,7 @@ def main(argv=None):
 
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
     print(f"lora_fast.check: {args.impl} on {where}; torch {torch.__version__}"
-          + ("; W0 in NF4 (4-bit)" if args.nf4 else ""))
+          + ("; W0 in NF4 (4-bit)" if args.nf4 else "") + ("; DoRA" if args.dora else ""))
     if cref.available():
         print(f"C++ reference: built ({'OpenMP' if cref.has_openmp() else 'no OpenMP'})")
     else:
@@ -364,7 +433,7 @@ def main(argv=None):
     for i, ((M, K, N), r, name, p) in enumerate(cases):
         seed = args.seed * len(cases) + i
         for paths, (rows, modified) in _run_paths(impl, args.all_paths, M, K, N, r, dtypes[name], device, seed, p,
-                                                  args.nf4):
+                                                  args.nf4, args.dora):
             for out, err, err_cpp, limit, ok in rows:
                 failures += not ok
                 worst = max(worst, err / limit)

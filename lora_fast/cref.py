@@ -71,6 +71,31 @@ def lora_linear_backward_cref(grad_out, x, weight, lora_A, lora_B, scaling=1.0, 
     return out
 
 
+def dora_linear_cref(x, weight, lora_A, lora_B, magnitude, bias=None, scaling=1.0, seed=None, dropout_p=0.0,
+                     dropout="peft"):
+    """DoRA's forward in double (csrc/lora_ref.cpp, its own loops): y (..., out), float64 CPU; dropout
+    "peft" or "lora" as lora_fast.dora_linear's."""
+    _require()
+    k = weight.shape[1]
+    y = _cref.dora_forward(_np(x, k), _np(weight), _np(lora_A), _np(lora_B), _np(magnitude),
+                           None if bias is None else _np(bias), float(scaling), _seed(seed), float(dropout_p),
+                           dropout == "peft")
+    return torch.from_numpy(y).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dora_linear_backward_cref(grad_out, x, weight, lora_A, lora_B, magnitude, scaling=1.0, seed=None,
+                              dropout_p=0.0, dropout="peft"):
+    """DoRA's gradients in double, the norm a constant: dict of float64 CPU 'x', 'lora_A', 'lora_B',
+    'magnitude'."""
+    _require()
+    n, k = weight.shape
+    grads = _cref.dora_backward(_np(grad_out, n), _np(x, k), _np(weight), _np(lora_A), _np(lora_B),
+                                _np(magnitude), float(scaling), _seed(seed), float(dropout_p), dropout == "peft")
+    out = {name: torch.from_numpy(v) for name, v in grads.items()}
+    out["x"] = out["x"].reshape(x.shape)
+    return out
+
+
 def dropout_mask(out, seed, p, row0=0):
     """Write the kernels' keep-mask of rows row0.. into `out`, a contiguous (M, K) CPU tensor of
     bool, uint8, float32 or float64 (1 kept, 0 dropped), for the int `seed`: the C++ Philox

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import qlora
 from .module import (DEFAULT_ADAPTER, LoRALinear, _check_adapter_dtype, _check_base, _check_hparams,
-                     check_adapter_name, default_adapter_dtype, is_conv1d, storage_extent)
+                     check_adapter_name, check_dora, default_adapter_dtype, is_conv1d, storage_extent)
 
 ALL_LINEAR = "all-linear"
 # target_modules / exclude_modules: a regex, names (exact or dotted suffix), or ALL_LINEAR
@@ -30,7 +30,8 @@ Targets = Union[str, Sequence[str], None]
 
 def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: Targets = None,
            lora_dropout: float = 0.0, use_rslora: bool = False, exclude_modules: Targets = None,
-           adapter_dtype: torch.dtype | None = None, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
+           adapter_dtype: torch.dtype | None = None, adapter_name: str = DEFAULT_ADAPTER,
+           use_dora: bool = False, dora_dropout: str = "peft") -> list[str]:
     """Replace the matching linears of `model` in place by LoRALinear (weights shared, not copied),
     freeze every other parameter, and return the replaced modules' names. Nothing is changed if
     an argument is refused.
@@ -48,6 +49,10 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
             float32 on a float16/bfloat16 base (master adapters, PEFT's default
             ``autocast_adapter_dtype=True``).
         adapter_name: the adapter's name (the active one); more adapters come with add_adapter.
+        use_dora: DoRA (PEFT's ``use_dora``): each layer gets a trainable magnitude
+            ``lora_magnitude_vector`` (out,), initialised to its W0's row norms (lora_fast.dora).
+        dora_dropout: DoRA's dropout form: "peft" (PEFT's function, default) or "lora" (dropout
+            inside the LoRA branch only: one base product, but not PEFT's function with dropout).
 
     Hyper-parameters are recorded as plain Python numbers in ``model.lora_fast_config`` (what
     save_adapter writes), whatever numeric type they came as.
@@ -55,6 +60,7 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+    use_dora, dora_dropout = check_dora(use_dora, dora_dropout)
     _check_targets("target_modules", target_modules, allow_none=False)
     _check_targets("exclude_modules", exclude_modules, allow_none=True)
     _check_adapter_dtype(adapter_dtype)
@@ -68,23 +74,34 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
 
     names = select_modules(model, target_modules, exclude_modules)
     for name in names:   # every layer checked before from_linear freezes the first one
-        check_wrappable(model.get_submodule(name), adapter_dtype, name)
+        check_wrappable(model.get_submodule(name), adapter_dtype, name, use_dora)
     replaced = {}
     for name in names:
         old = model.get_submodule(name)
         replaced[id(old)] = wrap(old, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                 use_rslora=use_rslora, adapter_dtype=adapter_dtype, adapter_name=adapter_name)
+                                 use_rslora=use_rslora, adapter_dtype=adapter_dtype, adapter_name=adapter_name,
+                                 **_dora_settings(use_dora, dora_dropout))
     replace_children(model, replaced)
     mark_only_lora_as_trainable(model)
     record_adapter(model, adapter_name, r, lora_alpha, lora_dropout, use_rslora, target_modules,
-                   exclude_modules, names, any(layer.from_conv1d for layer in replaced.values()))
+                   exclude_modules, names, any(layer.from_conv1d for layer in replaced.values()),
+                   use_dora, dora_dropout)
     model.lora_fast_config = model.lora_fast_adapters[adapter_name]
     return names
 
 
-def check_wrappable(module, adapter_dtype, name):
-    """Raise, naming the layer, unless `wrap` can put an adapter of adapter_dtype on it."""
+def _dora_settings(use_dora, dora_dropout):
+    """wrap's DoRA keywords: none for plain LoRA (4-bit layers take no DoRA arguments)."""
+    return {"use_dora": True, "dora_dropout": dora_dropout} if use_dora else {}
+
+
+def check_wrappable(module, adapter_dtype, name, use_dora=False):
+    """Raise, naming the layer, unless `wrap` can put an adapter of adapter_dtype (DoRA with
+    use_dora) on it."""
     if qlora.is_4bit(module):
+        if use_dora:
+            raise ValueError(f"use_dora: {name!r} is a 4-bit linear, and DoRA on 4-bit layers is not "
+                             "available yet; exclude it (exclude_modules) or use_dora=False")
         qlora.check_4bit(module, name)
         _check_adapter_dtype(adapter_dtype, qlora.compute_dtype_of(module), name)
     else:
@@ -111,7 +128,7 @@ def replace_children(model, replaced):
 
 
 def record_adapter(model, adapter_name, r, lora_alpha, lora_dropout, use_rslora, target_modules,
-                   exclude_modules, names, fan_in_fan_out):
+                   exclude_modules, names, fan_in_fan_out, use_dora=False, dora_dropout="peft"):
     """Record adapter `adapter_name`'s settings in model.lora_fast_adapters (what save_adapter
     writes to its adapter_config.json); model.lora_fast_config is the active adapter's."""
     saved_targets = target_modules
@@ -123,7 +140,7 @@ def record_adapter(model, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
     adapters[adapter_name] = {
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
         "use_rslora": use_rslora, "target_modules": saved_targets,
-        "fan_in_fan_out": fan_in_fan_out,
+        "fan_in_fan_out": fan_in_fan_out, "use_dora": use_dora, "dora_dropout": dora_dropout,
     }
     model.lora_fast_adapters = adapters
 
@@ -291,10 +308,10 @@ def _check_mergeable(model, layers, what):
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    """requires_grad on the active adapter's lora_A/lora_B parameters of `model`, off on every
-    other parameter (the other adapters' too); returns `model`."""
+    """requires_grad on the active adapter's lora_A/lora_B (and DoRA magnitude) parameters of
+    `model`, off on every other parameter (the other adapters' too); returns `model`."""
     lora_params = {id(p) for layer in lora_layers(model).values()
-                   for p in (layer.adapter_weights() or ())}
+                   for p in layer.adapter_parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in lora_params)
     return model

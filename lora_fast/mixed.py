@@ -78,6 +78,11 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None], trainable: boo
                            "first (a merged weight holds one adapter for every row)")
     if any(layer.mixed_rows is not None for layer in layers):
         raise RuntimeError("batch_adapters: the model is inside a batch_adapters block already")
+    dora = sorted({name for layer in layers for name in set(names) - {None}
+                   if name in layer.adapter_settings and layer.adapter_settings[name].use_dora})
+    if dora:
+        raise ValueError(f"names: {dora} are DoRA adapters, which mixed batches do not run yet; "
+                         "batch LoRA adapters only, or set_adapter one DoRA adapter for the batch")
     batch = RowAdapters(known, list(names), backend)
     if trainable and torch.is_grad_enabled():
         used = set(batch.order)

@@ -30,6 +30,18 @@ def is_conv1d(module: nn.Module) -> bool:
 _MAX_R = 2**31 - 1
 
 
+DORA_DROPOUT_FORMS = ("peft", "lora")   # lora_fast.dora: PEFT's function, or dropout in the LoRA branch only
+
+
+def check_dora(use_dora, dora_dropout="peft"):
+    """(use_dora, dora_dropout) checked: a bool, and one of DORA_DROPOUT_FORMS."""
+    if not isinstance(use_dora, (bool, np.bool_)):
+        raise ValueError(f"use_dora: expected True or False, got {use_dora!r}")
+    if dora_dropout not in DORA_DROPOUT_FORMS:
+        raise ValueError(f"dora_dropout: expected one of {DORA_DROPOUT_FORMS}, got {dora_dropout!r}")
+    return bool(use_dora), dora_dropout
+
+
 def _check_hparams(r, lora_alpha, lora_dropout, use_rslora=False):
     """The hyper-parameters as plain Python numbers (a numpy scalar is taken, and stored as int or
     float so that adapter_config.json can hold it), or a ValueError naming the bad one."""
@@ -135,6 +147,8 @@ class AdapterSettings(NamedTuple):
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool
+    use_dora: bool = False        # DoRA (lora_fast.dora): a trained magnitude per output row
+    dora_dropout: str = "peft"    # DoRA's dropout form: "peft" (PEFT's function) or "lora"
 
     @property
     def scaling(self) -> float:
@@ -142,12 +156,15 @@ class AdapterSettings(NamedTuple):
 
 
 class _AdapterWeights(nn.Module):
-    """lora_A/lora_B of an adapter not named "default" (held in LoRALinear.lora_adapters)."""
+    """lora_A/lora_B (and a DoRA adapter's lora_magnitude_vector) of an adapter not named
+    "default" (held in LoRALinear.lora_adapters)."""
 
-    def __init__(self, lora_A, lora_B):
+    def __init__(self, lora_A, lora_B, magnitude=None):
         super().__init__()
         self.lora_A = lora_A
         self.lora_B = lora_B
+        if magnitude is not None:
+            self.lora_magnitude_vector = magnitude
 
 
 # nn.ModuleDict's own attributes cannot name one of its entries.
@@ -204,7 +221,7 @@ class LoRALinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 adapter_name: str = DEFAULT_ADAPTER):
+                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False, dora_dropout: str = "peft"):
         """A new layer with a freshly initialised base weight (nn.Linear's init) and adapter.
 
         Args:
@@ -217,8 +234,13 @@ class LoRALinear(nn.Linear):
             use_rslora: rank-stabilised scaling lora_alpha / √r (PEFT's ``use_rslora``).
             device, dtype: of every parameter, as for nn.Linear.
             adapter_name: the first adapter's name (it is the active one).
+            use_dora: DoRA (PEFT's ``use_dora``): a trainable ``lora_magnitude_vector`` (out,),
+                initialised to W0's row norms, scales the adapted output (lora_fast.dora).
+            dora_dropout: DoRA's dropout form, "peft" (PEFT's function, the default) or "lora"
+                (dropout inside the LoRA branch only: cheaper, differs from PEFT with dropout).
         """
-        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora),
+                                   *check_dora(use_dora, dora_dropout))
         check_adapter_name(adapter_name)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_adapter_state()
@@ -235,6 +257,8 @@ class LoRALinear(nn.Linear):
         # lora_adapters[name]. Keys depend on the name only, never on which adapter is active.
         self.register_parameter("lora_A", None)
         self.register_parameter("lora_B", None)
+        self.register_parameter("lora_magnitude_vector", None)   # the "default" adapter's, with DoRA
+        self._dora_base = None        # (key, ‖w_j‖²): W0's squared row norms for DoRA, per weight version
         self.lora_adapters = nn.ModuleDict()
         self.adapter_settings: dict[str, AdapterSettings] = {}
         # W0 while merged: a buffer, so .to() / .half() / .cuda() move it with the weight; not
@@ -244,23 +268,32 @@ class LoRALinear(nn.Linear):
         self.adapter_enabled = True   # False: forward is the base linear alone (disable_adapters)
         self.mixed_rows = None        # a mixed.RowAdapters inside lora_fast.batch_adapters
 
+    # whether use_dora is available on this kind of layer
+    supports_dora = True
+
     def _add_weights(self, name, settings, factory):
+        if settings.use_dora and not self.supports_dora:
+            raise ValueError(f"use_dora: DoRA is not available on {type(self).__name__} layers yet "
+                             "(a 4-bit base); use_dora=False, or a 16-bit base")
         lora_A = nn.Parameter(torch.empty((settings.r, self.in_features), **factory))
         lora_B = nn.Parameter(torch.empty((self.out_features, settings.r), **factory))
+        magnitude = nn.Parameter(torch.empty((self.out_features,), **factory)) if settings.use_dora else None
         if name == DEFAULT_ADAPTER:
             self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
+            self._parameters["lora_magnitude_vector"] = magnitude
         else:
-            self.lora_adapters[name] = _AdapterWeights(lora_A, lora_B)
+            self.lora_adapters[name] = _AdapterWeights(lora_A, lora_B, magnitude)
         self.adapter_settings[name] = settings
         self.reset_lora_parameters(name)
-        lora_A.requires_grad_(name == getattr(self, "active_adapter", name))
-        lora_B.requires_grad_(lora_A.requires_grad)
+        for param in self.adapter_parameters(name):
+            param.requires_grad_(name == getattr(self, "active_adapter", name))
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8,
                     lora_dropout: float = 0.0, use_rslora: bool = False,
                     adapter_dtype: torch.dtype | None = None,
-                    adapter_name: str = DEFAULT_ADAPTER) -> "LoRALinear":
+                    adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False,
+                    dora_dropout: str = "peft") -> "LoRALinear":
         """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which are frozen.
         Right after this the output equals the linear's.
 
@@ -275,6 +308,7 @@ class LoRALinear(nn.Linear):
                 on a float16/bfloat16 base gives float32 master adapters). They live on the
                 linear's device.
             adapter_name: the adapter's name (the active one).
+            use_dora, dora_dropout: as for ``LoRALinear(...)``.
         """
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
@@ -284,7 +318,8 @@ class LoRALinear(nn.Linear):
             raise TypeError("linear: already a LoRALinear")
         _check_base(linear)
         _check_adapter_dtype(adapter_dtype, linear.weight.dtype)
-        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora),
+                                   *check_dora(use_dora, dora_dropout))
         check_adapter_name(adapter_name)
         weight = nn.Parameter(linear.weight.detach().t(), requires_grad=False) if conv1d \
             else linear.weight
@@ -316,6 +351,23 @@ class LoRALinear(nn.Linear):
         holder = self.lora_adapters[name]
         return holder._parameters["lora_A"], holder._parameters["lora_B"]
 
+    def magnitude(self, name: str | None = None) -> nn.Parameter | None:
+        """DoRA's lora_magnitude_vector (out,) of adapter `name` (default: the active one), or None
+        (not a DoRA adapter, or no adapter of that name)."""
+        name = self.active_adapter if name is None else name
+        if name not in self.adapter_settings:
+            return None
+        holder = self if name == DEFAULT_ADAPTER else self.lora_adapters[name]
+        return holder._parameters.get("lora_magnitude_vector")
+
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """Every trainable tensor of adapter `name`: lora_A, lora_B and, with DoRA, the magnitude."""
+        weights = self.adapter_weights(name)
+        if weights is None:
+            return []
+        magnitude = self.magnitude(name)
+        return [*weights] + ([magnitude] if magnitude is not None else [])
+
     @property
     def lora_A(self):
         """The active adapter's lora_A (r, in), or None if this layer has no adapter of that name
@@ -337,6 +389,7 @@ class LoRALinear(nn.Linear):
     r = property(lambda self: self._setting("r"), doc="The active adapter's rank.")
     lora_alpha = property(lambda self: self._setting("lora_alpha"), doc="The active adapter's alpha.")
     use_rslora = property(lambda self: self._setting("use_rslora"), doc="The active adapter's rslora flag.")
+    use_dora = property(lambda self: self._setting("use_dora"), doc="Whether the active adapter is DoRA.")
     scaling = property(lambda self: self._setting("scaling"), doc="The active adapter's scaling.")
 
     @property
@@ -370,15 +423,18 @@ class LoRALinear(nn.Linear):
         return None if settings is None else getattr(settings, attr)
 
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> None:
+                    use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
+                    use_dora: bool = False, dora_dropout: str = "peft") -> None:
         """Add adapter `name` (frozen, not active; lora_B zero) on this layer's base weight.
         r, lora_alpha, lora_dropout, use_rslora: as for ``LoRALinear(...)``.
         adapter_dtype: as for from_linear (default: the dtype of the layer's other adapters, or
-        the base weight's with float32 on a float16/bfloat16 base)."""
+        the base weight's with float32 on a float16/bfloat16 base). use_dora, dora_dropout: as for
+        ``LoRALinear(...)``."""
         check_adapter_name(name)
         if name in self.adapter_settings:
             raise ValueError(f"adapter_name: this layer has an adapter {name!r} already")
-        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora),
+                                   *check_dora(use_dora, dora_dropout))
         _check_adapter_dtype(adapter_dtype, self.base_dtype())
         if adapter_dtype is None:
             others = [w[0].dtype for w in map(self.adapter_weights, self.adapter_settings)]
@@ -395,6 +451,7 @@ class LoRALinear(nn.Linear):
                                "another one first")
         if name == DEFAULT_ADAPTER:
             self._parameters["lora_A"] = self._parameters["lora_B"] = None
+            self._parameters["lora_magnitude_vector"] = None
         else:
             del self.lora_adapters[name]
         del self.adapter_settings[name]
@@ -409,12 +466,12 @@ class LoRALinear(nn.Linear):
                                "weight; unmerge() first")
         self.active_adapter = name
         for other in self.adapter_settings:
-            for param in self.adapter_weights(other):
+            for param in self.adapter_parameters(other):
                 param.requires_grad_(other == name)
 
     def reset_lora_parameters(self, name: str | None = None) -> None:
-        """lora_A kaiming-uniform (a=√5), lora_B zeros, of adapter `name` (default: the active
-        one): with it active the layer computes its base linear."""
+        """lora_A kaiming-uniform (a=√5), lora_B zeros and a DoRA magnitude W0's row norms, of
+        adapter `name` (default: the active one): with it active the layer computes its base linear."""
         name = self.active_adapter if name is None else name
         if self.merged and name == self.merged_adapter:
             raise RuntimeError("reset_lora_parameters: the adapter is merged; call unmerge() first")
@@ -423,6 +480,32 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"adapter_name: this layer has no adapter {name!r}")
         nn.init.kaiming_uniform_(weights[0], a=math.sqrt(5))
         nn.init.zeros_(weights[1])
+        magnitude = self.magnitude(name)
+        if magnitude is not None and magnitude.device.type != "meta":
+            with torch.no_grad():
+                magnitude.copy_(self.dora_base_sq().sqrt())
+
+    def dora_base_sq(self) -> torch.Tensor:
+        """W0's squared row norms ‖w_j‖² (out,) in float32 (float64 for a float64 weight), cached
+        until the weight changes (its storage, version, dtype or device)."""
+        from . import dora
+        weight = self.dense_weight()
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        if self._dora_base is None or self._dora_base[0] != key:
+            self._dora_base = (key, dora.base_row_norms_sq(weight))
+        return self._dora_base[1]
+
+    def dora_norm(self, name: str | None = None) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per row (out,) of DoRA adapter `name` (default the active one), detached."""
+        from . import dora
+        name = self.active_adapter if name is None else name
+        lora_A, lora_B = self.adapter_weights(name)
+        base = self._original_weight if self.merged else self.dense_weight()
+        if torch.compiler.is_compiling():   # no cache keyed on storage and version inside a graph
+            return dora.weight_norm_direct(base, lora_A, lora_B, self.adapter_settings[name].scaling)
+        if self.merged:
+            return dora.weight_norm(base, lora_A, lora_B, self.adapter_settings[name].scaling)
+        return dora.weight_norm(base, lora_A, lora_B, self.adapter_settings[name].scaling, self.dora_base_sq())
 
     @property
     def merged(self) -> bool:
@@ -469,7 +552,11 @@ class LoRALinear(nn.Linear):
         compute = torch.promote_types(torch.promote_types(self.weight.dtype, self.lora_A.dtype),
                                       torch.float32)
         delta = self.scaling * (self.lora_B.to(compute) @ self.lora_A.to(compute))
-        self.weight.copy_((self.weight.to(compute) + delta).to(self.weight.dtype))
+        merged = self.weight.to(compute) + delta
+        if self.use_dora:   # DoRA: m / ‖W0 + s·B·A‖ ⊙ (W0 + s·B·A), the norm of that same sum
+            magnitude = self.magnitude().detach().to(compute)
+            merged = merged * (magnitude / torch.linalg.vector_norm(merged, dim=1))[:, None]
+        self.weight.copy_(merged.to(self.weight.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -513,6 +600,11 @@ class LoRALinear(nn.Linear):
             return self.mixed_rows.forward(self, x)
         if self.merged or self.settings is None:
             return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            from .dora import dora_linear
+            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude(), self.bias,
+                               scaling=self.scaling, dropout_p=self.lora_dropout, training=self.training,
+                               dropout=self.settings.dora_dropout, norm=self.dora_norm())
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
                            dropout_p=self.lora_dropout, training=self.training)
 
@@ -563,6 +655,8 @@ class LoRALinear(nn.Linear):
         if list(self.adapter_settings) == [self.active_adapter]:   # one adapter: as before
             lora = (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
                     f"lora_dropout={self.lora_dropout}")
+            if self.use_dora:
+                lora += f", use_dora=True, dora_dropout={self.settings.dora_dropout!r}"
         else:
             lora = "adapters={" + ", ".join(
                 f"{name!r}: r={s.r} alpha={s.lora_alpha} dropout={s.lora_dropout}"

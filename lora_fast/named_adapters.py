@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import (Targets, _check_targets, check_wrappable, lora_layers, record_adapter, replace_children,
+from .inject import (Targets, _check_targets, _dora_settings, check_wrappable, lora_layers, record_adapter, replace_children,
                      require_lora_layers, select_modules, unwrap, wrap)
-from .module import LoRALinear, _check_adapter_dtype, _check_hparams, check_adapter_name
+from .module import LoRALinear, _check_adapter_dtype, _check_hparams, check_adapter_name, check_dora
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -40,7 +40,8 @@ def active_adapter(model: nn.Module) -> str:
 def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
                 target_modules: Targets = None, lora_dropout: float = 0.0,
                 use_rslora: bool = False, exclude_modules: Targets = None,
-                adapter_dtype: torch.dtype | None = None) -> list[str]:
+                adapter_dtype: torch.dtype | None = None, use_dora: bool = False,
+                dora_dropout: str = "peft") -> list[str]:
     """Add adapter `adapter_name` to a model that has adapters already (after inject or
     load_adapter); returns the names of the layers it targets. The new adapter starts as a new
     one does (lora_A kaiming-uniform, lora_B zero), frozen and not active: set_adapter(model,
@@ -49,7 +50,7 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
     active).
 
     Args: r, lora_alpha, target_modules, lora_dropout, use_rslora, exclude_modules,
-    adapter_dtype: as inject's (target_modules defaults to the layers of the active adapter);
+    adapter_dtype, use_dora, dora_dropout: as inject's (target_modules defaults to the layers of the active adapter);
     adapter_name: a new name (letters, digits, '_' and '-').
     """
     inner = unwrap(model)
@@ -60,6 +61,7 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
                          "delete_adapter it first, or load_adapter(..., hotswap=True) to replace "
                          "its weights")
     r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+    use_dora, dora_dropout = check_dora(use_dora, dora_dropout)
     _check_adapter_dtype(adapter_dtype)
     if target_modules is None:
         active = active_adapter(inner)
@@ -71,8 +73,11 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
         module = inner.get_submodule(name)
         if isinstance(module, LoRALinear):
             _check_adapter_dtype(adapter_dtype, module.base_dtype(), name)
+            if use_dora and not module.supports_dora:
+                raise ValueError(f"use_dora: {name!r} is a {type(module).__name__}, and DoRA on it is not "
+                                 "available yet; exclude it (exclude_modules) or use_dora=False")
         else:
-            check_wrappable(module, adapter_dtype, name)
+            check_wrappable(module, adapter_dtype, name, use_dora)
 
     active = active_adapter(inner)
     replaced, extended = {}, []
@@ -80,11 +85,13 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
         for name in names:
             module = inner.get_submodule(name)
             if isinstance(module, LoRALinear):
-                module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
+                module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype,
+                                   **_dora_settings(use_dora, dora_dropout))
                 extended.append(module)
             elif id(module) not in replaced:
                 layer = wrap(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             use_rslora=use_rslora, adapter_name=adapter_name, adapter_dtype=adapter_dtype)
+                             use_rslora=use_rslora, adapter_name=adapter_name, adapter_dtype=adapter_dtype,
+                             **_dora_settings(use_dora, dora_dropout))
                 layer.set_adapter(active)   # computes its base linear until adapter_name is active
                 replaced[id(module)] = layer
     except BaseException:
@@ -94,7 +101,7 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
     replace_children(inner, replaced)
     record_adapter(inner, adapter_name, r, lora_alpha, lora_dropout, use_rslora, target_modules,
                    exclude_modules, names,
-                   any(inner.get_submodule(name).from_conv1d for name in names))
+                   any(inner.get_submodule(name).from_conv1d for name in names), use_dora, dora_dropout)
     return names
 
 

@@ -243,7 +243,10 @@ class LoRALinear4bit(LoRALinear):
     touched, so unmerge() is exact; merge_and_unload gives an nn.Linear (decoded W0 + s·B@A in
     float32, rounded once) or, with requantize=True, a Linear4bit again (quantising the merged
     weight: NF4's error, up to half a level step times the block's absmax per element).
+    DoRA (use_dora) is not available on it yet: add_adapter refuses it.
     """
+
+    supports_dora = False
 
     @classmethod
     def from_4bit(cls, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,

@@ -91,6 +91,47 @@ def lora_linear_backward_ref(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A
     }
 
 
+def dora_linear_ref(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                    bias: Optional[Tensor] = None, scaling: float = 1.0,
+                    dropout_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                    seed: Optional[Tensor] = None, dropout: str = "peft",
+                    grad_out: Optional[Tensor] = None):
+    """DoRA in float64, from its definition (PEFT's formula): the row norm n = ‖W0 + s·B·A‖ of the
+    (out, in) sum itself, c = m / n (n a constant for gradients),
+
+        dropout "peft":  y = x·W0ᵀ + b + (c − 1) ⊙ (d(x)·W0ᵀ) + c ⊙ (s·d(x)·Aᵀ·Bᵀ)
+        dropout "lora":  y = c ⊙ (x·W0ᵀ + s·d(x)·Aᵀ·Bᵀ) + b
+
+    (the same without dropout). Returns y (..., out); with grad_out (dY), (y, grads) where grads
+    holds 'x', 'lora_A', 'lora_B', 'magnitude', 'bias', 'weight' by float64 autograd of that
+    formula (an oracle independent of the backward the library writes by hand)."""
+    keep = _mask(x, dropout_mask, seed, dropout_p)
+    shape = x.shape
+    x, weight, lora_A, lora_B, magnitude, bias = (
+        t.clone().requires_grad_(grad_out is not None) if t is not None else None
+        for t in map(_f64, (x, weight, lora_A, lora_B, magnitude, bias)))
+    with torch.enable_grad():
+        x2 = x.reshape(-1, weight.shape[1])
+        xd = _dropped(x2, keep, dropout_p)
+        norm = (weight + scaling * (lora_B @ lora_A)).norm(dim=1).detach()
+        c = magnitude / norm
+        lora = scaling * ((xd @ lora_A.T) @ lora_B.T)
+        if dropout == "peft":
+            y = x2 @ weight.T + (c - 1) * (xd @ weight.T) + c * lora
+        else:
+            y = c * (x2 @ weight.T + lora)
+        if bias is not None:
+            y = y + bias
+        y = y.reshape(*shape[:-1], weight.shape[0])
+        if grad_out is None:
+            return y.detach()
+        leaves = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "magnitude": magnitude}
+        if bias is not None:
+            leaves["bias"] = bias
+        grads = torch.autograd.grad(y, list(leaves.values()), _f64(grad_out))
+    return y.detach(), dict(zip(leaves, grads))
+
+
 def mixed_lora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: dict,
                           names: list) -> Tensor:
     """Float64 output of a mixed batch, one row at a time: row m of x (M, in) computed with the

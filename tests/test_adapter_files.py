@@ -282,7 +282,9 @@ def test_every_field_of_the_installed_peft_is_classified():
     unclassified = sorted({f.name for f in fields} - adapter_config.CLASSIFIED_FIELDS)
     assert not unclassified, f"classify these LoraConfig fields in lora_fast/adapters.py: {unclassified}"
     variants = {f.name for f in fields if f.metadata.get("is_lora_variant")}
-    assert variants <= set(adapter_config._REFUSED_FIELDS), "a PEFT LoRA variant is not refused"
+    assert variants <= set(adapter_config._REFUSED_FIELDS) | adapter_config.IMPLEMENTED_VARIANTS, \
+        "a PEFT LoRA variant is neither refused nor implemented"
+    assert adapter_config.IMPLEMENTED_VARIANTS <= adapter_config._CHECKED_FIELDS
     for f in fields:
         for value in f.metadata.get("lora_variants", ()):
             with pytest.raises(ValueError, match="variant"):

@@ -185,3 +185,21 @@ def test_qlora_bench(tmp_path):
     saved = {r["impl"]: float(r["p50"]) for r in rows if r["metric"] == "saved_bytes"}
     assert 0 < saved["qlora"] <= saved["lora16"]
     assert weight_bytes_per_parameter([(4096, 4096)]) <= 0.52 < weight_bytes_per_parameter([(4096, 4096)], False)
+
+
+def test_dora_bench(tmp_path):
+    """bench.dora's rows at both dropout settings; DoRA saves for backward less than PEFT's DoRA and
+    at most one (M, out) tensor and two (out,) vectors more than lora_fast's LoRA."""
+    pytest.importorskip("peft")
+    out = tmp_path / "dora.csv"
+    _run("bench.dora", "--quick", "--rounds", "2", "--warmup", "1", "--out", str(out))
+    rows = common.read_rows(out)
+    _check_rows(rows)
+    impls = ("dora", "dora_lora_form", "lora", "peft_dora", "linear")
+    assert {(r["impl"], r["dropout"], r["metric"]) for r in rows} == {
+        (i, p, m) for i in impls for p in ("0.0", "0.1") for m in ("time", "saved_bytes")}
+    for p in ("0.0", "0.1"):
+        saved = {r["impl"]: float(r["p50"]) for r in rows if r["metric"] == "saved_bytes" and r["dropout"] == p}
+        M, N = int(rows[0]["M"]), int(rows[0]["N"])
+        assert saved["lora"] < saved["dora"] <= saved["lora"] + 4 * (M * N + 2 * N)
+        assert saved["dora"] < saved["peft_dora"]
