@@ -155,6 +155,21 @@ def layer_rows(models, x, dy, train, rounds, warmup, device, row):
     return rows
 
 
+def print_layer_rows(header, rows, targets):
+    """Print one case of layer_rows' rows: `header`, each impl's p50 (p20-p80) ms and saved bytes
+    when measured, then each (impl, baseline, most allowed ratio) of `targets` both were timed for."""
+    by = {row["impl"]: row for row in rows if row["metric"] == "time"}
+    saved = {row["impl"]: row["p50"] for row in rows if row["metric"] == "saved_bytes"}
+    print(header)
+    for impl, row in by.items():
+        text = f"  saved {saved[impl] / 2**20:.2f} MiB" if impl in saved else ""
+        print(f"  {impl:>14} {row['p50']:9.3f} ({row['p20']:.3f}-{row['p80']:.3f}){text}")
+    for a, b, limit in targets:
+        if a in by and b in by:
+            ratio = by[a]["p50"] / by[b]["p50"]
+            print(f"  {a}/{b} = {ratio:.3f} (target <= {limit:.3f}): {'met' if ratio <= limit else 'NOT met'}")
+
+
 class Timer:
     """Times one region: CUDA events on a GPU (device work is asynchronous), perf_counter on CPU."""
 

@@ -105,17 +105,9 @@ def main(argv=None):
     for p in args.dropout:
         rows = bench_case(args.impls, args.rounds, args.warmup, device, meta, p, args.quick)
         common.append_rows(args.out, rows)
-        by = {row["impl"]: row for row in rows if row["metric"] == "time"}
-        saved = {row["impl"]: row["p50"] for row in rows if row["metric"] == "saved_bytes"}
-        print(f"train M={rows[0]['M']} {rows[0]['K']}->{rows[0]['N']} r={rows[0]['r']} {rows[0]['dtype']} "
-              f"dropout={p} fwd_bwd")
-        for impl, row in by.items():
-            print(f"  {impl:>14} {row['p50']:9.3f} ({row['p20']:.3f}-{row['p80']:.3f})  "
-                  f"saved {saved[impl] / 2**20:.2f} MiB")
-        for a, b, limit in ([] if args.quick else TARGETS.get((device.type, p > 0), [])):
-            if a in by and b in by:
-                ratio = by[a]["p50"] / by[b]["p50"]
-                print(f"  {a}/{b} = {ratio:.3f} (target <= {limit:.3f}): {'met' if ratio <= limit else 'NOT met'}")
+        common.print_layer_rows(f"train M={rows[0]['M']} {rows[0]['K']}->{rows[0]['N']} r={rows[0]['r']} "
+                                f"{rows[0]['dtype']} dropout={p} fwd_bwd", rows,
+                                [] if args.quick else TARGETS.get((device.type, p > 0), []))
     return 0
 
 

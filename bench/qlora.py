@@ -136,17 +136,9 @@ def main(argv=None):
     for case, n in [(c, n) for c in args.cases for n in (decode_rows if c == "decode" else [None])]:
         rows = bench_case(case, args.impls, args.rounds, args.warmup, device, meta, args.quick, n)
         common.append_rows(args.out, rows)
-        by = {row["impl"]: row for row in rows if row["metric"] == "time"}
-        saved_by = {row["impl"]: row["p50"] for row in rows if row["metric"] == "saved_bytes"}
-        print(f"{case} M={rows[0]['M']} {rows[0]['K']}->{rows[0]['N']} r={rows[0]['r']} {rows[0]['dtype']} "
-              f"{rows[0]['mode']}")
-        for impl, row in by.items():
-            saved = f"  saved {saved_by[impl] / 2**20:.2f} MiB" if impl in saved_by else ""
-            print(f"  {impl:>7} {row['p50']:9.3f} ({row['p20']:.3f}-{row['p80']:.3f}){saved}")
-        for a, b, limit in ([] if args.quick else TARGETS.get((device.type, case), [])):
-            if a in by and b in by:
-                ratio = by[a]["p50"] / by[b]["p50"]
-                print(f"  {a}/{b} = {ratio:.3f} (target <= {limit:.3f}): {'met' if ratio <= limit else 'NOT met'}")
+        common.print_layer_rows(f"{case} M={rows[0]['M']} {rows[0]['K']}->{rows[0]['N']} r={rows[0]['r']} "
+                                f"{rows[0]['dtype']} {rows[0]['mode']}", rows,
+                                [] if args.quick else TARGETS.get((device.type, case), []))
     return 0
 
 

@@ -47,6 +47,7 @@ modified), 2 for a usage error (a bad argument, an --impl that cannot be importe
 two functions).
 """
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -149,11 +150,8 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0, nf4=False):
     as the layer does, fp32 rounded once to the dtype) and the codes are the input checked for
     writes; the float64 reference decodes the bytes itself (reference.dequantize_nf4_ref) and the
     C++ reference with its own decoder."""
-    import torch
-
     from lora_fast import cref, torch_path, weights
     from lora_fast.reference import dequantize_nf4_ref, lora_linear_backward_ref, lora_linear_ref
-    from lora_fast.tolerances import bound, rel_err
 
     tensors = dict(zip(INPUT_NAMES, (*_inputs(M, K, N, r, dtype, device, seed), _dropout_seed(seed, device))))
     w_ref = w_cpp = None
@@ -198,19 +196,25 @@ def check_case(impl, M, K, N, r, dtype, device, seed, p=0.0, nf4=False):
     dx, da, db = impl.lora_backward(dy, x, xs, w, a, b, SCALING, **drop)
     after("lora_backward")
 
-    rows = []
-    for name, key, out, base in (("y", "y", y, y_pt), ("dX", "x", dx, dx_pt), ("dA", "lora_A", da, da_pt),
-                                 ("dB", "lora_B", db, db_pt)):
-        if M == 0 and key in ("y", "x"):
-            continue   # empty outputs: nothing to compare
-        shape_ok = out is not None and tuple(out.shape) == tuple(ref[key].shape)
-        finite = shape_ok and bool(torch.isfinite(out).all())
-        err = rel_err(out, ref[key]) if shape_ok else float("inf")
-        err_cpp = rel_err(out, cpp[key]) if (cpp is not None and shape_ok) else None
-        limit = bound(dtype, rel_err(base, ref[key]))
-        ok = finite and err <= limit and (err_cpp is None or err_cpp <= limit)
-        rows.append((name, err, err_cpp, limit, ok))
+    rows = [_row(name, out, ref[key], None if cpp is None else cpp[key], base, dtype)
+            for name, key, out, base in (("y", "y", y, y_pt), ("dX", "x", dx, dx_pt), ("dA", "lora_A", da, da_pt),
+                                         ("dB", "lora_B", db, db_pt))
+            if not (M == 0 and key in ("y", "x"))]   # empty outputs: nothing to compare
     return rows, modified
+
+
+def _row(name, out, ref, ref_cpp, baseline, dtype):
+    """(name, err vs float64, err vs C++ or None, bound, ok) of one output: the right shape, finite,
+    and within the bound (twice plain PyTorch's error, `baseline`, if larger) of both references."""
+    import torch
+
+    from lora_fast.tolerances import bound, rel_err
+    shape_ok = out is not None and tuple(out.shape) == tuple(ref.shape)
+    finite = shape_ok and bool(torch.isfinite(out).all())
+    err = rel_err(out, ref) if shape_ok else float("inf")
+    err_cpp = rel_err(out, ref_cpp) if (ref_cpp is not None and shape_ok) else None
+    limit = bound(dtype, rel_err(baseline, ref))
+    return name, err, err_cpp, limit, finite and err <= limit and (err_cpp is None or err_cpp <= limit)
 
 
 def check_dora_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
@@ -221,7 +225,6 @@ def check_dora_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
 
     from lora_fast import cref, dora, torch_path
     from lora_fast.reference import dora_linear_ref
-    from lora_fast.tolerances import bound, rel_err
 
     tensors = dict(zip(INPUT_NAMES, (*_inputs(M, K, N, r, dtype, device, seed), _dropout_seed(seed, device))))
     g = torch.Generator().manual_seed(seed + 1)
@@ -252,17 +255,10 @@ def check_dora_case(impl, M, K, N, r, dtype, device, seed, p=0.0):
     changed = _modified(tensors, copies, set())
     if changed:
         modified.append(("DoRA forward/backward", changed))
-    rows = []
     refs = [y_ref, grads["x"], grads["lora_A"], grads["lora_B"], grads["magnitude"]]
-    for i, (name, out, base, ref) in enumerate(zip(("y", "dX", "dA", "dB", "dm"), outs, baseline, refs)):
-        if M == 0 and name in ("y", "dX"):
-            continue
-        shape_ok = out is not None and tuple(out.shape) == tuple(ref.shape)
-        finite = shape_ok and bool(torch.isfinite(out).all())
-        err = rel_err(out, ref) if shape_ok else float("inf")
-        err_cpp = rel_err(out, cpp[i]) if (cpp is not None and shape_ok) else None
-        limit = bound(dtype, rel_err(base, ref))
-        rows.append((name, err, err_cpp, limit, finite and err <= limit and (err_cpp is None or err_cpp <= limit)))
+    rows = [_row(name, out, ref, None if cpp is None else cpp[i], base, dtype)
+            for i, (name, out, base, ref) in enumerate(zip(("y", "dX", "dA", "dB", "dm"), outs, baseline, refs))
+            if not (M == 0 and name in ("y", "dX"))]
     return rows, modified
 
 
@@ -270,12 +266,7 @@ def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p, nf4=False, d
     """(paths label, (rows, modified)) for one case at dropout p: the impl's own choice, or every
     dispatcher path pair (every path drops the kernels' elements, so every pair applies with dropout too)."""
     x, w, *_, dy = _inputs(M, K, N, r, dtype, device, seed)
-    if dora:
-        def check(*args):
-            return check_dora_case(*args)
-    else:
-        def check(*args):
-            return check_case(*args, nf4)
+    check = check_dora_case if dora else functools.partial(check_case, nf4=nf4)
 
     def call(first):   # the dispatcher's view of the call: a 4-bit W0 is read by fewer paths
         if not nf4:
@@ -325,7 +316,7 @@ def build_parser():
                              "decodes it, each reference decodes the codes itself")
     parser.add_argument("--dora", action="store_true",
                         help="DoRA (lora_fast.dora) on the passes: y, dX, dA, dB and the magnitude's dm against "
-                             "the float64 reference; not with --nf4")
+                             "the float64 and C++ references; not with --nf4")
     parser.add_argument("--all-paths", action="store_true",
                         help="check every forward x backward path the GPU dispatcher can pick "
                              "(lora_fast.dispatch) instead of the one it picks; not with another --impl")

@@ -6,6 +6,8 @@ import torch
 
 _FLOAT_MAX = sys.float_info.max
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# DoRA's dropout forms (lora_fast.dora): PEFT's function, or dropout in the LoRA branch only
+DORA_DROPOUT_FORMS = ("peft", "lora")
 
 
 def _shape(t):
@@ -23,21 +25,40 @@ def check_tensor_kinds(x, weight, lora_A, lora_B, bias):
     """Each input a dense (strided, not nested) floating tensor; TypeError naming the one that is
     not. Run before anything touches them (autocast's cast included)."""
     for name, t in _named(x, weight, lora_A, lora_B, bias).items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        # Sparse (COO, CSR, ...), mkldnn and nested tensors have no strides for the kernels (nor
-        # a row view for the torch path): refused here by name, not deep inside a GEMM.
-        if t.is_nested or t.layout != torch.strided:
-            if t.is_nested:
-                kind = f"nested ({str(t.layout).replace('torch.', '')})"
-                hint = ("pass its values() (the rows of a jagged tensor) and rebuild the result "
-                        "with torch.nested.nested_tensor_from_jagged(y, x.offsets())")
-            else:
-                kind, hint = str(t.layout).replace("torch.", ""), "convert it with .to_dense()"
-            raise TypeError(f"{name}: expected a dense (strided) tensor, got a {kind} tensor: {hint}")
-        if t.dtype not in FLOATING_DTYPES:
-            raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, "
-                            f"float64), got {t.dtype}")
+        _check_kind(name, t)
+
+
+def _check_kind(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    # Sparse (COO, CSR, ...), mkldnn and nested tensors have no strides for the kernels (nor
+    # a row view for the torch path): refused here by name, not deep inside a GEMM.
+    if t.is_nested or t.layout != torch.strided:
+        if t.is_nested:
+            kind = f"nested ({str(t.layout).replace('torch.', '')})"
+            hint = ("pass its values() (the rows of a jagged tensor) and rebuild the result "
+                    "with torch.nested.nested_tensor_from_jagged(y, x.offsets())")
+        else:
+            kind, hint = str(t.layout).replace("torch.", ""), "convert it with .to_dense()"
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a {kind} tensor: {hint}")
+    if t.dtype not in FLOATING_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, "
+                        f"float64), got {t.dtype}")
+
+
+def check_dora_inputs(x, weight, magnitude, norm, dropout):
+    """dora_linear's own arguments beside lora_linear's (checked by the two functions above): the
+    magnitude (and norm, when given) dense floating (out,) tensors on x's device, dropout one of
+    DORA_DROPOUT_FORMS; a TypeError/ValueError naming the argument."""
+    if dropout not in DORA_DROPOUT_FORMS:
+        raise ValueError(f"dropout: expected one of {DORA_DROPOUT_FORMS}, got {dropout!r}")
+    for name, t in (("magnitude", magnitude), ("norm", norm)):
+        if t is None:
+            continue
+        _check_kind(name, t)
+        if _shape(t) != (weight.shape[0],) or t.device != x.device:
+            raise ValueError(f"{name}: expected shape ({weight.shape[0]},) on {x.device}, got "
+                             f"{_shape(t)} on {t.device}")
 
 
 def check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, training=False,

@@ -32,7 +32,6 @@ chunk of the sum itself (weight_norm_direct: no cache, no data-dependent branch 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +42,9 @@ from torch.autograd.function import once_differentiable
 from . import dropout as dropout_mod
 from . import weights
 from .backend import resolve_backend
-from .checks import check_lora_inputs, check_tensor_kinds
+from .checks import check_dora_inputs, check_lora_inputs, check_tensor_kinds
 from .function import (_autocast_dtype, autocast_inputs, cast_master_adapters, decoded_weight, kept_weight,
                        passes, rows)
-
-DROPOUT_FORMS = ("peft", "lora")
 
 # The most cancellation (Σ|terms| / norm²) trusted in a row's three-term squared norm: at 64 its
 # relative error stays within 64 times that of the terms themselves (fp32: ~1e-5 at the worst, half
@@ -63,9 +60,18 @@ def compute_dtype(weight_dtype):
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
+def _rows_per_chunk(in_features):
+    return max(1, _CHUNK_ELEMENTS // max(in_features, 1))
+
+
 def _row_chunks(out_features, in_features):
-    step = max(1, _CHUNK_ELEMENTS // max(in_features, 1))
+    step = _rows_per_chunk(in_features)
     return [(j, min(j + step, out_features)) for j in range(0, out_features, step)]
+
+
+def _direct(w_rows, b_rows, a, scaling, c):
+    """‖w_j + s·B_j·A‖ of the given rows of W0 and B (A and B already in c, the compute dtype)."""
+    return torch.linalg.vector_norm(w_rows.to(c) + scaling * (b_rows @ a), dim=1)
 
 
 @torch.no_grad()
@@ -98,10 +104,10 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     norm = sq.clamp_min(0).sqrt()
     if bool(suspect.any()):
         rows_ = suspect.nonzero().flatten()
-        for i0 in range(0, rows_.numel(), max(1, _CHUNK_ELEMENTS // max(in_features, 1))):
-            idx = rows_[i0:i0 + max(1, _CHUNK_ELEMENTS // max(in_features, 1))]
-            direct = weight[idx].to(c) + s * (b[idx] @ a)
-            norm[idx] = torch.linalg.vector_norm(direct, dim=1)
+        step = _rows_per_chunk(in_features)
+        for i0 in range(0, rows_.numel(), step):
+            idx = rows_[i0:i0 + step]
+            norm[idx] = _direct(weight[idx], b[idx], a, s, c)
     return norm
 
 
@@ -111,8 +117,7 @@ def weight_norm_direct(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: 
     temporary, no data-dependent branch: what runs under torch.compile), in compute_dtype."""
     c = compute_dtype(weight.dtype)
     a, b = lora_A.detach().to(c), lora_B.detach().to(c)
-    chunks = [torch.linalg.vector_norm(weight[j0:j1].to(c) + float(scaling) * (b[j0:j1] @ a), dim=1)
-              for j0, j1 in _row_chunks(*weight.shape)]
+    chunks = [_direct(weight[j0:j1], b[j0:j1], a, float(scaling), c) for j0, j1 in _row_chunks(*weight.shape)]
     return torch.cat(chunks) if chunks else weight.new_zeros((0,), dtype=c)
 
 
@@ -150,7 +155,7 @@ class DoRALinearFunction(torch.autograd.Function):
             y = c * z.to(c.dtype) if bias is None else torch.addcmul(bias.to(c.dtype), z.to(c.dtype), c)
         y = y.to(x.dtype)
         ctx.save_for_backward(x, xs, side, kept_weight(ctx, weight), lora_A, lora_B, c, norm)
-        ctx.scaling, ctx.backend, ctx.dropout_p, ctx.seed = scaling, backend, dropout_p, seed
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.two_products = two_products
         ctx.magnitude_dtype = magnitude.dtype
         ctx.run = run
@@ -166,7 +171,11 @@ class DoRALinearFunction(torch.autograd.Function):
         x2d = rows(x)
         dy = dy.reshape(-1, dy.shape[-1])
         run = ctx.run
-        dz = (dy.to(c.dtype) * c).to(x.dtype)
+        dy_c = dy.to(c.dtype)          # the column scales' dtype (float32, float64): cast once
+        dz = (dy_c * c).to(x.dtype)
+        # the PEFT form's base product on d(x): its dY is (c − 1) ⊙ dY, its input d(x)
+        e = (dy_c * (c - 1)).to(x.dtype) if ctx.two_products and (need_x or need_w) else None
+        keep = (_keep(ctx.seed, x2d, ctx.dropout_p) / (1.0 - ctx.dropout_p)) if e is not None else None
         dx = da = db = dw = dbias = dm = None
         forcing = run.forcing(ctx.forced) if ctx.forced else contextlib.nullcontext()
         if need_x or need_a or need_lb:
@@ -175,17 +184,14 @@ class DoRALinearFunction(torch.autograd.Function):
                                           need_dx=need_x, need_da=need_a, need_db=need_lb,
                                           dropout_p=ctx.dropout_p, seed=ctx.seed)
             dx, da, db = grads
-        if need_x and ctx.two_products:   # the base product on d(x): (keep/(1−p) − 1) ⊙ ((c−1)⊙dY)·W0
-            e = (dy.to(c.dtype) * (c - 1)).to(x.dtype) @ weights.dense(weight)
-            dx = dx + (_keep(ctx.seed, x2d, ctx.dropout_p) / (1.0 - ctx.dropout_p) - 1) * e
+        if need_x and e is not None:   # (keep/(1−p) − 1) ⊙ ((c−1)⊙dY)·W0
+            dx = dx + (keep - 1) * (e @ weights.dense(weight))
         if need_x:
             dx = dx.view(x.shape)
         if need_m:
-            dm = ((dy.to(c.dtype) * side.to(c.dtype)).sum(0) / norm).to(ctx.magnitude_dtype)
+            dm = ((dy_c * side.to(c.dtype)).sum(0) / norm).to(ctx.magnitude_dtype)
         if need_w:   # the frozen base weight, when asked: c ⊙ dY (and the PEFT form's term) against x
-            dw = dz.t() @ x2d if not ctx.two_products else (
-                dy.t() @ x2d + ((dy.to(c.dtype) * (c - 1)).to(x.dtype)).t()
-                @ (x2d * _keep(ctx.seed, x2d, ctx.dropout_p) / (1.0 - ctx.dropout_p)))
+            dw = dz.t() @ x2d if e is None else dy.t() @ x2d + e.t() @ (x2d * keep)
         if need_b:
             dbias = dy.sum(0)
         return dx, dw, dbias, da, db, dm, None, None, None, None, None, None
@@ -225,27 +231,18 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
         norm: the detached row norms ‖W0 + s·B·A‖ (out,) if the caller has them (weight_norm; a
             LoRALinear keeps W0's part cached), else computed here.
     Returns y (..., out) in the dtype computed in (x's, or the autocast dtype)."""
-    if dropout not in DROPOUT_FORMS:
-        raise ValueError(f"dropout: expected one of {DROPOUT_FORMS}, got {dropout!r}")
     autocast = _autocast_dtype(x)
     check_tensor_kinds(x, weight, lora_A, lora_B, bias)
-    if not isinstance(magnitude, Tensor) or not magnitude.is_floating_point():
-        raise TypeError(f"magnitude: expected a floating tensor, got {_describe(magnitude)}")
+    check_dora_inputs(x, weight, magnitude, norm, dropout)
     if autocast is not None:
         x, weight, lora_A, lora_B, bias = autocast_inputs(autocast, x, weight, lora_A, lora_B, bias)
     lora_A, lora_B = cast_master_adapters(x, lora_A, lora_B)
     check_lora_inputs(x, weight, lora_A, lora_B, bias, scaling, dropout_p, training, autocast)
     out_features = weight.shape[0]
-    if magnitude.shape != (out_features,) or magnitude.device != x.device:
-        raise ValueError(f"magnitude: expected shape ({out_features},) on {x.device}, got "
-                         f"{tuple(magnitude.shape)} on {magnitude.device}")
     scaling = float(scaling)
     if norm is None:
         norm = (weight_norm_direct if torch.compiler.is_compiling() else weight_norm)(
             weights.dense(weight), lora_A, lora_B, scaling)
-    elif norm.shape != (out_features,) or not norm.is_floating_point():
-        raise ValueError(f"norm: expected a floating tensor of shape ({out_features},), got "
-                         f"{norm.dtype} {tuple(norm.shape)}")
     norm = norm.detach()
     chosen = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout_p) if training else 0.0
@@ -260,6 +257,3 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
                                          p, seed, peft)
     return y.view(*x.shape[:-1], out_features)
 
-
-def _describe(t):
-    return f"{t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .checks import FLOATING_DTYPES
+from .checks import DORA_DROPOUT_FORMS, FLOATING_DTYPES
 from .function import lora_linear
 
 
@@ -28,9 +28,6 @@ def is_conv1d(module: nn.Module) -> bool:
 
 # r bounds: the kernels index the rank dimension with 32-bit integers.
 _MAX_R = 2**31 - 1
-
-
-DORA_DROPOUT_FORMS = ("peft", "lora")   # lora_fast.dora: PEFT's function, or dropout in the LoRA branch only
 
 
 def check_dora(use_dora, dora_dropout="peft"):
@@ -500,12 +497,12 @@ class LoRALinear(nn.Linear):
         from . import dora
         name = self.active_adapter if name is None else name
         lora_A, lora_B = self.adapter_weights(name)
-        base = self._original_weight if self.merged else self.dense_weight()
+        scaling = self.adapter_settings[name].scaling
         if torch.compiler.is_compiling():   # no cache keyed on storage and version inside a graph
-            return dora.weight_norm_direct(base, lora_A, lora_B, self.adapter_settings[name].scaling)
-        if self.merged:
-            return dora.weight_norm(base, lora_A, lora_B, self.adapter_settings[name].scaling)
-        return dora.weight_norm(base, lora_A, lora_B, self.adapter_settings[name].scaling, self.dora_base_sq())
+            return dora.weight_norm_direct(self.dense_weight(), lora_A, lora_B, scaling)
+        if self.merged:   # the cache holds the weight's norms, and W0 is the copy merge() kept
+            return dora.weight_norm(self._original_weight, lora_A, lora_B, scaling)
+        return dora.weight_norm(self.dense_weight(), lora_A, lora_B, scaling, self.dora_base_sq())
 
     @property
     def merged(self) -> bool:
