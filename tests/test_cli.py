@@ -25,6 +25,7 @@ CLIS = {
     "bench.layer": "python -m bench.layer",
     "bench.mixed": "python -m bench.mixed",
     "bench.qlora": "python -m bench.qlora",
+    "bench.dora": "python -m bench.dora",
     "bench.model": "python -m bench.model",
     "bench.report": "python -m bench.report",
     "bench.tuning": "python -m bench.tuning",
