@@ -15,6 +15,7 @@ checks gradients, weights and the saved adapter against one process on the whole
 goes to runs/adapter/ under the current directory (runs/ is git-ignored) unless --out says otherwise.
 """
 import argparse
+import gc
 import os
 
 import torch
@@ -156,8 +157,13 @@ if __name__ == "__main__":
     if use_cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    _, losses = main(args.strategy, args.out, device, args.steps, args.lora_dropout, args.checkpointing)
+    model, losses = main(args.strategy, args.out, device, args.steps, args.lora_dropout, args.checkpointing)
     if dist.get_rank() == 0:
         print("loss per step:", " ".join(f"{loss:.4f}" for loss in losses), "| adapter in", args.out)
+    # The sharded model holds the process group (FSDP2's mesh, DDP's reducer): freed here, while the
+    # interpreter is whole, not at its teardown, where gloo's worker threads have aborted rank 1 of
+    # a CI run ("terminate called without an active exception") after all work had finished.
+    del model
+    gc.collect()
     dist.barrier()   # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()

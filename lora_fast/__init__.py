@@ -22,6 +22,7 @@ from .inject import (disable_adapters, inject, lora_layers, mark_only_lora_as_tr
                      merge_and_unload, trainable_parameters, unmerge)
 from .named_adapters import active_adapter, adapter_names, add_adapter, delete_adapter, set_adapter
 from .adapters import load_adapter, load_adapters, lora_state_dict, save_adapter
+from . import convert
 from .mixed import batch_adapters
 from .qlora import Linear4bit, LoRALinear4bit, quantize
 from .dora import dora_linear
@@ -32,4 +33,4 @@ __all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "drop
            "mark_only_lora_as_trainable", "trainable_parameters", "disable_adapters",
            "save_adapter", "load_adapter", "load_adapters", "add_adapter", "set_adapter",
            "delete_adapter", "adapter_names", "active_adapter", "batch_adapters", "quantize", "Linear4bit",
-           "LoRALinear4bit", "dora_linear", "__version__"]
+           "LoRALinear4bit", "dora_linear", "convert", "__version__"]

@@ -10,14 +10,18 @@ import math
 
 from .checks import short
 from .inject import _check_targets
+from .trained_base import BIAS_MODES
 
 # --- how load_adapter treats each LoraConfig field ---------------------------------------------
-# Checked by load_adapter itself (_config_hparams, _check_init, bias, fan_in_fan_out).
+# Checked by load_adapter itself (_config_hparams, _check_init, fan_in_fan_out; modules_to_save
+# against the model).
 _CHECKED_FIELDS = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
-                   "exclude_modules", "bias", "fan_in_fan_out", "init_lora_weights", "use_dora"}
+                   "exclude_modules", "bias", "fan_in_fan_out", "init_lora_weights", "use_dora",
+                   "modules_to_save"}
 # Do not change what a trained adapter computes, whatever their value.
 _HARMLESS_FIELDS = {
-    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "task_type",             # which heads PEFT trains whole: read, and checked via modules_to_save
+    "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode",        # bookkeeping: which model and class to load, PEFT's version
     "megatron_core",         # the name of megatron's module; megatron_config is what matters
     "qalora_group_size",     # read only with use_qalora (refused)
@@ -42,7 +46,6 @@ _REFUSED_FIELDS = {
     "megatron_config": "Megatron's parallel linear layers",
     "rank_pattern": "per-module ranks",
     "alpha_pattern": "per-module alphas",
-    "modules_to_save": "whole modules trained and saved beside the adapter",
     "layers_to_transform": "layers selected by index",
     "layers_pattern": "layers selected by index",
     "lora_bias": "a trained bias on lora_B",
@@ -78,9 +81,6 @@ def check(config, config_file):
     where = str(config_file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{where}: bias={config['bias']!r} (trained biases) is not supported; "
-                         "expected 'none'")
     _check_init(config.get("init_lora_weights", True), where)
     used = [f"{key}={short(config[key], 80)} ({why})" for key, why in _REFUSED_FIELDS.items()
             if key in config and not _is_off(config[key])]
@@ -186,6 +186,16 @@ def _config_hparams(config, where):
     use_dora = config.get("use_dora", False)
     if not isinstance(use_dora, bool):
         raise bad("use_dora", "true or false")
+    bias = config.get("bias", "none")
+    if bias not in BIAS_MODES:
+        raise bad("bias", f"one of {list(BIAS_MODES)}")
+    modules_to_save = config.get("modules_to_save")
+    if modules_to_save is not None and not (
+            isinstance(modules_to_save, list) and all(isinstance(m, str) and m for m in modules_to_save)):
+        raise bad("modules_to_save", "null or a list of module names")
+    task_type = config.get("task_type")
+    if task_type is not None and not isinstance(task_type, str):
+        raise bad("task_type", "null or a string (PEFT's task type)")
     fan_in_fan_out = config.get("fan_in_fan_out", False)
     if not isinstance(fan_in_fan_out, bool):
         raise bad("fan_in_fan_out", "true or false")
@@ -196,4 +206,5 @@ def _config_hparams(config, where):
             raise ValueError(f"{where}: {err}") from None
     return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "use_rslora": rslora,
             "use_dora": use_dora, "fan_in_fan_out": fan_in_fan_out, "target_modules": config["target_modules"],
-            "exclude_modules": config.get("exclude_modules")}
+            "exclude_modules": config.get("exclude_modules"), "bias": bias,
+            "modules_to_save": modules_to_save or None, "task_type": task_type or None}

@@ -29,8 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import adapter_config, atomic_files, named_adapters, qlora
-from .inject import inject, lora_layers, require_lora_layers, select_modules, unwrap
+from . import adapter_config, atomic_files, named_adapters, qlora, trained_base
+from .inject import inject_as, lora_layers, require_lora_layers, select_modules, unwrap
 from .module import DEFAULT_ADAPTER, AdapterSettings, adapter_dtypes, check_adapter_name, is_conv1d
 
 
@@ -104,14 +104,21 @@ def _holding(model, adapter_name, what):
 
 
 def _gathered(layers, adapter_name):
-    out = {}
-    for name, layer in layers.items():
-        for part, param in zip(_PARTS, layer.adapter_parameters(adapter_name)):
-            tensor = param.detach()
-            if hasattr(tensor, "full_tensor"):   # a DTensor shard (FSDP2)
-                tensor = tensor.full_tensor()
-            out[f"{name}.{part}"] = tensor
-    return out
+    return {f"{name}.{part}": _whole(param) for name, layer in layers.items()
+            for part, param in zip(_PARTS, layer.adapter_parameters(adapter_name))}
+
+
+def _whole(param):
+    tensor = param.detach()
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor   # a DTensor shard (FSDP2)
+
+
+def _trained_base(model, hparams, layers):
+    """{file key without PREFIX: Parameter} of the base parameters the adapter of `hparams` (its
+    config: bias, modules_to_save) trains, on `model` with LoRA targets `layers` ({name: module
+    with a .bias})."""
+    return trained_base.trained_parameters(model, hparams.get("bias", "none"),
+                                           hparams.get("modules_to_save"), layers)
 
 
 # --- save ---------------------------------------------------------------------------------------
@@ -165,6 +172,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         name, layers = _holding(inner, name, "save_adapter")
         config = _adapter_config(inner, name, layers, base_model_name_or_path)
         tensors = {_file_key(key): t.cpu().contiguous() for key, t in _gathered(layers, name).items()}
+        tensors.update({PREFIX + key: _whole(param).cpu().contiguous()
+                        for key, param in _trained_base(inner, config, layers).items()})
         at_root = adapter_name is not None or name == DEFAULT_ADAPTER
         planned.append(_Planned(
             folder=path if at_root else path / name, tensors=tensors,
@@ -250,7 +259,9 @@ def _adapter_config(model, adapter_name, layers, base_model_name_or_path):
         "use_rslora": common("use_rslora"),
         "use_dora": common("use_dora"),
         "target_modules": recorded.get("target_modules", sorted(layers)),
-        "bias": "none",
+        "bias": recorded.get("bias", "none"),
+        "modules_to_save": recorded.get("modules_to_save"),
+        "task_type": recorded.get("task_type"),
         "fan_in_fan_out": any(layer.from_conv1d for layer in layers.values()),
         "base_model_name_or_path": base_model_name_or_path,
     }
@@ -332,20 +343,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         targets = {name: _Target.of(layer) for name, layer in holders.items()}
     else:
         targets = _targets(module, hparams, config_file, lora_too=True)
-    _check_tensors_fit(targets, tensors, hparams["r"], weights_file, config_file, hparams["use_dora"])
+    modules_to_save = _file_modules_to_save(module, hparams, targets, config_file)
+    base = _base_targets(module, hparams, modules_to_save, targets, adapter_name, known, config_file)
+    _check_tensors_fit(targets, tensors, hparams["r"], weights_file, config_file, hparams["use_dora"],
+                       base)
     _check_fan_in_fan_out(targets, hparams, config_file)
     parts = _PARTS if hparams["use_dora"] else _PARTS[:2]
     incoming = {name: tuple(tensors[_file_key(f"{name}.{part}")] for part in parts) for name in targets}
     if hotswap:
         incoming = _padded_and_scaled(holders, adapter_name, hparams, incoming)
 
-    with _restored_on_error(module, layers):
-        file_dtype = _usable_file_dtype(targets, tensors)
+    with _restored_on_error(module, layers, base.values()):
+        file_dtype = _usable_file_dtype(targets, {key: t for key, t in tensors.items() if key not in base})
         if not layers:
-            inject(module, r=hparams["r"], lora_alpha=hparams["lora_alpha"],
-                   target_modules=hparams["target_modules"], lora_dropout=hparams["lora_dropout"],
-                   use_rslora=hparams["use_rslora"], exclude_modules=hparams["exclude_modules"],
-                   adapter_dtype=file_dtype, adapter_name=adapter_name, use_dora=hparams["use_dora"])
+            inject_as(module, hparams["r"], hparams["lora_alpha"], hparams["target_modules"],
+                      hparams["lora_dropout"], hparams["use_rslora"], hparams["exclude_modules"],
+                      file_dtype, adapter_name, hparams["use_dora"], "peft", hparams["bias"],
+                      modules_to_save, hparams["task_type"], False)
         elif adapter_name not in known:
             named_adapters.add_adapter(
                 module, adapter_name, r=hparams["r"], lora_alpha=hparams["lora_alpha"],
@@ -354,6 +368,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 adapter_dtype=file_dtype, use_dora=hparams["use_dora"])
         loaded = named_adapters.adapter_layers(module, adapter_name)
         _copy_into(loaded, _Incoming(adapter_name, incoming))
+        _copy_base(base, tensors)
     return list(loaded)
 
 
@@ -585,11 +600,12 @@ def _targets(module, hparams, config_file, lora_too=False):
     return targets
 
 
-def _check_tensors_fit(targets, tensors, r, weights_file, config_file, use_dora=False):
-    """One tensor per layer and part (a DoRA adapter's magnitude too), each of the shape the layer
-    will have. Compared from the sizes alone, so that a wrong r (even 2**40) is refused before
-    anything is allocated."""
-    expected = {}
+def _check_tensors_fit(targets, tensors, r, weights_file, config_file, use_dora=False, base=None):
+    """One tensor per layer and part (a DoRA adapter's magnitude too), and one per trained base
+    parameter (`base`: {file key: Parameter}), each of the shape the layer or parameter will have.
+    Compared from the sizes alone, so that a wrong r (even 2**40) is refused before anything is
+    allocated."""
+    expected = {key: tuple(param.shape) for key, param in (base or {}).items()}
     for name, target in targets.items():
         expected[f"{PREFIX}{name}.lora_A.weight"] = (r, target.in_features)
         expected[f"{PREFIX}{name}.lora_B.weight"] = (target.out_features, r)
@@ -601,6 +617,9 @@ def _check_tensors_fit(targets, tensors, r, weights_file, config_file, use_dora=
         magnitudes = [key for key in missing + unexpected if key.endswith("." + MAGNITUDE)]
         hint = (f"; {config_file} says use_dora={use_dora}, and a DoRA adapter holds one {MAGNITUDE} "
                 "per layer, a LoRA one none" if magnitudes else "")
+        if any(not any(f".{part}" in key for part in _PARTS) for key in missing + unexpected):
+            hint += (f"; besides the LoRA weights the file holds the base parameters its config's "
+                     f"bias and modules_to_save select ({len(base or {})} on this model)")
         raise KeyMismatchError(f"load_adapter: {weights_file} does not fit the model's LoRA layers: "
                        f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} "
                        f"({len(unexpected)} in all){hint}")
@@ -609,6 +628,57 @@ def _check_tensors_fit(targets, tensors, r, weights_file, config_file, use_dora=
         if found != shape:
             raise ValueError(f"load_adapter: {key} in {weights_file} has shape {found}, the model "
                              f"expects {shape} (r={r} in {config_file})")
+
+
+def _file_modules_to_save(module, hparams, targets, config_file):
+    """The config's modules_to_save, checked against `module` (each name a module, none a LoRA
+    target). PEFT's classification models record both head names ("classifier", "score") whichever
+    the model has: one matching nothing is dropped there, any other such name is an error."""
+    specs = hparams["modules_to_save"]
+    if specs and hparams["task_type"] in trained_base.HEAD_TASKS:
+        specs = [s for s in specs if s not in trained_base.SEQ_CLS_HEADS
+                 or trained_base.matching_modules(module, [s])] or None
+    try:
+        return trained_base.check_modules_to_save(module, specs, list(targets))
+    except ValueError as err:
+        raise ValueError(f"load_adapter: {config_file}: {err}") from None
+
+
+def _base_targets(module, hparams, modules_to_save, targets, adapter_name, known, config_file):
+    """{file key: Parameter} of the base parameters the file's adapter trains (bias,
+    modules_to_save), after checking that this load can give them: a model holds them for one
+    adapter (they are trained in place), and an existing adapter must have the file's."""
+    config = {"bias": hparams["bias"], "modules_to_save": modules_to_save}
+    if adapter_name in known or (known and (config["bias"] != "none" or modules_to_save)):
+        record = (module.__dict__.get("lora_fast_adapters") or {}).get(adapter_name) or {}
+        mine = {"bias": record.get("bias", "none"), "modules_to_save": record.get("modules_to_save")}
+        if adapter_name not in known:
+            raise ValueError(f"load_adapter: {config_file} trains base parameters (bias="
+                             f"{config['bias']!r}, modules_to_save={modules_to_save}), which lora_fast "
+                             "trains in place for one adapter per model; the model has adapters "
+                             f"{known} already: load it into a model without LoRA layers")
+        same = mine["bias"] == config["bias"] and \
+            trained_base.matching_modules(module, mine["modules_to_save"] or ()) == \
+            trained_base.matching_modules(module, modules_to_save or ())
+        if not same:
+            raise ValueError(f"load_adapter: {config_file} has bias={config['bias']!r}, "
+                             f"modules_to_save={modules_to_save}; adapter {adapter_name!r} of the "
+                             f"model has bias={mine['bias']!r}, modules_to_save="
+                             f"{mine['modules_to_save']}: load it into a model without LoRA layers")
+    layers = {name: module.get_submodule(name) for name in targets}
+    return {PREFIX + key: param for key, param in _trained_base(module, config, layers).items()}
+
+
+def _copy_base(base, tensors):
+    """Copy the file's trained base parameters into the model's (their dtype; this rank's shard of
+    an FSDP2 parameter)."""
+    with torch.no_grad():
+        for key, param in base.items():
+            value = tensors[key].to(param.dtype)
+            if hasattr(param, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+            param.copy_(value)
 
 
 def _check_fan_in_fan_out(targets, hparams, config_file):
@@ -646,12 +716,13 @@ class _LayerState(NamedTuple):
 
 
 @contextlib.contextmanager
-def _restored_on_error(module, layers):
+def _restored_on_error(module, layers, base_params=()):
     """On any error in the block, put `module` back as it was: its children (undoing an inject or
     the LoRA layers add_adapter made), every parameter's requires_grad, lora_fast_config and
     lora_fast_adapters, and for the LoRA layers it had (`layers`) their adapters (ones added since
     removed), every adapter's weights, the active adapter and the merged state. The copies of
-    the weights cost the adapters' size once, for the block's duration."""
+    the weights cost the adapters' size once, for the block's duration; so do the values of
+    `base_params` (the trained base parameters a load copies into), restored too."""
     children = [(parent, name, child) for parent in module.modules()
                 for name, child in parent.named_children()]
     requires_grad = [(p, p.requires_grad) for p in module.parameters()]
@@ -661,10 +732,13 @@ def _restored_on_error(module, layers):
                   for adapter in layer.adapter_settings},
                  layer.active_adapter, layer.merged)
              for name, layer in layers.items()}
+    base_values = [(p, p.detach().clone()) for p in base_params]
     try:
         yield
     except BaseException:
         with torch.no_grad():
+            for param, value in base_values:
+                param.copy_(value)
             for name, layer in layers.items():
                 state = saved[name]
                 if layer.merged:

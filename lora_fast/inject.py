@@ -7,19 +7,23 @@ writes to adapter_config.json). Matching follows PEFT's rules exactly, so the sa
   a str       regular expression, full match against the module's dotted name;
   a list      names matched exactly, or as a dotted suffix ("q_proj" matches "...self_attn.q_proj");
   "all-linear" every linear except the output head (a transformers model's get_output_embeddings(),
-              else a module named "lm_head").
+              else a module named "lm_head"; for sequence classification its score/classifier head,
+              which is trained whole instead);
+  None        PEFT's default targets for the model's architecture (config.model_type), e.g. q_proj
+              and v_proj on Llama, c_attn on GPT-2, query and value on BERT.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import re
+import warnings
 from typing import Iterator, NamedTuple, Sequence, Union
 
 import torch
 from torch import nn
 
-from . import qlora
+from . import qlora, trained_base
 from .module import (DEFAULT_ADAPTER, LoRALinear, _check_adapter_dtype, _check_base, _check_hparams,
                      check_adapter_name, check_dora, default_adapter_dtype, is_conv1d, storage_extent)
 
@@ -31,7 +35,9 @@ Targets = Union[str, Sequence[str], None]
 def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: Targets = None,
            lora_dropout: float = 0.0, use_rslora: bool = False, exclude_modules: Targets = None,
            adapter_dtype: torch.dtype | None = None, adapter_name: str = DEFAULT_ADAPTER,
-           use_dora: bool = False, dora_dropout: str = "peft") -> list[str]:
+           use_dora: bool = False, dora_dropout: str = "peft", bias: str = "none",
+           modules_to_save: Sequence[str] | None = None, task_type: str | None = None,
+           merge_weights: bool = False) -> list[str]:
     """Replace the matching linears of `model` in place by LoRALinear (weights shared, not copied),
     freeze every other parameter, and return the replaced modules' names. Nothing is changed if
     an argument is refused.
@@ -41,7 +47,8 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
         r: the adapters' rank, a positive integer.
         lora_alpha: positive finite number; scaling = lora_alpha / r (or / √r with use_rslora).
         target_modules: which layers (PEFT's matching, see the module docstring): a regular
-            expression (full match), a list of names (exact or dotted suffix), or "all-linear".
+            expression (full match), a list of names (exact or dotted suffix), "all-linear", or
+            None: PEFT's defaults for the model's architecture (default_targets).
         lora_dropout: dropout probability in [0, 1) on the LoRA branch's input, training only.
         use_rslora: rank-stabilised scaling lora_alpha / √r, a bool.
         exclude_modules: the same forms as target_modules (not "all-linear"); matches are skipped.
@@ -53,14 +60,40 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
             ``lora_magnitude_vector`` (out,), initialised to its W0's row norms (lora_fast.dora).
         dora_dropout: DoRA's dropout form: "peft" (PEFT's function, default) or "lora" (dropout
             inside the LoRA branch only: one base product, but not PEFT's function with dropout).
+        bias: which base biases train and are saved with the adapter, as PEFT's: "none", "all"
+            (every parameter with "bias" in its name) or "lora_only" (the LoRA layers' biases).
+        modules_to_save: names of modules trained whole and saved with the adapter (PEFT's
+            matching: exact or dotted suffix), e.g. a classification head; trained in place
+            (lora_fast.trained_base).
+        task_type: PEFT's task type, recorded for PEFT's loader; None: "SEQ_CLS" for a
+            ``...ForSequenceClassification`` model, "TOKEN_CLS" for ``...ForTokenClassification``.
+            For both, the score/classifier head is trained whole (added to modules_to_save) as
+            PEFT does, and for SEQ_CLS "all-linear" leaves it out.
+        merge_weights: loralib's flag: every LoRA layer merges its adapter in eval mode and
+            unmerges it (exactly) in train mode (LoRALinear.merge_weights).
 
     Hyper-parameters are recorded as plain Python numbers in ``model.lora_fast_config`` (what
     save_adapter writes), whatever numeric type they came as.
     """
+    return inject_as(model, r, lora_alpha, target_modules, lora_dropout, use_rslora, exclude_modules,
+                     adapter_dtype, adapter_name, use_dora, dora_dropout, bias, modules_to_save,
+                     _task_type(model, task_type), merge_weights)
+
+
+def inject_as(model, r, lora_alpha, target_modules, lora_dropout, use_rslora, exclude_modules,
+              adapter_dtype, adapter_name, use_dora, dora_dropout, bias, modules_to_save, task_type,
+              merge_weights):
+    """inject with task_type taken as given (None: no task), not inferred from the model's class:
+    load_adapter's, whose file says the task."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
     use_dora, dora_dropout = check_dora(use_dora, dora_dropout)
+    bias = trained_base.check_bias(bias)
+    if not isinstance(merge_weights, bool):
+        raise TypeError(f"merge_weights: expected a bool, got {type(merge_weights).__name__}")
+    if target_modules is None:
+        target_modules = default_targets(model)
     _check_targets("target_modules", target_modules, allow_none=False)
     _check_targets("exclude_modules", exclude_modules, allow_none=True)
     _check_adapter_dtype(adapter_dtype)
@@ -72,7 +105,10 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
                            "another adapter, merge_and_unload(model) first, or "
                            "load_adapter(model, path) to load new adapter weights into them")
 
-    names = select_modules(model, target_modules, exclude_modules)
+    names = select_modules(model, target_modules, exclude_modules, task_type=task_type)
+    if task_type in trained_base.HEAD_TASKS:   # PEFT's classification models train the head whole
+        modules_to_save = trained_base.with_heads(model, modules_to_save)
+    modules_to_save = trained_base.check_modules_to_save(model, modules_to_save, names)
     for name in names:   # every layer checked before from_linear freezes the first one
         check_wrappable(model.get_submodule(name), adapter_dtype, name, use_dora)
     replaced = {}
@@ -82,12 +118,63 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
                                  use_rslora=use_rslora, adapter_dtype=adapter_dtype, adapter_name=adapter_name,
                                  **_dora_settings(use_dora, dora_dropout))
     replace_children(model, replaced)
-    mark_only_lora_as_trainable(model)
+    for layer in replaced.values():
+        layer.merge_weights = merge_weights
     record_adapter(model, adapter_name, r, lora_alpha, lora_dropout, use_rslora, target_modules,
                    exclude_modules, names, any(layer.from_conv1d for layer in replaced.values()),
-                   use_dora, dora_dropout)
+                   use_dora, dora_dropout, bias, modules_to_save, task_type)
     model.lora_fast_config = model.lora_fast_adapters[adapter_name]
+    mark_only_lora_as_trainable(model)
     return names
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """PEFT's default target_modules for the architecture of `model` (its config.model_type): the
+    installed peft's table, else DEFAULT_TARGETS; a ValueError naming the architecture if it has
+    none."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    table = _peft_default_targets() or DEFAULT_TARGETS
+    targets = table.get(model_type) if isinstance(model_type, str) else None
+    if targets is None:
+        what = (f"model_type {model_type!r}" if isinstance(model_type, str)
+                else f"{type(model).__name__} (no config.model_type)")
+        raise ValueError(f"target_modules: None picks PEFT's default targets for the model's "
+                         f"architecture, and {what} has none (architectures with defaults: "
+                         f"{', '.join(sorted(table))}); name the layers (a list, a regex or "
+                         f"{ALL_LINEAR!r})")
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+# The defaults PEFT uses for common architectures (peft.utils.constants'
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), for when peft is not installed
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"], "t5": ["q", "v"], "bart": ["q_proj", "v_proj"],
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _peft_default_targets():
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+    except Exception:   # not installed, or broken: the table above
+        return None
+    return dict(table)
+
+
+def _task_type(model, task_type):
+    if task_type is not None:
+        if not isinstance(task_type, str) or not task_type:
+            raise ValueError(f"task_type: expected None or one of PEFT's task types (e.g. "
+                             f"'CAUSAL_LM', 'SEQ_CLS'), got {task_type!r}")
+        return task_type
+    kind = type(model).__name__
+    return "SEQ_CLS" if kind.endswith("ForSequenceClassification") else \
+        "TOKEN_CLS" if kind.endswith("ForTokenClassification") else None
 
 
 def _dora_settings(use_dora, dora_dropout):
@@ -128,12 +215,18 @@ def replace_children(model, replaced):
 
 
 def record_adapter(model, adapter_name, r, lora_alpha, lora_dropout, use_rslora, target_modules,
-                   exclude_modules, names, fan_in_fan_out, use_dora=False, dora_dropout="peft"):
+                   exclude_modules, names, fan_in_fan_out, use_dora=False, dora_dropout="peft",
+                   bias="none", modules_to_save=None, task_type=None):
     """Record adapter `adapter_name`'s settings in model.lora_fast_adapters (what save_adapter
     writes to its adapter_config.json); model.lora_fast_config is the active adapter's."""
     saved_targets = target_modules
     if target_modules == ALL_LINEAR or exclude_modules:
         saved_targets = sorted(names)   # what PEFT itself writes for "all-linear": the full names
+        # ...unless one full name is the dotted suffix of another module's ("fc" of "sub.fc"):
+        # PEFT's list matching would then select that one too; an exact regex selects these alone
+        if any(_matches(saved_targets, name) for name, _ in model.named_modules()
+               if name and name not in names):
+            saved_targets = "|".join(re.escape(name) for name in saved_targets)
     elif not isinstance(target_modules, str):
         saved_targets = list(target_modules)
     adapters = dict(model.__dict__.get("lora_fast_adapters") or {})
@@ -141,12 +234,13 @@ def record_adapter(model, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
         "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
         "use_rslora": use_rslora, "target_modules": saved_targets,
         "fan_in_fan_out": fan_in_fan_out, "use_dora": use_dora, "dora_dropout": dora_dropout,
+        "bias": bias, "modules_to_save": modules_to_save, "task_type": task_type,
     }
     model.lora_fast_adapters = adapters
 
 
-def select_modules(model: nn.Module, target_modules: Targets,
-                   exclude_modules: Targets = None, lora_too: bool = False) -> list[str]:
+def select_modules(model: nn.Module, target_modules: Targets, exclude_modules: Targets = None,
+                   lora_too: bool = False, task_type: str | None = None) -> list[str]:
     """Names of the modules `inject` would replace (PEFT's matching; see the module docstring).
     Raises if a matching module is not a linear, or if nothing matches.
 
@@ -156,12 +250,16 @@ def select_modules(model: nn.Module, target_modules: Targets,
             suffix), or "all-linear" (every linear but the output head).
         exclude_modules: None, or a regex / list as above; matching names are left out.
         lora_too: LoRALinear layers count as linears (add_adapter's targets).
+        task_type: PEFT's task type; with "SEQ_CLS", "all-linear" leaves out the classification
+            head of a model without output embeddings, as PEFT does.
     """
     is_linear = functools.partial(_is_linear, lora_too=lora_too)
     if target_modules == ALL_LINEAR:
-        head = _output_head(model)
+        heads = {id(_output_head(model))}
+        if task_type == trained_base.SEQ_CLS and _output_head(model) is None:
+            heads |= {id(model.get_submodule(name)) for name in trained_base.seq_cls_heads(model)}
         names = [name for name, module in model.named_modules()
-                 if is_linear(module) and module is not head]
+                 if is_linear(module) and id(module) not in heads]
     else:
         names = [name for name, _ in model.named_modules() if name and _matches(target_modules, name)]
     names = [name for name in names if not (exclude_modules and _matches(exclude_modules, name))]
@@ -307,13 +405,33 @@ def _check_mergeable(model, layers, what):
                                    "Untie them first (e.g. clone one), or keep the adapter unmerged")
 
 
-def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
+def mark_only_lora_as_trainable(model: nn.Module, bias: str | None = None) -> nn.Module:
     """requires_grad on the active adapter's lora_A/lora_B (and DoRA magnitude) parameters of
-    `model`, off on every other parameter (the other adapters' too); returns `model`."""
-    lora_params = {id(p) for layer in lora_layers(model).values()
-                   for p in layer.adapter_parameters()}
+    `model`, and on the base parameters it trains (lora_fast.trained_base: its modules_to_save and
+    the biases of its bias mode), off on every other parameter (the other adapters' too); returns
+    `model`.
+
+    Args:
+        model: the model (not wrapped).
+        bias: "none", "all" or "lora_only" (loralib's and PEFT's modes); None: the active
+            adapter's, as inject recorded it ("none" if none was). Given, it becomes the active
+            adapter's bias mode, which save_adapter then saves.
+    """
+    layers = lora_layers(model)
+    record = model.__dict__.get("lora_fast_config")
+    if bias is not None:
+        bias = trained_base.check_bias(bias)
+        if record is not None and record.get("bias", "none") != bias:
+            record["bias"] = bias   # the active adapter's record (lora_fast_config is that dict)
+    elif record is not None:
+        bias = record.get("bias", "none")
+    active = {name: layer for name, layer in layers.items() if layer.settings is not None}
+    trained = trained_base.trained_parameters(model, bias or "none",
+                                              (record or {}).get("modules_to_save"), active)
+    keep = {id(p) for layer in layers.values() for p in layer.adapter_parameters()}
+    keep |= {id(p) for p in trained.values()}
     for p in model.parameters():
-        p.requires_grad_(id(p) in lora_params)
+        p.requires_grad_(id(p) in keep)
     return model
 
 
@@ -342,6 +460,12 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     alone, merged or not (a merged layer uses the copy of its base weight that merge() keeps),
     as PEFT's ``disable_adapter()``; the previous state is restored on exit, also on error."""
     layers = list(require_lora_layers(model, "disable_adapters").values())
+    record = unwrap(model).__dict__.get("lora_fast_config") or {}
+    if record.get("bias", "none") != "none" or record.get("modules_to_save"):
+        warnings.warn(f"disable_adapters: the adapter trains base parameters in place (bias="
+                      f"{record.get('bias', 'none')!r}, modules_to_save={record.get('modules_to_save')}); "
+                      "they keep their trained values inside the block, so its output is not the "
+                      "base model's", UserWarning, stacklevel=3)
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:
         layer.adapter_enabled = False

@@ -264,6 +264,7 @@ class LoRALinear(nn.Linear):
         self.merged_adapter = None    # the adapter folded into weight while merged
         self.adapter_enabled = True   # False: forward is the base linear alone (disable_adapters)
         self.mixed_rows = None        # a mixed.RowAdapters inside lora_fast.batch_adapters
+        self._merge_weights = False   # loralib's merge_weights: merged in eval mode, unmerged in train
 
     # whether use_dora is available on this kind of layer
     supports_dora = True
@@ -503,6 +504,33 @@ class LoRALinear(nn.Linear):
         if self.merged:   # the cache holds the weight's norms, and W0 is the copy merge() kept
             return dora.weight_norm(self._original_weight, lora_A, lora_B, scaling)
         return dora.weight_norm(self.dense_weight(), lora_A, lora_B, scaling, self.dora_base_sq())
+
+    @property
+    def merge_weights(self) -> bool:
+        """loralib's ``merge_weights``: when True, eval() merges the active adapter into the weight
+        (forward is one plain linear) and train() unmerges it (bit for bit, as unmerge() does).
+        Off by default; setting it applies it to the current mode at once."""
+        return self.__dict__.get("_merge_weights", False)
+
+    @merge_weights.setter
+    def merge_weights(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"merge_weights: expected a bool, got {type(value).__name__}")
+        self._merge_weights = value
+        if value:
+            self._follow_mode()
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        super().train(mode)
+        if self.merge_weights:
+            self._follow_mode()
+        return self
+
+    def _follow_mode(self):
+        if self.training and self.merged:
+            self.unmerge()
+        elif not self.training and not self.merged and self.settings is not None:
+            self.merge()
 
     @property
     def merged(self) -> bool:

@@ -63,6 +63,12 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
     r, lora_alpha, lora_dropout, use_rslora = _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
     use_dora, dora_dropout = check_dora(use_dora, dora_dropout)
     _check_adapter_dtype(adapter_dtype)
+    trains_base = [name for name, record in (inner.__dict__.get("lora_fast_adapters") or {}).items()
+                   if record.get("bias", "none") != "none" or record.get("modules_to_save")]
+    if trains_base:   # trained in place (lora_fast.trained_base): a second adapter would share them
+        raise ValueError(f"add_adapter: adapter {trains_base[0]!r} trains base parameters (bias or "
+                         "modules_to_save), which lora_fast trains in place for one adapter per "
+                         "model; a second adapter is not available on such a model")
     if target_modules is None:
         active = active_adapter(inner)
         target_modules = [name for name, layer in layers.items() if active in layer.adapter_settings]

@@ -31,9 +31,13 @@ def test_layer_example_runs(tmp_path):
     assert namespace["y"].shape == (4, 128, 1024)
 
 
+# the whole-model section's first example, checked beyond running
+WHOLE_MODEL = next(i for i, s in enumerate(SNIPPETS) if "lora_fast.inject(" in s and "my-adapter" in s)
+
+
 def test_whole_model_example_runs(tmp_path):
     pytest.importorskip("transformers")
-    (index,) = [i for i, s in enumerate(SNIPPETS) if "lora_fast.inject(" in s]
+    index = WHOLE_MODEL
     namespace = run_snippet(index, tmp_path)
     import lora_fast
     assert namespace["names"] and not lora_fast.lora_layers(namespace["merged"])
@@ -43,7 +47,7 @@ def test_whole_model_example_runs(tmp_path):
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_every_snippet_runs(index, tmp_path):
-    if index == 0 or "lora_fast.inject(" in SNIPPETS[index]:
+    if index in (0, WHOLE_MODEL):
         pytest.skip("run with its own checks above")
     pytest.importorskip("transformers")
     run_snippet(index, tmp_path)
