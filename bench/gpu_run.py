@@ -36,6 +36,9 @@ of the dispatcher's choices):
     dora      the DoRA tests (tests/test_dora.py: the kernels' LoRA passes under DoRA, bf16 included),
               then bench.dora: a training step of 8192 rows at 4096->4096 r=16 bf16, dropout 0 and 0.1,
               both dropout forms against lora_fast's LoRA layer and PEFT's DoRA
+    sliced    the per-slice layer's tests (tests/test_sliced.py), then bench.layer --sliced: fwd+bwd
+              of GPT-2-XL's c_attn and a Llama-3-8B qkv with LoRA on q and v, M=8192 bf16 r=16,
+              against one full-width adapter, one layer per slice and nn.Linear
     model     bench.model --steps 3 --warmup 1 --dropout 0.05 twice, the second in a new process
               with the first's caches (model.log holds both; the rows carry each run's date)
     grid      bench.layer --grid targets without the cases headline and decode measured, in the
@@ -81,7 +84,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("install", "env", "smoke", "headline", "decode", "mixed", "qlora", "dora", "model", "grid")
+STAGES = ("install", "env", "smoke", "headline", "decode", "mixed", "qlora", "dora", "sliced", "model", "grid")
 GRACE_S = 5.0   # between SIGINT and SIGKILL: enough for pytest to write its junit XML
 LOG_TAIL = 20   # lines of a failed command's log echoed to the console (the device reply shows its end)
 
@@ -130,6 +133,10 @@ class Sizes:
     dora_tests_s: float
     dora: tuple         # bench.dora arguments
     dora_s: float
+    sliced_tests: tuple  # pytest arguments
+    sliced_tests_s: float
+    sliced: tuple       # bench.layer --sliced arguments
+    sliced_s: float
     model: tuple        # bench.model arguments
     model_s: tuple      # (first run, cold caches; second run, warm)
     grid: tuple
@@ -158,6 +165,8 @@ GPU = Sizes(
     qlora=("--rounds", "10"), qlora_s=60,
     dora_tests=("tests/test_dora.py",), dora_tests_s=45,
     dora=("--rounds", "10"), dora_s=60,
+    sliced_tests=("tests/test_sliced.py",), sliced_tests_s=30,
+    sliced=("--rounds", "10"), sliced_s=45,
     # the cold run holds the first step's compiling and tuning (predicted 20-40 s, bench/NOTES.md v7)
     model=("--steps", "3", "--warmup", "1", "--dropout", "0.05"), model_s=(100, 40),
     grid=("--grid", "targets"), grid_min_s=30,
@@ -177,6 +186,8 @@ DRY = Sizes(
     qlora=("--quick", "--cases", "decode", "--impls", "qlora", "base4", "linear"), qlora_s=60,
     dora_tests=("tests/test_dora.py", "-k", "gradcheck"), dora_tests_s=60,
     dora=("--quick", "--dropout", "0", "--impls", "dora", "lora"), dora_s=60,
+    sliced_tests=("tests/test_sliced.py", "-k", "one_row"), sliced_tests_s=60,
+    sliced=("--quick", "--rounds", "1", "--warmup", "0"), sliced_s=60,
     model=("--size", "tiny", "--steps", "1", "--warmup", "0", "--dropout", "0.05"), model_s=(30, 30),
     grid=("--shapes", "tiny", "--M", "1", "33", "--r", "4", "--dtype", "fp32", "--dropout", "0.1",
           "--impls", "linear", "lora_fast"), grid_min_s=10,
@@ -192,7 +203,8 @@ def plan(out, cache, sizes):
     def report(csv):
         return Step(py("bench.report", csv), sizes.report_s, needs=csv)
 
-    csv = {name: out / f"{name}.csv" for name in ("headline", "decode", "mixed", "qlora", "dora", "model", "grid")}
+    csv = {name: out / f"{name}.csv"
+           for name in ("headline", "decode", "mixed", "qlora", "dora", "sliced", "model", "grid")}
     pytest = ("pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--durations=15")
     model = (*sizes.model, "--out", csv["model"])
     return [
@@ -223,6 +235,10 @@ def plan(out, cache, sizes):
                             sizes.dora_tests_s),
                        Step(py("bench.dora", *sizes.dora, "--out", csv["dora"]), sizes.dora_s),
                        report(csv["dora"])]),
+        Stage("sliced", [Step(py(*pytest, "--junitxml", out / "sliced-junit.xml", *sizes.sliced_tests),
+                              sizes.sliced_tests_s),
+                         Step(py("bench.layer", "--sliced", *sizes.sliced, "--out", csv["sliced"]), sizes.sliced_s),
+                         report(csv["sliced"])]),
         Stage("model", [Step(py("bench.model", *model), sizes.model_s[0]),
                         Step(py("bench.model", *model), sizes.model_s[1]),
                         report(csv["model"])],

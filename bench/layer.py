@@ -2,6 +2,7 @@
 torch.compile, interleaved in one process, on real models' projection shapes.
 
     python -m bench.layer [--quick] [--shapes ...] [--M ...] [--r ...] [--dtype ...] [--out FILE]
+    python -m bench.layer --sliced [--quick] [--shapes ...] [--M M] [--rounds N] [--out FILE]
 
 For each case every implementation runs each mode once per round, rounds interleaved, the GPU's L2
 overwritten before each timed run. Modes: fwd (no grad, eval: an unmerged adapter at inference),
@@ -13,6 +14,14 @@ saved_bytes (what autograd saves for backward, parameters excluded). Rows are ap
 (see bench/common.py); `python -m bench.report FILE` makes the table and plots.
 On a machine without a GPU it runs tiny shapes: CPU timings of PyTorch ops (and of the Triton
 interpreter when TRITON_INTERPRET=1), which test the harness and are not kernel timings.
+
+--sliced: a fused q, k, v projection with LoRA on q and v (lora_fast.sliced.LoRASlicedLinear, one
+fused pass each way) against the same fused layer with one full-width adapter of rank r (LoRALinear),
+one layer per slice over row views of the same weight (LoRALinear on q and v, nn.Linear on k; outputs
+concatenated, one (M, out) copy a model with separate projections would not make) and nn.Linear:
+fwd+bwd (W0 frozen, x requiring grad), r=16, GPT-2-XL's c_attn (1600 → 3·1600) and a Llama-3-8B
+qkv (4096 → 4096+1024+1024). GPU: M=8192 bf16; CPU: M=2048 fp32, the torch path. Rows (time,
+saved_bytes) go to bench/results/sliced.csv.
 """
 import argparse
 import itertools
@@ -21,10 +30,12 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from bench import common
 from bench.impls import IMPLS, make_impls
-from lora_fast import dispatch
+from lora_fast import LoRALinear, dispatch
+from lora_fast.sliced import LoRASlicedLinear, enabled_sizes
 
 SHAPES = {  # name: (in_features K, out_features N)
     "llama3-8b-qo": (4096, 4096), "llama3-8b-kv": (4096, 1024),
@@ -182,12 +193,116 @@ def write_dispatch_choices(csv_path, meta):
     print(f"dispatch choices written to {path}")
 
 
+# --- --sliced ----------------------------------------------------------------------------------
+
+SLICED_SHAPES = {  # name: (in_features, output slices q, k, v)
+    "gpt2-xl-c_attn": (1600, (1600, 1600, 1600)),
+    "llama3-8b-qkv": (4096, (4096, 1024, 1024)),
+    "tiny-qkv": (48, (24, 8, 8)),   # --quick: tests the harness
+}
+SLICED_ENABLE = (True, False, True)   # q and v
+SLICED_IMPLS = ("sliced", "full", "separate", "linear")
+# (impl, baseline, most allowed ratio of times): NOTES v14's predictions
+SLICED_TARGETS = (("sliced", "full", 1.05), ("sliced", "separate", 1.0))
+
+
+class SeparateSlices(nn.Module):
+    """A LoRASlicedLinear as one layer per slice (a model with separate q, k, v projections): row
+    views of its weight and bias, a LoRALinear with its blocks of lora_A and lora_B on an enabled
+    slice, the frozen nn.Linear on the others; the outputs concatenated."""
+
+    def __init__(self, fused):
+        super().__init__()
+        r, blocks_A = fused.r, iter(fused.lora_A.detach().split(fused.r))
+        blocks_B = iter(fused.lora_B.detach().split(enabled_sizes(fused.slices, fused.enable)))
+        parts, row = [], 0
+        for n, on in zip(fused.slices, fused.enable):
+            part = nn.Linear(fused.in_features, n, device="meta")
+            part.weight = nn.Parameter(fused.weight.detach()[row:row + n], requires_grad=False)
+            part.bias = nn.Parameter(fused.bias.detach()[row:row + n], requires_grad=False)
+            if on:
+                part = LoRALinear.from_linear(part, r=r, lora_alpha=fused.lora_alpha)
+                with torch.no_grad():
+                    part.lora_A.copy_(next(blocks_A))
+                    part.lora_B.copy_(next(blocks_B))
+            parts.append(part)
+            row += n
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x):
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def sliced_models(impls, K, slices, r, dtype, device):
+    """{impl: module} over one frozen base linear (K → Σ slices), adapters non-zero (lora_B ~ N(0,
+    0.02²)); "separate" holds the same adapter as "sliced" (checked to compute the same)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(K, sum(slices), device=device, dtype=dtype).requires_grad_(False)
+    sliced = LoRASlicedLinear.from_linear(linear, slices, SLICED_ENABLE, r=r, lora_alpha=2 * r)
+    full = LoRALinear.from_linear(linear, r=r, lora_alpha=2 * r)
+    for layer in (sliced, full):
+        nn.init.normal_(layer.lora_B, std=0.02)
+    models = {"sliced": sliced, "full": full, "separate": SeparateSlices(sliced), "linear": linear}
+    x = torch.randn(64, K, device=device, dtype=dtype)
+    with torch.no_grad():
+        want, got = sliced(x).float(), models["separate"](x).float()
+    err = ((got - want).norm() / want.norm()).item()
+    if not err <= {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]:
+        raise RuntimeError(f"separate disagrees with sliced: relative error {err:.2e}")
+    return {name: models[name].train(True) for name in impls}
+
+
+def bench_sliced(shape, M, r, dtype_name, impls, rounds, warmup, device, meta):
+    """Rows for one shape: every impl's fwd+bwd time and saved bytes (common.layer_rows)."""
+    K, slices = SLICED_SHAPES[shape]
+    dtype = common.DTYPES[dtype_name]
+    models = sliced_models(impls, K, slices, r, dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(M)
+    x = torch.randn(M, K, generator=gen).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(M, sum(slices), generator=gen).to(device, dtype)
+    row = {**meta, "case": shape, "M": M, "K": K, "N": sum(slices), "r": r, "dtype": dtype_name,
+           "dropout": 0.0, "mode": "fwd_bwd"}
+    return common.layer_rows(models, x, dy, True, rounds, warmup, device, row)
+
+
+def build_sliced_parser():
+    parser = argparse.ArgumentParser(prog="python -m bench.layer --sliced", description=__doc__,
+                                     formatter_class=common.HelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the tiny shape at M=64 fp32: tests the harness")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SLICED_SHAPES),
+                        default=["gpt2-xl-c_attn", "llama3-8b-qkv"], help="fused projections to time")
+    parser.add_argument("--M", type=int, default=None, help="tokens (default: 8192 on a GPU, 2048 on the CPU)")
+    parser.add_argument("--r", type=int, default=16, help="rank of each enabled slice (and of full)")
+    parser.add_argument("--impls", nargs="+", default=list(SLICED_IMPLS), choices=SLICED_IMPLS,
+                        help="sliced: LoRASlicedLinear; full: LoRALinear, one rank-r adapter on the whole "
+                             "output; separate: one layer per slice; linear: nn.Linear")
+    common.add_cpu_timing_arguments(parser, rounds=20, each="implementation", out_name="sliced.csv")
+    return parser
+
+
+def sliced_main(argv):
+    args = build_sliced_parser().parse_args(argv)
+    device, meta = common.start("layer", args, ["--sliced", *argv])
+    gpu = device.type == "cuda"
+    M = 64 if args.quick else args.M or (8192 if gpu else 2048)
+    dtype_name = "bf16" if gpu and not args.quick else "fp32"
+    for shape in ["tiny-qkv"] if args.quick else args.shapes:
+        rows = bench_sliced(shape, M, args.r, dtype_name, args.impls, args.rounds, args.warmup, device, meta)
+        common.append_rows(args.out, rows)
+        common.print_layer_rows(f"{shape} M={M} {rows[0]['K']}->{SLICED_SHAPES[shape][1]} r={args.r} "
+                                f"{dtype_name} fwd_bwd", rows, [] if args.quick else SLICED_TARGETS)
+    return args.out
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__,
                                      formatter_class=common.HelpFormatter)
     parser.add_argument("--mixed", action="store_true",
                         help="the mixed-batch cases instead (rows with different adapters: "
                              "bench.mixed, whose options follow --mixed)")
+    parser.add_argument("--sliced", action="store_true",
+                        help="the per-slice LoRA cases instead (a fused q, k, v projection, LoRA on q and "
+                             "v; options: --sliced --help)")
     parser.add_argument("--quick", action="store_true", help="a small grid (a minute on a GPU)")
     parser.add_argument("--grid", choices=("default", "targets"), default="default",
                         help="default: every shape x M at r=16 bf16, an r sweep, fp16/fp32 on one shape; "
@@ -220,6 +335,8 @@ def main(argv=None):
     if "--mixed" in argv:   # its own cases and options (bench/mixed.py)
         from bench import mixed
         return mixed.main([a for a in argv if a != "--mixed"])
+    if "--sliced" in argv:
+        return sliced_main([a for a in argv if a != "--sliced"])
     parser = build_parser()
     args = parser.parse_args(argv)
 

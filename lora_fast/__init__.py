@@ -12,6 +12,9 @@ reference and a plain-PyTorch path. Public API:
     batch_adapters(model, names): each batch row with its own adapter, trained or served
     quantize(model, "nf4") / Linear4bit / LoRALinear4bit: QLoRA, a 4-bit NF4 base (bitsandbytes' bytes)
     dora_linear / LoRALinear(..., use_dora=True) / inject(..., use_dora=True): DoRA (PEFT's use_dora)
+    LoRASlicedLinear / inject(..., slices={name: (sizes, enable)}): LoRA on chosen slices of a fused
+        projection (loralib's MergedLinear); convert: loralib and from-scratch checkpoints
+    LoRAEmbedding / inject(..., target_modules=[<an nn.Embedding>]): LoRA on embeddings (PEFT's keys)
     dispatch: which kernel path each pass runs on a GPU, measured per shape and cached
     dropout.keep_mask(seed, M, K, p): the kernels' LoRA dropout mask, reproduced outside them
 """
@@ -26,6 +29,8 @@ from . import convert
 from .mixed import batch_adapters
 from .qlora import Linear4bit, LoRALinear4bit, quantize
 from .dora import dora_linear
+from .sliced import LoRASlicedLinear
+from .embedding import LoRAEmbedding
 
 from ._version import __version__
 __all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "dropout", "inject", "merge",
@@ -33,4 +38,4 @@ __all__ = ["lora_linear", "LoRALinear", "LoRALinearFunction", "reference", "drop
            "mark_only_lora_as_trainable", "trainable_parameters", "disable_adapters",
            "save_adapter", "load_adapter", "load_adapters", "add_adapter", "set_adapter",
            "delete_adapter", "adapter_names", "active_adapter", "batch_adapters", "quantize", "Linear4bit",
-           "LoRALinear4bit", "dora_linear", "convert", "__version__"]
+           "LoRALinear4bit", "dora_linear", "convert", "LoRASlicedLinear", "LoRAEmbedding", "__version__"]

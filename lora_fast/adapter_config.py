@@ -7,17 +7,23 @@ import dataclasses
 import functools
 import json
 import math
+import re
 
 from .checks import short
 from .inject import _check_targets
+from .sliced import check_slices, equivalent_alpha
 from .trained_base import BIAS_MODES
+
+# lora_fast's own key: the slices of per-slice layers (lora_fast.sliced), saved as rank-k·r adapters
+# under PEFT's rank_pattern / alpha_pattern
+SLICES_KEY = "lora_fast_slices"
 
 # --- how load_adapter treats each LoraConfig field ---------------------------------------------
 # Checked by load_adapter itself (_config_hparams, _check_init, fan_in_fan_out; modules_to_save
 # against the model).
 _CHECKED_FIELDS = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
                    "exclude_modules", "bias", "fan_in_fan_out", "init_lora_weights", "use_dora",
-                   "modules_to_save"}
+                   "modules_to_save", SLICES_KEY}
 # Do not change what a trained adapter computes, whatever their value.
 _HARMLESS_FIELDS = {
     "task_type",             # which heads PEFT trains whole: read, and checked via modules_to_save
@@ -82,13 +88,50 @@ def check(config, config_file):
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
     _check_init(config.get("init_lora_weights", True), where)
+    hparams = _config_hparams(config, where)
+    hparams["slices"] = _slices(config, hparams, where)
+    explained = {"rank_pattern", "alpha_pattern"} if hparams["slices"] else set()
     used = [f"{key}={short(config[key], 80)} ({why})" for key, why in _REFUSED_FIELDS.items()
-            if key in config and not _is_off(config[key])]
+            if key in config and not _is_off(config[key]) and key not in explained]
     if used:
         raise ValueError(f"{where}: uses PEFT features lora_fast does not implement: "
                          + "; ".join(used))
     _check_unclassified(config, where)
-    return _config_hparams(config, where)
+    return hparams
+
+
+def _slices(config, hparams, where):
+    """{layer name: (sizes, enable)} of lora_fast_slices ({} without), checked, and checked to be
+    what rank_pattern and alpha_pattern say (each layer as the rank-k·r adapter it computes): then,
+    and only then, those two PEFT keys are taken."""
+    entries = config.get(SLICES_KEY)
+    if _is_off(entries):
+        return {}
+    if not isinstance(entries, dict):
+        raise ValueError(f"{where}: {SLICES_KEY}={short(entries, 80)}, expected an object "
+                         '{layer name: {"slices": [...], "enable": [...]}}')
+    out = {}
+    for name, entry in entries.items():
+        if not (isinstance(entry, dict) and set(entry) == {"slices", "enable"}):
+            raise ValueError(f"{where}: {SLICES_KEY}[{name!r}]={short(entry, 80)}, expected "
+                             '{"slices": [...], "enable": [...]}')
+        try:
+            out[name] = check_slices(entry["slices"], entry["enable"])
+        except ValueError as err:
+            raise ValueError(f"{where}: {SLICES_KEY}[{name!r}]: {err}") from None
+    r, alpha = hparams["r"], hparams["lora_alpha"]
+    ranks = {re.escape(n): sum(enable) * r for n, (_, enable) in out.items()}
+    alphas = {re.escape(n): equivalent_alpha(alpha, sum(enable), hparams["use_rslora"])
+              for n, (_, enable) in out.items()}
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if rank_pattern != ranks or set(alpha_pattern) != set(alphas) or not all(
+            isinstance(alpha_pattern[k], (int, float)) and math.isclose(alpha_pattern[k], v, rel_tol=1e-9)
+            for k, v in alphas.items()):
+        raise ValueError(f"{where}: rank_pattern={short(rank_pattern, 80)} and alpha_pattern="
+                         f"{short(alpha_pattern, 80)} are not those of its {SLICES_KEY} (each sliced "
+                         f"layer as one rank-k·r adapter: rank_pattern {short(ranks, 80)}); per-module "
+                         "ranks are not available otherwise")
+    return out
 
 
 def _check_init(init, where):

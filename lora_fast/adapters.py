@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import adapter_config, atomic_files, named_adapters, qlora, trained_base
+from . import adapter_config, atomic_files, embedding, named_adapters, qlora, sliced, trained_base
 from .inject import inject_as, lora_layers, require_lora_layers, select_modules, unwrap
 from .module import DEFAULT_ADAPTER, AdapterSettings, adapter_dtypes, check_adapter_name, is_conv1d
 
@@ -62,8 +63,16 @@ MAGNITUDE = "lora_magnitude_vector"   # DoRA's (out,) magnitude: PEFT's key, no 
 _PARTS = ("lora_A", "lora_B", MAGNITUDE)
 
 
-def _file_key(key):
-    """PEFT's key in adapter_model.safetensors for lora_state_dict's `key`."""
+# an embedding's parts in PEFT's files: its ParameterDicts, so no ".weight"
+_EMBEDDING_PARTS = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+
+def _file_key(key, embedding=False):
+    """PEFT's key in adapter_model.safetensors for lora_state_dict's `key` (`embedding`: of a
+    LoRAEmbedding, whose lora_A / lora_B PEFT names lora_embedding_A / lora_embedding_B)."""
+    if embedding:
+        name, _, part = key.rpartition(".")
+        return f"{PREFIX}{name}.{_EMBEDDING_PARTS[part]}"
     return f"{PREFIX}{key}" if key.endswith("." + MAGNITUDE) else f"{PREFIX}{key}.weight"
 
 
@@ -171,9 +180,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     for name in names:   # _holding refuses a name of the wrong kind or one the model lacks
         name, layers = _holding(inner, name, "save_adapter")
         config = _adapter_config(inner, name, layers, base_model_name_or_path)
-        tensors = {_file_key(key): t.cpu().contiguous() for key, t in _gathered(layers, name).items()}
+        tensors = {_file_key(key, isinstance(layers[key.rpartition(".")[0]], embedding.LoRAEmbedding)):
+                   t.cpu().contiguous() for key, t in _gathered(layers, name).items()}
         tensors.update({PREFIX + key: _whole(param).cpu().contiguous()
                         for key, param in _trained_base(inner, config, layers).items()})
+        for layer_name, layer in layers.items():   # a sliced layer's B as PEFT holds it: B_full
+            if isinstance(layer, sliced.LoRASlicedLinear):
+                lora_B = _whole(layer.adapter_weights(name)[1])
+                tensors[f"{PREFIX}{layer_name}.lora_B.weight"] = \
+                    sliced.block_b(lora_B, layer.slices, layer.enable).cpu().contiguous()
         at_root = adapter_name is not None or name == DEFAULT_ADAPTER
         planned.append(_Planned(
             folder=path if at_root else path / name, tensors=tensors,
@@ -252,6 +267,7 @@ def _adapter_config(model, adapter_name, layers, base_model_name_or_path):
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         base_model_name_or_path = name if isinstance(name, str) else None
     return {
+        **_slice_patterns(adapter_name, layers, common("lora_alpha"), common("use_rslora")),
         "peft_type": "LORA",
         "r": common("r"),
         "lora_alpha": common("lora_alpha"),
@@ -265,6 +281,28 @@ def _adapter_config(model, adapter_name, layers, base_model_name_or_path):
         "fan_in_fan_out": any(layer.from_conv1d for layer in layers.values()),
         "base_model_name_or_path": base_model_name_or_path,
     }
+
+
+def _slice_patterns(adapter_name, layers, lora_alpha, use_rslora):
+    """The config keys of the adapter's sliced layers (lora_fast.sliced), none without any: each
+    is saved as the rank-k·r adapter it computes (lora_A, B_full), so PEFT reads it through
+    rank_pattern (k·r) and alpha_pattern (the alpha keeping the scaling: alpha·k, alpha·√k with
+    rslora), keyed by the layer's escaped full name; lora_fast_slices holds each layer's slices and
+    enable, which load_adapter needs to rebuild the layer (PEFT ignores the key, with a warning)."""
+    layouts = {name: layer for name, layer in layers.items() if isinstance(layer, sliced.LoRASlicedLinear)}
+    if not layouts:
+        return {}
+    r = {layer.adapter_settings[adapter_name].r for layer in layouts.values()}.pop()
+    return {
+        "rank_pattern": {re.escape(name): sum(layer.enable) * r for name, layer in layouts.items()},
+        "alpha_pattern": {re.escape(name): sliced.equivalent_alpha(lora_alpha, sum(layer.enable), use_rslora)
+                          for name, layer in layouts.items()},
+        SLICES_KEY: {name: {"slices": list(layer.slices), "enable": list(layer.enable)}
+                     for name, layer in layouts.items()},
+    }
+
+
+SLICES_KEY = adapter_config.SLICES_KEY
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -343,13 +381,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         targets = {name: _Target.of(layer) for name, layer in holders.items()}
     else:
         targets = _targets(module, hparams, config_file, lora_too=True)
+    if not layers and hparams["task_type"] in trained_base.HEAD_TASKS:   # as inject: none in the heads
+        heads = trained_base.matching_modules(module, trained_base.task_heads(module, hparams["task_type"]))
+        targets = {name: t for name, t in targets.items() if not trained_base.inside(name, heads)}
+    targets = _with_slices(targets, hparams["slices"], bool(layers), hotswap, config_file)
     modules_to_save = _file_modules_to_save(module, hparams, targets, config_file)
+    tensors = _without_wrapper_keys(tensors, trained_base.matching_modules(module, modules_to_save or ()))
     base = _base_targets(module, hparams, modules_to_save, targets, adapter_name, known, config_file)
+    # PEFT saves the base weight of a targeted embedding beside its adapter (save_embedding_layers,
+    # for a vocabulary resized before training); loaded into it, as PEFT does, when there
+    base.update({key: module.get_submodule(name).weight for name, target in targets.items()
+                 if target.embedding and (key := f"{PREFIX}{name}.base_layer.weight") in tensors})
     _check_tensors_fit(targets, tensors, hparams["r"], weights_file, config_file, hparams["use_dora"],
                        base)
     _check_fan_in_fan_out(targets, hparams, config_file)
     parts = _PARTS if hparams["use_dora"] else _PARTS[:2]
-    incoming = {name: tuple(tensors[_file_key(f"{name}.{part}")] for part in parts) for name in targets}
+    incoming = {name: tuple(tensors[_file_key(f"{name}.{part}", target.embedding)] for part in parts)
+                for name, target in targets.items()}
+    incoming = _per_slice(incoming, targets, hparams["r"], weights_file)
     if hotswap:
         incoming = _padded_and_scaled(holders, adapter_name, hparams, incoming)
 
@@ -359,7 +408,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             inject_as(module, hparams["r"], hparams["lora_alpha"], hparams["target_modules"],
                       hparams["lora_dropout"], hparams["use_rslora"], hparams["exclude_modules"],
                       file_dtype, adapter_name, hparams["use_dora"], "peft", hparams["bias"],
-                      modules_to_save, hparams["task_type"], False)
+                      modules_to_save, hparams["task_type"], False,
+                      {name: t.slices for name, t in targets.items() if t.slices} or None)
         elif adapter_name not in known:
             named_adapters.add_adapter(
                 module, adapter_name, r=hparams["r"], lora_alpha=hparams["lora_alpha"],
@@ -514,6 +564,8 @@ def _check_hotswap(holders, adapter_name, hparams, tensors, weights_file):
                          f"{len(merged)} layers (e.g. {merged[0]!r}); unmerge(model) first")
     in_file = {key[len(PREFIX):].rsplit(".", 2)[0] for key in tensors
                if key.startswith(PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))}
+    in_file |= {key[len(PREFIX):].rsplit(".", 1)[0] for key in tensors
+                if key.startswith(PREFIX) and key.endswith(tuple("." + p for p in _EMBEDDING_PARTS.values()))}
     missing, extra = sorted(set(holders) - in_file), sorted(in_file - set(holders))
     if missing or extra:
         raise ValueError(
@@ -565,16 +617,69 @@ def _padded_and_scaled(holders, adapter_name, hparams, incoming):
 
 
 class _Target(NamedTuple):
-    """What load_adapter needs to know of a layer it fills: sizes, base dtype, Conv1D or not."""
+    """What load_adapter needs to know of a layer it fills: sizes, base dtype, Conv1D or not, and
+    for a per-slice layer (lora_fast.sliced) its (slices, enable)."""
     out_features: int
     in_features: int
     dtype: torch.dtype
     conv1d: bool
+    slices: tuple | None = None
+    embedding: bool = False   # an embedding: out = embedding_dim, in = num_embeddings
 
     @classmethod
     def of(cls, layer):
-        """The target a LoRALinear is (its weight is (out, in), also when made from a Conv1D)."""
-        return cls(layer.out_features, layer.in_features, layer.base_dtype(), layer.from_conv1d)
+        """The target a LoRA layer is (a LoRALinear's weight is (out, in), also when made from a Conv1D)."""
+        layout = (layer.slices, layer.enable) if isinstance(layer, sliced.LoRASlicedLinear) else None
+        return cls(layer.out_features, layer.in_features, layer.base_dtype(), layer.from_conv1d, layout,
+                   isinstance(layer, embedding.LoRAEmbedding))
+
+    @property
+    def rank_factor(self):
+        """k: the file's rank is k·r on this layer (k enabled slices; 1 for a plain layer)."""
+        return sum(self.slices[1]) if self.slices else 1
+
+
+def _with_slices(targets, layouts, has_lora_layers, hotswap, config_file):
+    """targets with the file's per-slice layouts ({name: (slices, enable)}) on theirs: a layer
+    the model already has must have the file's layout (or none, for a plain adapter); a new one
+    takes it (inject makes it a LoRASlicedLinear)."""
+    unknown = sorted(set(layouts) - set(targets))
+    if unknown:
+        raise ValueError(f"load_adapter: {config_file}: {adapter_config.SLICES_KEY} names layers its "
+                         f"target_modules do not select: {unknown[:5]}")
+    if hotswap and (layouts or any(t.slices for t in targets.values())):
+        raise ValueError("hotswap: per-slice layers (lora_fast.sliced) are not hot-swapped yet; load "
+                         "with hotswap=False")
+    out = {}
+    for name, target in targets.items():
+        layout = layouts.get(name)
+        if layout is not None:
+            try:
+                layout = sliced.check_slices(*layout, target.out_features)
+            except ValueError as err:
+                raise ValueError(f"load_adapter: {config_file}: layer {name!r}: {err}") from None
+        if has_lora_layers and layout != target.slices:
+            raise ValueError(f"load_adapter: {config_file} has layer {name!r} "
+                             f"{'with slices ' + str(layout) if layout else 'without slices'}, the "
+                             f"model's {'has slices ' + str(target.slices) if target.slices else 'has none'}"
+                             "; load it into a model without LoRA layers")
+        out[name] = target._replace(slices=layout)
+    return out
+
+
+def _per_slice(incoming, targets, r, weights_file):
+    """incoming (A, B, ...) with a per-slice layer's B_full (out, k·r) as its lora_B (Σ enabled
+    out_i, r); refused if B_full has non-zero entries outside the slices' blocks."""
+    out = dict(incoming)
+    for name, target in targets.items():
+        if target.slices:
+            lora_A, lora_B, *rest = incoming[name]
+            try:
+                out[name] = (lora_A, sliced.blocks_from_full(lora_B, *target.slices, r), *rest)
+            except ValueError as err:
+                raise ValueError(f"load_adapter: {weights_file}: {PREFIX}{name}.lora_B.weight: "
+                                 f"{err}") from None
+    return out
 
 
 def _targets(module, hparams, config_file, lora_too=False):
@@ -594,6 +699,10 @@ def _targets(module, hparams, config_file, lora_too=False):
         if qlora.is_4bit(layer):   # its weight is the packed codes: the decoded shape and dtype
             targets[name] = _Target(*qlora.decoded_shape(layer), qlora.compute_dtype_of(layer), False)
             continue
+        if isinstance(layer, nn.Embedding):
+            num, dim = layer.weight.shape
+            targets[name] = _Target(dim, num, layer.weight.dtype, False, embedding=True)
+            continue
         conv1d = is_conv1d(layer)
         in_features, out_features = layer.weight.shape if conv1d else layer.weight.shape[::-1]
         targets[name] = _Target(out_features, in_features, layer.weight.dtype, conv1d)
@@ -607,8 +716,9 @@ def _check_tensors_fit(targets, tensors, r, weights_file, config_file, use_dora=
     allocated."""
     expected = {key: tuple(param.shape) for key, param in (base or {}).items()}
     for name, target in targets.items():
-        expected[f"{PREFIX}{name}.lora_A.weight"] = (r, target.in_features)
-        expected[f"{PREFIX}{name}.lora_B.weight"] = (target.out_features, r)
+        rank = target.rank_factor * r   # a per-slice layer's file holds the rank-k·r adapter
+        expected[_file_key(f"{name}.lora_A", target.embedding)] = (rank, target.in_features)
+        expected[_file_key(f"{name}.lora_B", target.embedding)] = (target.out_features, rank)
         if use_dora:
             expected[_file_key(f"{name}.{MAGNITUDE}")] = (target.out_features,)
     missing = [key for key in expected if key not in tensors]
@@ -636,12 +746,30 @@ def _file_modules_to_save(module, hparams, targets, config_file):
     the model has: one matching nothing is dropped there, any other such name is an error."""
     specs = hparams["modules_to_save"]
     if specs and hparams["task_type"] in trained_base.HEAD_TASKS:
-        specs = [s for s in specs if s not in trained_base.SEQ_CLS_HEADS
+        specs = [s for s in specs if s not in trained_base.TASK_HEADS[hparams["task_type"]]
                  or trained_base.matching_modules(module, [s])] or None
     try:
         return trained_base.check_modules_to_save(module, specs, list(targets))
     except ValueError as err:
         raise ValueError(f"load_adapter: {config_file}: {err}") from None
+
+
+def _without_wrapper_keys(tensors, saved_modules):
+    """tensors without the keys of PEFT's ModulesToSaveWrapper internals, which its bias="all"
+    files also hold (every key with "bias" in it): ``<m>.original_module.<p>`` (the frozen
+    original, dropped) and ``<m>.modules_to_save[.<adapter>].<p>`` (the trained copy, which is
+    ``<m>.<p>`` too: kept under that name if that key is missing)."""
+    out = dict(tensors)
+    for m in saved_modules:
+        head = f"{PREFIX}{m}."
+        for key in [k for k in out if k.startswith(head + "original_module.")]:
+            del out[key]
+        for key in [k for k in out if k.startswith(head + "modules_to_save.")]:
+            rest = key[len(head + "modules_to_save."):]
+            rest = rest.removeprefix("default.") if rest.startswith("default.") else rest
+            value = out.pop(key)
+            out.setdefault(head + rest, value)
+    return out
 
 
 def _base_targets(module, hparams, modules_to_save, targets, adapter_name, known, config_file):

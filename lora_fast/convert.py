@@ -36,8 +36,10 @@ Refused, naming the argument or key: an unknown format, a missing or misplaced l
 / scaling, keys that are not LoRA factors (`split` them off), a factor without its partner, layers
 the model lacks or that are no linear, factors whose shapes do not fit their layer, layers of
 different ranks (PEFT's format holds one r), non-finite or non-floating tensors, loralib's
-``MergedLinear`` (lora_A with k·r rows for k enabled slices; lora_fast has no per-slice LoRA yet)
-and ``lora.Embedding`` (no LoRA embeddings in lora_fast yet). Everything is checked before
+``MergedLinear`` (lora_A with k·r rows for k enabled slices: its parameters are
+lora_fast.LoRASlicedLinear's own, so inject with ``slices=`` and load them with load_state_dict;
+this converter reads per-layer adapters only). loralib's ``lora.Embedding`` (lora_A (r, num),
+lora_B (dim, r)) is read onto an nn.Embedding (a LoRAEmbedding). Everything is checked before
 anything changes: a refused call leaves the model and the files as they were.
 
 Initialisation (why learning rates tuned in one do not carry over to a new run in another; a
@@ -286,8 +288,10 @@ def _merged_linear_message(keys, a, b):
     rows, r = a.shape[0], b.shape[1]
     slices = f" ({rows // r} enabled slices of rank {r})" if rows % r == 0 and rows > r else ""
     return (f"state_dict: {keys[0]} has {rows} rows but {keys[1]} {r} columns{slices}: the layout "
-            "of loralib's MergedLinear (enable_lora), whose slices each have their own LoRA; "
-            "lora_fast has no per-slice LoRA yet, so MergedLinear checkpoints cannot be loaded")
+            "of loralib's MergedLinear (enable_lora), whose slices each have their own LoRA, which "
+            "this converter does not read (no per-slice LoRA in its formats): its parameters are "
+            "LoRASlicedLinear's own, so inject(model, ..., slices={name: (sizes, enable)}) and "
+            "load them with model.load_state_dict(..., strict=False)")
 
 
 # --- against the model --------------------------------------------------------------------------
@@ -298,14 +302,14 @@ def _plan(module, state_dict, format, lora_alpha, alpha, scaling, adapter_name):
     given = _check_scaling_args(format, lora_alpha, alpha, scaling)
     factors = _factors(state_dict, format)
     r = _common_rank(factors)
-    conv1d = _check_fits(module, factors, format)
+    conv1d, embeddings = _check_fits(module, factors, format)
     # lora_alpha / r is lora_fast's scaling: the checkpoint's s for this r
     settings = AdapterSettings(r, given * r if scaling == "alpha" else given, 0.0, False)
     if adapter_name is not None and lora_layers(module) \
             and adapter_name in named_adapters.adapter_names(module):
         settings = _existing_settings(module, factors, adapter_name, settings,
                                       _scaling_source(format, lora_alpha, alpha, scaling, r))
-    return _peft_files(module, factors, settings, conv1d)
+    return _peft_files(module, factors, settings, conv1d, embeddings)
 
 
 def _common_rank(factors):
@@ -318,13 +322,15 @@ def _common_rank(factors):
     return next(iter(ranks.values()))
 
 
-def _peft_files(module, factors, settings, conv1d):
-    """({key: tensor} of adapter_model.safetensors, adapter_config.json's dict)."""
+def _peft_files(module, factors, settings, conv1d, embeddings=()):
+    """({key: tensor} of adapter_model.safetensors, adapter_config.json's dict); `embeddings`: the
+    paths that are embeddings (PEFT's lora_embedding_A / _B keys)."""
     tensors = {}
     for path, f in factors.items():
         # copies, contiguous (the scratch factors are transposed views), never the caller's storage
         for part, tensor in (("lora_A", f.lora_A), ("lora_B", f.lora_B)):
-            tensors[f"{adapters.PREFIX}{path}.{part}.weight"] = tensor.detach().to(
+            key = adapters._file_key(f"{path}.{part}", path in embeddings)
+            tensors[key] = tensor.detach().to(
                 "cpu", copy=True, memory_format=torch.contiguous_format)
     name = getattr(getattr(module, "config", None), "_name_or_path", None)
     config = {
@@ -339,8 +345,9 @@ def _peft_files(module, factors, settings, conv1d):
 
 
 def _check_fits(module, factors, format):
-    """Every layer the checkpoint names is a linear of `module` whose sizes fit its factors;
-    returns whether they are transformers Conv1D (PEFT's fan_in_fan_out)."""
+    """Every layer the checkpoint names is a linear of `module` (or, for loralib, an nn.Embedding)
+    whose sizes fit its factors; returns (whether the linears are transformers Conv1D, PEFT's
+    fan_in_fan_out; the embeddings' paths)."""
     modules = dict(module.named_modules())
     unknown = [f.keys[0] for path, f in factors.items() if not path or path not in modules]
     if unknown:
@@ -348,12 +355,16 @@ def _check_fits(module, factors, format):
         raise KeyMismatchError(
             f"state_dict: keys name layers {type(module).__name__} does not have: {unknown[:5]} "
             f"({len(unknown)} in all); its linear layers are named e.g. {linears[:10]}")
-    conv1d = set()
+    conv1d, embeddings = set(), set()
     for path, f in factors.items():
         layer = modules[path]
-        if isinstance(layer, nn.Embedding):
-            raise ValueError(f"state_dict: {f.keys[0]} is for {path!r}, an nn.Embedding (loralib's "
-                             "lora.Embedding); lora_fast has no LoRA embeddings yet")
+        if isinstance(layer, nn.Embedding) and format == "loralib":   # lora.Embedding: A (r, num), B (dim, r)
+            embeddings.add(path)
+            shape = tuple(layer.weight.shape[::-1])
+            if tuple(f.lora_A.shape) != (f.lora_A.shape[0], shape[1]) or \
+                    tuple(f.lora_B.shape) != (shape[0], f.lora_A.shape[0]):
+                raise ValueError(_misfit_message(format, path, f, shape))
+            continue
         shape = _linear_shape(layer)
         if shape is None:
             raise ValueError(f"state_dict: {f.keys[0]} is for {path!r}, a {type(layer).__name__}, "
@@ -362,7 +373,7 @@ def _check_fits(module, factors, format):
         if tuple(f.lora_A.shape) != (r, in_features) or tuple(f.lora_B.shape) != (out_features, r):
             raise ValueError(_misfit_message(format, path, f, shape))
         conv1d.add(is_conv1d(layer) or getattr(layer, "from_conv1d", False))
-    return conv1d == {True}
+    return conv1d == {True}, embeddings
 
 
 def _linear_shape(layer):
@@ -385,7 +396,7 @@ def _misfit_message(format, path, f, shape):
         else ((in_features, r), (r, out_features))
     slices = out_features // f.lora_B.shape[0]
     hint = (f"; lora_B covers 1/{slices} of the outputs, as a loralib MergedLinear with one "
-            "enabled slice does: lora_fast has no per-slice LoRA yet"
+            "enabled slice does: inject it with slices= (LoRASlicedLinear) and load_state_dict it"
             if format == "loralib" and f.lora_B.shape[0] < out_features
             and out_features % f.lora_B.shape[0] == 0 and f.lora_A.shape[1] == in_features else "")
     return (f"state_dict: {f.keys[0]} {a} and {f.keys[1]} {b} do not fit layer {path!r} "

@@ -22,9 +22,10 @@ from typing import Iterator, NamedTuple, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from . import qlora, trained_base
-from .module import (DEFAULT_ADAPTER, LoRALinear, _check_adapter_dtype, _check_base, _check_hparams,
+from . import embedding, qlora, sliced, trained_base
+from .module import (DEFAULT_ADAPTER, LoRALayer, LoRALinear, _check_adapter_dtype, _check_base, _check_hparams,
                      check_adapter_name, check_dora, default_adapter_dtype, is_conv1d, storage_extent)
 
 ALL_LINEAR = "all-linear"
@@ -37,7 +38,7 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
            adapter_dtype: torch.dtype | None = None, adapter_name: str = DEFAULT_ADAPTER,
            use_dora: bool = False, dora_dropout: str = "peft", bias: str = "none",
            modules_to_save: Sequence[str] | None = None, task_type: str | None = None,
-           merge_weights: bool = False) -> list[str]:
+           merge_weights: bool = False, slices: dict | None = None) -> list[str]:
     """Replace the matching linears of `model` in place by LoRALinear (weights shared, not copied),
     freeze every other parameter, and return the replaced modules' names. Nothing is changed if
     an argument is refused.
@@ -71,18 +72,23 @@ def inject(model: nn.Module, r: int = 8, lora_alpha: float = 8, target_modules: 
             PEFT does, and for SEQ_CLS "all-linear" leaves it out.
         merge_weights: loralib's flag: every LoRA layer merges its adapter in eval mode and
             unmerges it (exactly) in train mode (LoRALinear.merge_weights).
+        slices: per-slice LoRA on fused projections (loralib's MergedLinear): {name: (sizes,
+            enable)}, each name matching target layers as a target_modules list entry does, sizes
+            the output rows of each slice and enable which get an adapter, e.g. GPT-2's
+            ``{"c_attn": ((768,) * 3, (True, False, True))}``; those layers become
+            LoRASlicedLinear (lora_fast.sliced), r per slice.
 
     Hyper-parameters are recorded as plain Python numbers in ``model.lora_fast_config`` (what
     save_adapter writes), whatever numeric type they came as.
     """
     return inject_as(model, r, lora_alpha, target_modules, lora_dropout, use_rslora, exclude_modules,
                      adapter_dtype, adapter_name, use_dora, dora_dropout, bias, modules_to_save,
-                     _task_type(model, task_type), merge_weights)
+                     _task_type(model, task_type), merge_weights, slices)
 
 
 def inject_as(model, r, lora_alpha, target_modules, lora_dropout, use_rslora, exclude_modules,
               adapter_dtype, adapter_name, use_dora, dora_dropout, bias, modules_to_save, task_type,
-              merge_weights):
+              merge_weights, slices=None):
     """inject with task_type taken as given (None: no task), not inferred from the model's class:
     load_adapter's, whose file says the task."""
     if not isinstance(model, nn.Module):
@@ -105,10 +111,24 @@ def inject_as(model, r, lora_alpha, target_modules, lora_dropout, use_rslora, ex
                            "another adapter, merge_and_unload(model) first, or "
                            "load_adapter(model, path) to load new adapter weights into them")
 
+    task_type = trained_base.check_task_type(task_type)
     names = select_modules(model, target_modules, exclude_modules, task_type=task_type)
-    if task_type in trained_base.HEAD_TASKS:   # PEFT's classification models train the head whole
-        modules_to_save = trained_base.with_heads(model, modules_to_save)
+    if task_type in trained_base.HEAD_TASKS:   # PEFT's task models train their heads whole...
+        modules_to_save = trained_base.with_heads(model, modules_to_save, task_type)
+        heads = trained_base.matching_modules(model, trained_base.task_heads(model, task_type))
+        kept = [name for name in names if not trained_base.inside(name, heads)]
+        if not kept:
+            raise ValueError(f"target_modules: {target_modules!r} selects only layers inside the heads "
+                             f"{heads} that task_type={task_type!r} trains whole")
+        names = kept   # ...and put no adapter inside them (a RoBERTa head's dense / out_proj)
     modules_to_save = trained_base.check_modules_to_save(model, modules_to_save, names)
+    if merge_weights:   # eval() will merge: what merge(model) refuses is refused now
+        _check_untied(model, {name: model.get_submodule(name) for name in names}, "merge_weights")
+        computed = [name for name in names if parametrize.is_parametrized(model.get_submodule(name), "weight")]
+        if computed:
+            raise RuntimeError(f"merge_weights: layer {computed[0]!r} has its weight computed by a "
+                               "parametrization; merging would write into a temporary")
+    layouts = slice_layouts(model, slices, names, use_dora)
     for name in names:   # every layer checked before from_linear freezes the first one
         check_wrappable(model.get_submodule(name), adapter_dtype, name, use_dora)
     replaced = {}
@@ -116,7 +136,7 @@ def inject_as(model, r, lora_alpha, target_modules, lora_dropout, use_rslora, ex
         old = model.get_submodule(name)
         replaced[id(old)] = wrap(old, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                  use_rslora=use_rslora, adapter_dtype=adapter_dtype, adapter_name=adapter_name,
-                                 **_dora_settings(use_dora, dora_dropout))
+                                 layout=layouts.get(name), **_dora_settings(use_dora, dora_dropout))
     replace_children(model, replaced)
     for layer in replaced.values():
         layer.merge_weights = merge_weights
@@ -146,14 +166,15 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 # The defaults PEFT uses for common architectures (peft.utils.constants'
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), for when peft is not installed
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21), for when peft is not installed:
+# each entry as PEFT's, so that None means the same with or without it
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
     "bloom": ["query_key_value"], "bert": ["query", "value"], "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"], "t5": ["q", "v"], "bart": ["q_proj", "v_proj"],
+    "t5": ["q", "v"], "bart": ["q_proj", "v_proj"],
 }
 
 
@@ -168,10 +189,7 @@ def _peft_default_targets():
 
 def _task_type(model, task_type):
     if task_type is not None:
-        if not isinstance(task_type, str) or not task_type:
-            raise ValueError(f"task_type: expected None or one of PEFT's task types (e.g. "
-                             f"'CAUSAL_LM', 'SEQ_CLS'), got {task_type!r}")
-        return task_type
+        return trained_base.check_task_type(task_type)
     kind = type(model).__name__
     return "SEQ_CLS" if kind.endswith("ForSequenceClassification") else \
         "TOKEN_CLS" if kind.endswith("ForTokenClassification") else None
@@ -191,18 +209,61 @@ def check_wrappable(module, adapter_dtype, name, use_dora=False):
                              "available yet; exclude it (exclude_modules) or use_dora=False")
         qlora.check_4bit(module, name)
         _check_adapter_dtype(adapter_dtype, qlora.compute_dtype_of(module), name)
+    elif isinstance(module, nn.Embedding):
+        if use_dora:
+            raise ValueError(f"use_dora: {name!r} is an embedding, and DoRA on embeddings is not "
+                             "available; exclude it (exclude_modules) or use_dora=False")
+        embedding.check_embedding(module, name)
+        _check_adapter_dtype(adapter_dtype, module.weight.dtype, name)
     else:
         _check_base(module, name)
         _check_adapter_dtype(adapter_dtype, module.weight.dtype, name)
 
 
-def wrap(module, adapter_dtype=None, **settings):
-    """The LoRA layer over a base linear (sharing its weights): a LoRALinear, or a LoRALinear4bit
-    over a 4-bit one; adapters in adapter_dtype, default_adapter_dtype of the base's by default."""
+def wrap(module, adapter_dtype=None, layout=None, **settings):
+    """The LoRA layer over a base linear (sharing its weights): a LoRALinear, a LoRALinear4bit
+    over a 4-bit one, or with layout (slices, enable) a LoRASlicedLinear; adapters in adapter_dtype,
+    default_adapter_dtype of the base's by default."""
     four_bit = qlora.is_4bit(module)
     base_dtype = qlora.compute_dtype_of(module) if four_bit else module.weight.dtype
     make = qlora.LoRALinear4bit.from_4bit if four_bit else LoRALinear.from_linear
+    if isinstance(module, nn.Embedding):
+        make = embedding.LoRAEmbedding.from_embedding
+    if layout is not None:
+        make = functools.partial(sliced.LoRASlicedLinear.from_linear, slices=layout[0], enable=layout[1])
     return make(module, adapter_dtype=adapter_dtype or default_adapter_dtype(base_dtype), **settings)
+
+
+def slice_layouts(model, slices, names, use_dora=False):
+    """{layer name: (sizes, enable)} of inject's `slices` ({name: (sizes, enable)}) over the target
+    layers `names`, checked (each entry matches targets, fits their out_features, a 16-bit base,
+    no DoRA) before anything changes."""
+    if slices is None:
+        return {}
+    if not isinstance(slices, dict) or not slices or not all(isinstance(k, str) and k for k in slices):
+        raise ValueError(f"slices: expected None or a dict {{layer name: (sizes, enable)}}, got {slices!r}")
+    layouts = {}
+    for spec, layout in slices.items():
+        if not (isinstance(layout, (tuple, list)) and len(layout) == 2):
+            raise ValueError(f"slices[{spec!r}]: expected (sizes, enable), e.g. ((768, 768, 768), "
+                             f"(True, False, True)), got {layout!r}")
+        matched = [name for name in names if _matches([spec], name)]
+        if not matched:
+            raise ValueError(f"slices: {spec!r} matches none of the target layers ({names[:5]}...); "
+                             "name a layer target_modules selects")
+        for name in matched:
+            module = model.get_submodule(name)
+            if name in layouts:
+                raise ValueError(f"slices: {name!r} is matched by two entries")
+            if use_dora or qlora.is_4bit(module) or isinstance(module, nn.Embedding):
+                raise ValueError(f"slices: {name!r}: per-slice LoRA is not available "
+                                 f"{'with use_dora' if use_dora else 'on a 4-bit layer or an embedding'}")
+            out_features = module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
+            try:
+                layouts[name] = sliced.check_slices(*layout, out_features)
+            except ValueError as err:
+                raise ValueError(f"slices[{spec!r}] (layer {name!r}): {err}") from None
+    return layouts
 
 
 def replace_children(model, replaced):
@@ -263,11 +324,13 @@ def select_modules(model: nn.Module, target_modules: Targets, exclude_modules: T
     else:
         names = [name for name, _ in model.named_modules() if name and _matches(target_modules, name)]
     names = [name for name in names if not (exclude_modules and _matches(exclude_modules, name))]
+    # embeddings when named (PEFT's "all-linear" leaves them out too)
     unsupported = [f"{name} ({type(model.get_submodule(name)).__name__})" for name in names
-                   if not is_linear(model.get_submodule(name))]
+                   if not (is_linear(model.get_submodule(name))
+                           or _is_embedding(model.get_submodule(name), lora_too))]
     if unsupported:
-        raise TypeError(f"target_modules: matches modules that are not nn.Linear or Conv1D: "
-                        f"{', '.join(unsupported[:5])}; name the linear layers themselves")
+        raise TypeError(f"target_modules: matches modules that are not nn.Linear, Conv1D or "
+                        f"nn.Embedding: {', '.join(unsupported[:5])}; name the layers themselves")
     if not names:
         available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                             if is_linear(module)})
@@ -277,9 +340,10 @@ def select_modules(model: nn.Module, target_modules: Targets, exclude_modules: T
     return names
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """{name: LoRALinear} of `model` (an nn.Module; not unwrapped), in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """{name: LoRA layer} of `model` (an nn.Module; not unwrapped), in module order: LoRALinear
+    (and its 4-bit and per-slice kinds) and LoRAEmbedding."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -387,6 +451,11 @@ def _check_mergeable(model, layers, what):
             layer.check_mergeable()
         except RuntimeError as err:
             raise RuntimeError(f"{what}: layer {name!r}: {str(err).removeprefix('merge: ')}") from None
+    _check_untied(model, layers, what)
+
+
+def _check_untied(model, layers, what):
+    """Raise unless no weight of {name: layer} shares memory with another parameter of the model."""
     # Every (module, parameter) pair, a tied parameter once per module holding it: another
     # module's reference to the very same Parameter object is a tie too.
     by_storage = {}   # (device, storage address) -> [(first byte, end byte, name, owner)]
@@ -421,6 +490,10 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str | None = None) -> nn
     record = model.__dict__.get("lora_fast_config")
     if bias is not None:
         bias = trained_base.check_bias(bias)
+        adapters = model.__dict__.get("lora_fast_adapters") or {}
+        if bias != "none" and len(adapters) > 1:
+            raise ValueError(f"bias: {bias!r} trains base biases, which lora_fast trains in place for "
+                             f"one adapter per model, and the model has adapters {list(adapters)}")
         if record is not None and record.get("bias", "none") != bias:
             record["bias"] = bias   # the active adapter's record (lora_fast_config is that dict)
     elif record is not None:
@@ -503,6 +576,10 @@ def _check_targets(arg, spec, allow_none):
 def _is_linear(module, lora_too=False):
     return (isinstance(module, nn.Linear) and (lora_too or not isinstance(module, LoRALinear))) \
         or is_conv1d(module) or isinstance(module, qlora.Linear4bit)
+
+
+def _is_embedding(module, lora_too=False):
+    return isinstance(module, nn.Embedding) and (lora_too or not isinstance(module, LoRALayer))
 
 
 def _output_head(model):

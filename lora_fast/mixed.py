@@ -78,6 +78,12 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None], trainable: boo
                            "first (a merged weight holds one adapter for every row)")
     if any(layer.mixed_rows is not None for layer in layers):
         raise RuntimeError("batch_adapters: the model is inside a batch_adapters block already")
+    other = [layer for layer in layers if not layer.supports_mixed
+             and set(layer.adapter_settings) & (set(names) - {None})]
+    if other:   # the passes stack each adapter's lora_B as a linear's (out, r)
+        raise ValueError(f"names: {len(other)} {type(other[0]).__name__} layers hold adapters of the "
+                         "batch, and mixed batches run plain linear LoRA layers only; set_adapter "
+                         "one adapter for the batch instead")
     dora = sorted({name for layer in layers for name in set(names) - {None}
                    if name in layer.adapter_settings and layer.adapter_settings[name].use_dora})
     if dora:

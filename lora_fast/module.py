@@ -172,81 +172,20 @@ _RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict) if not name.star
 _MERGED = weakref.WeakSet()
 
 
-class LoRALinear(nn.Linear):
-    """``y = x @ weightᵀ + bias + scaling · (dropout(x) @ lora_Aᵀ) @ lora_Bᵀ``, weight and bias frozen.
-
-    A subclass of nn.Linear (``isinstance(m, nn.Linear)`` holds and the ``weight``/``bias``
-    state-dict keys are unchanged) adding ``lora_A`` (r, in; kaiming-uniform, a=√5) and
-    ``lora_B`` (out, r; zeros, so a new layer computes exactly its base linear), as in PEFT.
-    ``scaling = lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora``.
-
-    The forward runs the fused kernels through ``lora_linear`` (backend "auto"). Dropout
-    (``lora_dropout``, training mode only) is applied inside the kernels to the LoRA branch's input
-    and regenerated in backward from a seed: no mask and no dropped copy of x is kept, so a training
-    step saves the same bytes at p = 0.1 as at p = 0. In eval mode dropout is the identity.
-
-    State. Two flags decide what forward computes, and every entrance respects both:
-
-    ============  ==========  ==========================================================
-    merged        enabled     forward
-    ============  ==========  ==========================================================
-    no            yes         the base linear plus the adapter (the kernels)
-    yes           yes         F.linear with the merged weight W0 + s·B@A
-    no            no          F.linear with W0 (inside ``disable_adapters``)
-    yes           no          F.linear with the copy of W0 that merge() keeps
-    ============  ==========  ==========================================================
-
-    ``merge()`` folds ``scaling · lora_B @ lora_A`` into ``weight`` (computed in float32, or in the
-    weight's dtype if wider, rounded once) so forward is a plain linear; ``unmerge()`` restores the
-    original weight bit for bit. That guarantee costs a copy of the original weight,
-    ``out·in·itemsize`` bytes on the weight's device, held only while merged (merging in place
-    and subtracting back is not exact in bf16/fp16). While merged the adapter gets no gradients:
-    merge is for inference. merge() refuses a weight it cannot fold into and restore: one that
-    another merged layer's weight overlaps (tied weights: both deltas would land in one tensor)
-    or one computed by a parametrization (the fold would write into a temporary).
-
-    ``state_dict()`` always holds the base model's weight as the base model stores it: W0, not
-    the merged weight, while merged (so loading it anywhere counts the adapter once), and (in, out)
-    for a layer made from a transformers Conv1D (so GPT-2 checkpoints load both ways).
-    ``load_state_dict`` into a merged layer unmerges, loads and merges again, so forward uses
-    what was loaded.
-    """
+class LoRALayer(nn.Module):
+    """What every LoRA layer of lora_fast holds and does, whatever its base: named adapters
+    (lora_A (r, in), lora_B (out, r) and a DoRA magnitude, the one named "default" registered as the
+    layer's own lora_A/lora_B), the active one, the merged / disabled state and merge_weights, the
+    state dict holding W0. A base class of LoRALinear (over nn.Linear; see its docstring for the
+    state table) and of embedding.LoRAEmbedding; a subclass gives in_features / out_features, the
+    base weight as the (out, in) matrix the delta B·A is added to (_linear_view), forward and to_base."""
 
     # 2: the state dict holds a Conv1D-made layer's weight as (in, out) and a merged layer's W0
     _version = 2
 
-    def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
-                 lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False, dora_dropout: str = "peft"):
-        """A new layer with a freshly initialised base weight (nn.Linear's init) and adapter.
-
-        Args:
-            in_features, out_features: the linear's sizes.
-            r: the adapter's rank, a positive integer (lora_A is (r, in), lora_B (out, r)).
-            lora_alpha: positive finite number; scaling = lora_alpha / r (or / √r, use_rslora).
-            lora_dropout: probability in [0, 1) of dropping an element of the LoRA branch's
-                input in training mode.
-            bias: whether the base linear has a bias.
-            use_rslora: rank-stabilised scaling lora_alpha / √r (PEFT's ``use_rslora``).
-            device, dtype: of every parameter, as for nn.Linear.
-            adapter_name: the first adapter's name (it is the active one).
-            use_dora: DoRA (PEFT's ``use_dora``): a trainable ``lora_magnitude_vector`` (out,),
-                initialised to W0's row norms, scales the adapted output (lora_fast.dora).
-            dora_dropout: DoRA's dropout form, "peft" (PEFT's function, the default) or "lora"
-                (dropout inside the LoRA branch only: cheaper, differs from PEFT with dropout).
-        """
-        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora),
-                                   *check_dora(use_dora, dora_dropout))
-        check_adapter_name(adapter_name)
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_adapter_state()
-        self._add_weights(adapter_name, settings, {"device": device, "dtype": dtype})
-        self.active_adapter = adapter_name
-        self.from_conv1d = False      # set by from_linear for a transformers Conv1D
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+    def _linear_view(self) -> torch.Tensor:
+        """The base weight as the (out, in) matrix that merge adds s·B·A to (a view: writes reach it)."""
+        return self.weight
 
     def _init_adapter_state(self):
         # The adapter named "default" is registered as lora_A/lora_B themselves (the state-dict
@@ -266,8 +205,9 @@ class LoRALinear(nn.Linear):
         self.mixed_rows = None        # a mixed.RowAdapters inside lora_fast.batch_adapters
         self._merge_weights = False   # loralib's merge_weights: merged in eval mode, unmerged in train
 
-    # whether use_dora is available on this kind of layer
+    # whether use_dora / lora_fast.batch_adapters are available on this kind of layer
     supports_dora = True
+    supports_mixed = True
 
     def _add_weights(self, name, settings, factory):
         if settings.use_dora and not self.supports_dora:
@@ -285,56 +225,6 @@ class LoRALinear(nn.Linear):
         self.reset_lora_parameters(name)
         for param in self.adapter_parameters(name):
             param.requires_grad_(name == getattr(self, "active_adapter", name))
-
-    @classmethod
-    def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8,
-                    lora_dropout: float = 0.0, use_rslora: bool = False,
-                    adapter_dtype: torch.dtype | None = None,
-                    adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False,
-                    dora_dropout: str = "peft") -> "LoRALinear":
-        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which are frozen.
-        Right after this the output equals the linear's.
-
-        Args:
-            linear: an nn.Linear (not already a LoRALinear), or a transformers ``Conv1D``
-                (GPT-2's layers: weight stored (in, out)); the new layer's weight is then the
-                transposed *view* of the Conv1D weight (same storage, no copy; the kernels take
-                strides), its state dict keeps the Conv1D layout, and ``to_base()`` gives a
-                Conv1D back.
-            r, lora_alpha, lora_dropout, use_rslora: as for ``LoRALinear(...)``.
-            adapter_dtype: floating dtype of lora_A/lora_B (default: the weight's dtype; float32
-                on a float16/bfloat16 base gives float32 master adapters). They live on the
-                linear's device.
-            adapter_name: the adapter's name (the active one).
-            use_dora, dora_dropout: as for ``LoRALinear(...)``.
-        """
-        conv1d = is_conv1d(linear)
-        if not (isinstance(linear, nn.Linear) or conv1d):
-            raise TypeError(f"linear: expected an nn.Linear or a transformers Conv1D, got "
-                            f"{type(linear).__name__}")
-        if isinstance(linear, LoRALinear):
-            raise TypeError("linear: already a LoRALinear")
-        _check_base(linear)
-        _check_adapter_dtype(adapter_dtype, linear.weight.dtype)
-        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora),
-                                   *check_dora(use_dora, dora_dropout))
-        check_adapter_name(adapter_name)
-        weight = nn.Parameter(linear.weight.detach().t(), requires_grad=False) if conv1d \
-            else linear.weight
-        out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, r=1, bias=False, device="meta", dtype=weight.dtype)
-        layer.weight = weight
-        layer.bias = linear.bias
-        layer.from_conv1d = conv1d
-        layer._init_adapter_state()
-        layer.active_adapter = adapter_name
-        layer._add_weights(adapter_name, settings, {"device": weight.device,
-                                                    "dtype": adapter_dtype or weight.dtype})
-        layer.train(linear.training)   # an eval-mode model stays in eval mode (no dropout)
-        linear.weight.requires_grad_(False)
-        if linear.bias is not None:
-            linear.bias.requires_grad_(False)
-        return layer
 
     # --- the adapters ---------------------------------------------------------------------------
 
@@ -407,15 +297,6 @@ class LoRALinear(nn.Linear):
         """The dtype the base linear computes in (a 4-bit layer's is not its stored codes')."""
         return self.weight.dtype
 
-    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """The base linear alone for x (..., in): x @ W0ᵀ + bias, the adapters left out."""
-        return F.linear(x, self.weight, self.bias)
-
-    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W0 as a dense (out, in) tensor in `dtype` (None: as stored; the weight itself then, decoded
-        for a 4-bit layer)."""
-        return self.weight if dtype is None or dtype == self.weight.dtype else self.weight.to(dtype)
-
     def _setting(self, attr):
         settings = self.settings
         return None if settings is None else getattr(settings, attr)
@@ -460,50 +341,36 @@ class LoRALinear(nn.Linear):
         that name computes its base linear. Refused while merged (unmerge first)."""
         check_adapter_name(name)
         if self.merged and name != self.active_adapter:
-            raise RuntimeError(f"set_adapter: adapter {self.merged_adapter!r} is merged into the "
-                               "weight; unmerge() first")
+            if not self.merge_weights:
+                raise RuntimeError(f"set_adapter: adapter {self.merged_adapter!r} is merged into the "
+                                   "weight; unmerge() first")
+            self.unmerge()   # merged by eval() (merge_weights): the new adapter is merged below
         self.active_adapter = name
         for other in self.adapter_settings:
             for param in self.adapter_parameters(other):
                 param.requires_grad_(other == name)
+        if self.merge_weights:
+            self._follow_mode()
 
     def reset_lora_parameters(self, name: str | None = None) -> None:
-        """lora_A kaiming-uniform (a=√5), lora_B zeros and a DoRA magnitude W0's row norms, of
-        adapter `name` (default: the active one): with it active the layer computes its base linear."""
+        """Adapter `name` (default: the active one) as a new one starts, so that with it active the
+        layer computes its base: for a linear lora_A kaiming-uniform (a=√5), lora_B zeros and a
+        DoRA magnitude W0's row norms (an embedding's: _init_adapter)."""
         name = self.active_adapter if name is None else name
         if self.merged and name == self.merged_adapter:
             raise RuntimeError("reset_lora_parameters: the adapter is merged; call unmerge() first")
         weights = self.adapter_weights(name)
         if weights is None:
             raise ValueError(f"adapter_name: this layer has no adapter {name!r}")
+        self._init_adapter(name, weights)
+
+    def _init_adapter(self, name, weights):
         nn.init.kaiming_uniform_(weights[0], a=math.sqrt(5))
         nn.init.zeros_(weights[1])
         magnitude = self.magnitude(name)
         if magnitude is not None and magnitude.device.type != "meta":
             with torch.no_grad():
                 magnitude.copy_(self.dora_base_sq().sqrt())
-
-    def dora_base_sq(self) -> torch.Tensor:
-        """W0's squared row norms ‖w_j‖² (out,) in float32 (float64 for a float64 weight), cached
-        until the weight changes (its storage, version, dtype or device)."""
-        from . import dora
-        weight = self.dense_weight()
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
-        if self._dora_base is None or self._dora_base[0] != key:
-            self._dora_base = (key, dora.base_row_norms_sq(weight))
-        return self._dora_base[1]
-
-    def dora_norm(self, name: str | None = None) -> torch.Tensor:
-        """‖W0 + s·B·A‖ per row (out,) of DoRA adapter `name` (default the active one), detached."""
-        from . import dora
-        name = self.active_adapter if name is None else name
-        lora_A, lora_B = self.adapter_weights(name)
-        scaling = self.adapter_settings[name].scaling
-        if torch.compiler.is_compiling():   # no cache keyed on storage and version inside a graph
-            return dora.weight_norm_direct(self.dense_weight(), lora_A, lora_B, scaling)
-        if self.merged:   # the cache holds the weight's norms, and W0 is the copy merge() kept
-            return dora.weight_norm(self._original_weight, lora_A, lora_B, scaling)
-        return dora.weight_norm(self.dense_weight(), lora_A, lora_B, scaling, self.dora_base_sq())
 
     @property
     def merge_weights(self) -> bool:
@@ -518,9 +385,13 @@ class LoRALinear(nn.Linear):
             raise TypeError(f"merge_weights: expected a bool, got {type(value).__name__}")
         self._merge_weights = value
         if value:
-            self._follow_mode()
+            try:
+                self._follow_mode()
+            except BaseException:   # refused (e.g. a parametrized weight): the flag stays off
+                self._merge_weights = False
+                raise
 
-    def train(self, mode: bool = True) -> "LoRALinear":
+    def train(self, mode: bool = True) -> "LoRALayer":
         super().train(mode)
         if self.merge_weights:
             self._follow_mode()
@@ -577,11 +448,12 @@ class LoRALinear(nn.Linear):
         compute = torch.promote_types(torch.promote_types(self.weight.dtype, self.lora_A.dtype),
                                       torch.float32)
         delta = self.scaling * (self.lora_B.to(compute) @ self.lora_A.to(compute))
-        merged = self.weight.to(compute) + delta
+        weight = self._linear_view()
+        merged = weight.to(compute) + delta
         if self.use_dora:   # DoRA: m / ‖W0 + s·B·A‖ ⊙ (W0 + s·B·A), the norm of that same sum
             magnitude = self.magnitude().detach().to(compute)
             merged = merged * (magnitude / torch.linalg.vector_norm(merged, dim=1))[:, None]
-        self.weight.copy_(merged.to(self.weight.dtype))
+        weight.copy_(merged.to(weight.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -592,46 +464,6 @@ class LoRALinear(nn.Linear):
         self._original_weight = None
         self.merged_adapter = None
         _MERGED.discard(self)
-
-    @torch.no_grad()
-    def to_base(self) -> nn.Module:
-        """The plain layer this one wraps, with the active adapter merged into its weight (W + s·B@A,
-        computed as merge() does; in place, no copy kept; the base weight as it is if this layer
-        has no adapter of the active name): an nn.Linear, or a Conv1D for one made from a Conv1D.
-        Sharing the weight storage, so do not use this LoRALinear afterwards."""
-        if not self.merged and self.settings is not None:
-            self.check_mergeable()
-            self._fold_adapter_into_weight()
-        self._original_weight = None
-        self.merged_adapter = None
-        _MERGED.discard(self)
-        weight = self.weight.detach()
-        if self.from_conv1d:
-            from transformers.pytorch_utils import Conv1D
-            base = Conv1D(self.out_features, self.in_features)
-            base.weight = nn.Parameter(weight.t(), requires_grad=False)   # (in, out) again: a view
-            base.bias = self.bias
-            return base
-        base = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        base.weight = nn.Parameter(weight, requires_grad=False)
-        base.bias = self.bias
-        return base
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y (..., out) for x (..., in), as the table in the class docstring says."""
-        if not self.adapter_enabled:
-            return F.linear(x, self._original_weight if self.merged else self.weight, self.bias)
-        if self.mixed_rows is not None:   # rows with their own adapters (lora_fast.batch_adapters)
-            return self.mixed_rows.forward(self, x)
-        if self.merged or self.settings is None:
-            return F.linear(x, self.weight, self.bias)
-        if self.use_dora:
-            from .dora import dora_linear
-            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude(), self.bias,
-                               scaling=self.scaling, dropout_p=self.lora_dropout, training=self.training,
-                               dropout=self.settings.dora_dropout, norm=self.dora_norm())
-        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
-                           dropout_p=self.lora_dropout, training=self.training)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The base model's weight as the base model stores it (see the class docstring).
@@ -688,3 +520,198 @@ class LoRALinear(nn.Linear):
                 for name, s in self.adapter_settings.items()) + f"}}, active={self.active_adapter!r}"
         return (f"{super().extra_repr()}, {lora}, merged={self.merged}"
                 + ("" if self.adapter_enabled else ", adapter disabled"))
+
+
+class LoRALinear(LoRALayer, nn.Linear):
+    """``y = x @ weightᵀ + bias + scaling · (dropout(x) @ lora_Aᵀ) @ lora_Bᵀ``, weight and bias frozen.
+
+    A subclass of nn.Linear (``isinstance(m, nn.Linear)`` holds and the ``weight``/``bias``
+    state-dict keys are unchanged) adding ``lora_A`` (r, in; kaiming-uniform, a=√5) and
+    ``lora_B`` (out, r; zeros, so a new layer computes exactly its base linear), as in PEFT.
+    ``scaling = lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora``.
+
+    The forward runs the fused kernels through ``lora_linear`` (backend "auto"). Dropout
+    (``lora_dropout``, training mode only) is applied inside the kernels to the LoRA branch's input
+    and regenerated in backward from a seed: no mask and no dropped copy of x is kept, so a training
+    step saves the same bytes at p = 0.1 as at p = 0. In eval mode dropout is the identity.
+
+    State. Two flags decide what forward computes, and every entrance respects both:
+
+    ============  ==========  ==========================================================
+    merged        enabled     forward
+    ============  ==========  ==========================================================
+    no            yes         the base linear plus the adapter (the kernels)
+    yes           yes         F.linear with the merged weight W0 + s·B@A
+    no            no          F.linear with W0 (inside ``disable_adapters``)
+    yes           no          F.linear with the copy of W0 that merge() keeps
+    ============  ==========  ==========================================================
+
+    ``merge()`` folds ``scaling · lora_B @ lora_A`` into ``weight`` (computed in float32, or in the
+    weight's dtype if wider, rounded once) so forward is a plain linear; ``unmerge()`` restores the
+    original weight bit for bit. That guarantee costs a copy of the original weight,
+    ``out·in·itemsize`` bytes on the weight's device, held only while merged (merging in place
+    and subtracting back is not exact in bf16/fp16). While merged the adapter gets no gradients:
+    merge is for inference. merge() refuses a weight it cannot fold into and restore: one that
+    another merged layer's weight overlaps (tied weights: both deltas would land in one tensor)
+    or one computed by a parametrization (the fold would write into a temporary).
+
+    ``state_dict()`` always holds the base model's weight as the base model stores it: W0, not
+    the merged weight, while merged (so loading it anywhere counts the adapter once), and (in, out)
+    for a layer made from a transformers Conv1D (so GPT-2 checkpoints load both ways).
+    ``load_state_dict`` into a merged layer unmerges, loads and merges again, so forward uses
+    what was loaded.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False, dora_dropout: str = "peft"):
+        """A new layer with a freshly initialised base weight (nn.Linear's init) and adapter.
+
+        Args:
+            in_features, out_features: the linear's sizes.
+            r: the adapter's rank, a positive integer (lora_A is (r, in), lora_B (out, r)).
+            lora_alpha: positive finite number; scaling = lora_alpha / r (or / √r, use_rslora).
+            lora_dropout: probability in [0, 1) of dropping an element of the LoRA branch's
+                input in training mode.
+            bias: whether the base linear has a bias.
+            use_rslora: rank-stabilised scaling lora_alpha / √r (PEFT's ``use_rslora``).
+            device, dtype: of every parameter, as for nn.Linear.
+            adapter_name: the first adapter's name (it is the active one).
+            use_dora: DoRA (PEFT's ``use_dora``): a trainable ``lora_magnitude_vector`` (out,),
+                initialised to W0's row norms, scales the adapted output (lora_fast.dora).
+            dora_dropout: DoRA's dropout form, "peft" (PEFT's function, the default) or "lora"
+                (dropout inside the LoRA branch only: cheaper, differs from PEFT with dropout).
+        """
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora),
+                                   *check_dora(use_dora, dora_dropout))
+        check_adapter_name(adapter_name)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_adapter_state()
+        self._add_weights(adapter_name, settings, {"device": device, "dtype": dtype})
+        self.active_adapter = adapter_name
+        self.from_conv1d = False      # set by from_linear for a transformers Conv1D
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8,
+                    lora_dropout: float = 0.0, use_rslora: bool = False,
+                    adapter_dtype: torch.dtype | None = None,
+                    adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False,
+                    dora_dropout: str = "peft") -> "LoRALinear":
+        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which are frozen.
+        Right after this the output equals the linear's.
+
+        Args:
+            linear: an nn.Linear (not already a LoRALinear), or a transformers ``Conv1D``
+                (GPT-2's layers: weight stored (in, out)); the new layer's weight is then the
+                transposed *view* of the Conv1D weight (same storage, no copy; the kernels take
+                strides), its state dict keeps the Conv1D layout, and ``to_base()`` gives a
+                Conv1D back.
+            r, lora_alpha, lora_dropout, use_rslora: as for ``LoRALinear(...)``.
+            adapter_dtype: floating dtype of lora_A/lora_B (default: the weight's dtype; float32
+                on a float16/bfloat16 base gives float32 master adapters). They live on the
+                linear's device.
+            adapter_name: the adapter's name (the active one).
+            use_dora, dora_dropout: as for ``LoRALinear(...)``.
+        """
+        conv1d = is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv1d):
+            raise TypeError(f"linear: expected an nn.Linear or a transformers Conv1D, got "
+                            f"{type(linear).__name__}")
+        if isinstance(linear, LoRALinear):
+            raise TypeError("linear: already a LoRALinear")
+        _check_base(linear)
+        _check_adapter_dtype(adapter_dtype, linear.weight.dtype)
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora),
+                                   *check_dora(use_dora, dora_dropout))
+        check_adapter_name(adapter_name)
+        weight = nn.Parameter(linear.weight.detach().t(), requires_grad=False) if conv1d \
+            else linear.weight
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, r=1, bias=False, device="meta", dtype=weight.dtype)
+        layer.weight = weight
+        layer.bias = linear.bias
+        layer.from_conv1d = conv1d
+        layer._init_adapter_state()
+        layer.active_adapter = adapter_name
+        layer._add_weights(adapter_name, settings, {"device": weight.device,
+                                                    "dtype": adapter_dtype or weight.dtype})
+        layer.train(linear.training)   # an eval-mode model stays in eval mode (no dropout)
+        linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        return layer
+
+    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The base linear alone for x (..., in): x @ W0ᵀ + bias, the adapters left out."""
+        return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W0 as a dense (out, in) tensor in `dtype` (None: as stored; the weight itself then, decoded
+        for a 4-bit layer)."""
+        return self.weight if dtype is None or dtype == self.weight.dtype else self.weight.to(dtype)
+
+    def dora_base_sq(self) -> torch.Tensor:
+        """W0's squared row norms ‖w_j‖² (out,) in float32 (float64 for a float64 weight), cached
+        until the weight changes (its storage, version, dtype or device)."""
+        from . import dora
+        weight = self.dense_weight()
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        if self._dora_base is None or self._dora_base[0] != key:
+            self._dora_base = (key, dora.base_row_norms_sq(weight))
+        return self._dora_base[1]
+
+    def dora_norm(self, name: str | None = None) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per row (out,) of DoRA adapter `name` (default the active one), detached."""
+        from . import dora
+        name = self.active_adapter if name is None else name
+        lora_A, lora_B = self.adapter_weights(name)
+        scaling = self.adapter_settings[name].scaling
+        if torch.compiler.is_compiling():   # no cache keyed on storage and version inside a graph
+            return dora.weight_norm_direct(self.dense_weight(), lora_A, lora_B, scaling)
+        if self.merged:   # the cache holds the weight's norms, and W0 is the copy merge() kept
+            return dora.weight_norm(self._original_weight, lora_A, lora_B, scaling)
+        return dora.weight_norm(self.dense_weight(), lora_A, lora_B, scaling, self.dora_base_sq())
+
+    @torch.no_grad()
+    def to_base(self) -> nn.Module:
+        """The plain layer this one wraps, with the active adapter merged into its weight (W + s·B@A,
+        computed as merge() does; in place, no copy kept; the base weight as it is if this layer
+        has no adapter of the active name): an nn.Linear, or a Conv1D for one made from a Conv1D.
+        Sharing the weight storage, so do not use this LoRALinear afterwards."""
+        if not self.merged and self.settings is not None:
+            self.check_mergeable()
+            self._fold_adapter_into_weight()
+        self._original_weight = None
+        self.merged_adapter = None
+        _MERGED.discard(self)
+        weight = self.weight.detach()
+        if self.from_conv1d:
+            from transformers.pytorch_utils import Conv1D
+            base = Conv1D(self.out_features, self.in_features)
+            base.weight = nn.Parameter(weight.t(), requires_grad=False)   # (in, out) again: a view
+            base.bias = self.bias
+            return base
+        base = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        base.weight = nn.Parameter(weight, requires_grad=False)
+        base.bias = self.bias
+        return base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y (..., out) for x (..., in), as the table in the class docstring says."""
+        if not self.adapter_enabled:
+            return F.linear(x, self._original_weight if self.merged else self.weight, self.bias)
+        if self.mixed_rows is not None:   # rows with their own adapters (lora_fast.batch_adapters)
+            return self.mixed_rows.forward(self, x)
+        if self.merged or self.settings is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            from .dora import dora_linear
+            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude(), self.bias,
+                               scaling=self.scaling, dropout_p=self.lora_dropout, training=self.training,
+                               dropout=self.settings.dora_dropout, norm=self.dora_norm())
+        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
+                           dropout_p=self.lora_dropout, training=self.training)

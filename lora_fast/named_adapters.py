@@ -17,7 +17,7 @@ from torch import nn
 
 from .inject import (Targets, _check_targets, _dora_settings, check_wrappable, lora_layers, record_adapter, replace_children,
                      require_lora_layers, select_modules, unwrap, wrap)
-from .module import LoRALinear, _check_adapter_dtype, _check_hparams, check_adapter_name, check_dora
+from .module import LoRALayer, _check_adapter_dtype, _check_hparams, check_adapter_name, check_dora
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -77,7 +77,7 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
     names = select_modules(inner, target_modules, exclude_modules, lora_too=True)
     for name in names:
         module = inner.get_submodule(name)
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer):
             _check_adapter_dtype(adapter_dtype, module.base_dtype(), name)
             if use_dora and not module.supports_dora:
                 raise ValueError(f"use_dora: {name!r} is a {type(module).__name__}, and DoRA on it is not "
@@ -90,7 +90,7 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
     try:
         for name in names:
             module = inner.get_submodule(name)
-            if isinstance(module, LoRALinear):
+            if isinstance(module, LoRALayer):
                 module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype,
                                    **_dora_settings(use_dora, dora_dropout))
                 extended.append(module)
@@ -104,6 +104,9 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
         for layer in extended:
             layer.delete_adapter(adapter_name)
         raise
+    if layers and all(layer.merge_weights for layer in layers.values()):   # inject's merge_weights
+        for layer in replaced.values():
+            layer.merge_weights = True
     replace_children(inner, replaced)
     record_adapter(inner, adapter_name, r, lora_alpha, lora_dropout, use_rslora, target_modules,
                    exclude_modules, names,
@@ -118,8 +121,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     inner = unwrap(model)
     layers = require_lora_layers(inner, "set_adapter")
     _check_known(inner, adapter_name)
-    merged = [name for name, layer in layers.items()
-              if layer.merged and layer.merged_adapter != adapter_name]
+    merged = [name for name, layer in layers.items()   # merge_weights layers switch merged
+              if layer.merged and layer.merged_adapter != adapter_name and not layer.merge_weights]
     if merged:
         raise RuntimeError(f"set_adapter: {len(merged)} layers have adapter "
                            f"{layers[merged[0]].merged_adapter!r} merged (e.g. {merged[0]!r}); "
@@ -158,7 +161,7 @@ def _check_known(model, adapter_name):
                          f"are {known}")
 
 
-def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, LoRALinear]:
-    """{name: LoRALinear} of the layers of `model` that hold adapter `adapter_name`."""
+def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, LoRALayer]:
+    """{name: LoRA layer} of the layers of `model` that hold adapter `adapter_name`."""
     return {name: layer for name, layer in lora_layers(unwrap(model)).items()
             if adapter_name in layer.adapter_settings}

@@ -18,12 +18,14 @@ def _public_callables():
         if inspect.isfunction(obj):
             seen[f"lora_fast.{name}"] = obj
         elif inspect.isclass(obj):
-            for attr, member in vars(obj).items():
-                if attr.startswith("_") and attr != "__init__":
-                    continue
-                member = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
-                if inspect.isfunction(member) and member.__qualname__.startswith(obj.__name__ + "."):
-                    seen[f"lora_fast.{name}.{attr}"] = member
+            # its own methods and those of lora_fast's base classes (LoRALinear's from LoRALayer)
+            for cls in [c for c in obj.__mro__ if c.__module__.startswith("lora_fast")]:
+                for attr, member in vars(cls).items():
+                    if attr.startswith("_") and attr != "__init__":
+                        continue
+                    member = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+                    if inspect.isfunction(member) and member.__qualname__.startswith(cls.__name__ + "."):
+                        seen.setdefault(f"lora_fast.{name}.{attr}", member)
     for module, names in ((dispatch, ("forced", "choices", "failures", "clear")),
                           (dropout, ("keep_mask",)),
                           (reference, ("lora_linear_ref", "lora_linear_backward_ref"))):

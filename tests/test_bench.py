@@ -203,3 +203,21 @@ def test_dora_bench(tmp_path):
         M, N = int(rows[0]["M"]), int(rows[0]["N"])
         assert saved["lora"] < saved["dora"] <= saved["lora"] + 4 * (M * N + 2 * N)
         assert saved["dora"] < saved["peft_dora"]
+
+
+def test_sliced_bench(tmp_path):
+    """bench.layer --sliced's rows; the per-slice layer saves for backward what one layer per slice
+    saves (x once, M·r values per enabled slice) plus its B_full (out·k·r values)."""
+    out = tmp_path / "sliced.csv"
+    _run("bench.layer", "--sliced", "--quick", "--rounds", "2", "--warmup", "1", "--out", str(out))
+    rows = common.read_rows(out)
+    _check_rows(rows)
+    assert "python -m bench.layer --sliced --quick" in rows[0]["command"]
+    impls = ("sliced", "full", "separate", "linear")
+    assert {(r["case"], r["impl"], r["metric"]) for r in rows} == {
+        ("tiny-qkv", i, m) for i in impls for m in ("time", "saved_bytes")}
+    saved = {r["impl"]: float(r["p50"]) for r in rows if r["metric"] == "saved_bytes"}
+    M, K, N, r, itemsize = 64, 48, 40, 16, 4
+    assert saved["full"] == (M * K + M * r) * itemsize
+    assert saved["separate"] == (M * K + 2 * M * r) * itemsize
+    assert saved["sliced"] == saved["separate"] + N * 2 * r * itemsize

@@ -307,15 +307,6 @@ def _merged_linear_case(enable):
     return model, lora.lora_state_dict(theirs)
 
 
-def _embedding_case():
-    lora = loralib()
-    model = nn.Module()
-    model.emb = nn.Embedding(13, 7)
-    theirs = nn.Module()
-    theirs.emb = lora.Embedding(13, 7, r=2, lora_alpha=4)
-    return model, lora.lora_state_dict(theirs)
-
-
 LIB = {"format": "loralib", "lora_alpha": 5}
 SCRATCH = {"format": "scratch", "alpha": 1.0, "scaling": "alpha"}
 
@@ -367,11 +358,9 @@ ERRORS = [
      LIB, r"up.lora_B has dtype torch.int64, expected a floating dtype"),
     ("merged-linear", lambda: _merged_linear_case([True, False, True]), None, {**LIB, "lora_alpha": 4},
      r"qkv.lora_A has 4 rows but qkv.lora_B 2 columns \(2 enabled slices of rank 2\).*MergedLinear"
-     r".*no per-slice LoRA"),
+     r".*inject\(model, \.\.\., slices="),
     ("merged-linear-one-slice", lambda: _merged_linear_case([False, True, False]), None,
-     {**LIB, "lora_alpha": 4}, r"covers 1/3 of the outputs.*MergedLinear.*no per-slice LoRA"),
-    ("embedding", _embedding_case, None, {**LIB, "lora_alpha": 4},
-     r"emb.lora_A is for 'emb', an nn.Embedding \(loralib's lora.Embedding\); lora_fast has no LoRA embeddings"),
+     {**LIB, "lora_alpha": 4}, r"covers 1/3 of the outputs.*MergedLinear.*slices="),
     ("scaling-mismatch", "injected", _lib_sd, {**LIB, "lora_alpha": 6},
      r"lora_alpha: the checkpoint's scaling is 2 \(lora_alpha=6 / r=3\), adapter 'default' of the "
      r"model has 1.66667 \(lora_alpha=5 / r=3.*inject with lora_alpha=6 \(r=3\)"),
@@ -441,3 +430,21 @@ def test_public_functions_document_their_parameters():
             assert re.search(rf"(?<![\w.]){name}(?!\w)", doc), f"{fn.__name__}: {name} undocumented"
             assert param.annotation is not inspect.Parameter.empty, f"{fn.__name__}: {name} unhinted"
         assert signature.return_annotation is not inspect.Signature.empty
+
+
+def test_loralib_embedding_loads_onto_a_lora_embedding():
+    lora = loralib()
+    torch.manual_seed(0)
+    theirs = nn.Module()
+    theirs.emb = lora.Embedding(13, 7, r=2, lora_alpha=4)
+    with torch.no_grad():
+        theirs.emb.lora_A.normal_()
+        theirs.emb.lora_B.normal_()
+    theirs.train()
+    model = nn.Module()
+    model.emb = nn.Embedding(13, 7)
+    model.emb.weight.data.copy_(theirs.emb.weight)
+    assert lora_fast.convert.load(model, lora.lora_state_dict(theirs), format="loralib", lora_alpha=4) == ["emb"]
+    assert isinstance(model.emb, lora_fast.embedding.LoRAEmbedding)
+    ids = torch.randint(0, 13, (3, 5))
+    torch.testing.assert_close(model.emb(ids), theirs.emb(ids), rtol=1e-6, atol=1e-6)

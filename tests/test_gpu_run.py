@@ -15,7 +15,7 @@ from bench import common, gpu_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGES = ["env", "smoke", "headline", "decode", "mixed", "qlora", "dora", "model", "grid"]
+STAGES = ["env", "smoke", "headline", "decode", "mixed", "qlora", "dora", "sliced", "model", "grid"]
 
 
 def _run(out, *args):
@@ -65,7 +65,8 @@ def test_stages_run_in_order_and_leave_their_files(full):
     assert f"dispatch cache: {out / 'dispatch.json'}" in env_log and "TRITON_INTERPRET='1'" in env_log
 
 
-@pytest.mark.parametrize("name,module", [("headline", "layer"), ("qlora", "qlora"), ("dora", "dora"), ("model", "model"),
+@pytest.mark.parametrize("name,module", [("headline", "layer"), ("qlora", "qlora"), ("dora", "dora"),
+                                         ("sliced", "layer"), ("model", "model"),
                                          ("grid", "layer")])
 def test_bench_stages_write_rows_and_a_report(full, name, module):
     out, _, _, stages, _ = full

@@ -103,7 +103,7 @@ def test_inject_refusals():
         lora_fast.inject(model, target_modules=[])
     with pytest.raises(ValueError, match="not a valid regular expression"):
         lora_fast.inject(model, target_modules="q_proj(")
-    with pytest.raises(TypeError, match=r"not nn.Linear or Conv1D: blocks.0.mlp \(Sequential\)"):
+    with pytest.raises(TypeError, match=r"not nn.Linear, Conv1D or nn.Embedding: blocks.0.mlp \(Sequential\)"):
         lora_fast.inject(model, target_modules=["mlp"])
     with pytest.raises(ValueError, match="r: expected a positive integer"):
         lora_fast.inject(model, r=0, target_modules=["q_proj"])

@@ -160,8 +160,8 @@ def test_modules_to_save_on_a_causal_model_both_ways(tmp_path):
 def test_modules_to_save_refusals():
     model = tiny_llama()
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    with pytest.raises(ValueError, match="modules_to_save: 'head' matches no module"):
-        lora_fast.inject(model, r=2, target_modules=["q_proj"], modules_to_save=["head"])
+    with pytest.raises(ValueError, match="modules_to_save: 'no_such' matches no module"):
+        lora_fast.inject(model, r=2, target_modules=["q_proj"], modules_to_save=["no_such"])
     with pytest.raises(ValueError, match="also a LoRA target"):
         lora_fast.inject(model, r=2, target_modules=["q_proj"], modules_to_save=["self_attn"])
     with pytest.raises(ValueError, match="modules_to_save: expected None or a list"):
@@ -334,3 +334,115 @@ def test_saved_full_names_reload_the_same_layers_when_one_is_anothers_suffix(tmp
     loaded = peft.PeftModel.from_pretrained(theirs, tmp_path)
     assert sorted(n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
                   if isinstance(m, peft.tuners.lora.LoraLayer)) == ["fc"]
+
+
+# --- found by a hostile review: PEFT's own files and rules, tied weights ------------------------
+
+def tiny_bert_classifier(seed=0):
+    config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=40, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def tiny_roberta_classifier(seed=0):
+    config = transformers.RobertaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=40, max_position_embeddings=70, num_labels=3)
+    torch.manual_seed(seed)
+    return transformers.RobertaForSequenceClassification(config).eval()
+
+
+def test_peft_bias_all_classifier_file_loads(tmp_path):
+    """PEFT's bias="all" file also holds its wrapper's classifier.modules_to_save.bias and
+    classifier.original_module.bias: the trained copy is classifier.bias, the original dropped."""
+    theirs = peft.get_peft_model(tiny_bert_classifier(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"],
+                                                                         bias="all", task_type="SEQ_CLS"))
+    perturb_trainable(theirs)
+    theirs.save_pretrained(tmp_path)
+    assert any(".original_module." in k for k in _file_keys(tmp_path))
+    ours = tiny_bert_classifier()
+    lora_fast.load_adapter(ours, tmp_path)
+    x = token_batch()
+    theirs.eval()
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=0, atol=1e-5)
+    assert trainable_names(ours) == peft_trainable(theirs)
+
+
+def test_roberta_head_with_linears_inside_is_trained_whole_both_ways(tmp_path):
+    ours = tiny_roberta_classifier()
+    names = lora_fast.inject(ours, r=4, lora_alpha=8, target_modules="all-linear")
+    theirs = peft.get_peft_model(tiny_roberta_classifier(), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                            target_modules="all-linear",
+                                                                            task_type="SEQ_CLS"))
+    assert not [n for n in names if n.startswith("classifier")]
+    assert trainable_names(ours) == peft_trainable(theirs)
+    perturb_trainable(theirs)
+    theirs.save_pretrained(tmp_path)   # its target_modules list classifier.dense / out_proj
+    back = tiny_roberta_classifier()
+    lora_fast.load_adapter(back, tmp_path)
+    x = token_batch()
+    theirs.eval()
+    torch.testing.assert_close(back(x).logits, theirs(x).logits, rtol=0, atol=1e-5)
+
+
+def test_tied_modules_refused_and_model_unchanged():
+    model = tiny_gpt2()   # lm_head is tied to transformer.wte
+    with pytest.raises(ValueError, match="modules_to_save: 'lm_head' shares a parameter with 'transformer.wte"):
+        lora_fast.inject(model, r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    with pytest.raises(RuntimeError, match="merge_weights: layer 'lm_head' has its weight tied"):
+        lora_fast.inject(model, r=2, target_modules=["c_attn", "lm_head"], merge_weights=True)
+    assert not lora_fast.lora_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_task_type_is_one_of_peft_s():
+    with pytest.raises(ValueError, match="task_type: expected None or one of PEFT's task types"):
+        lora_fast.inject(tiny_classifier(), r=2, target_modules=["q_proj"], task_type="seq_cls")
+
+
+def test_modules_to_save_match_by_string_suffix_as_peft():
+    ours = tiny_llama()
+    lora_fast.inject(ours, r=2, target_modules=["q_proj"], modules_to_save=["norm"])
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                               modules_to_save=["norm"]))
+    assert trainable_names(ours) == peft_trainable(theirs)
+    assert "model.layers.0.input_layernorm.weight" in trainable_names(ours)
+
+
+def test_trained_biases_refused_with_several_adapters():
+    model = tiny_gpt2()
+    lora_fast.inject(model, r=2, target_modules=["c_attn"])
+    lora_fast.add_adapter(model, "b", r=2)
+    with pytest.raises(ValueError, match="bias: 'all' trains base biases"):
+        lora_fast.mark_only_lora_as_trainable(model, bias="all")
+    assert not [n for n in trainable_names(model) if "bias" in n]
+
+
+def test_merge_weights_switches_adapters_in_eval_and_a_refused_flag_stays_off():
+    model = tiny_llama()
+    lora_fast.inject(model, r=2, target_modules=["q_proj"], merge_weights=True)
+    lora_fast.add_adapter(model, "other", r=2)
+    perturb_trainable(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    w0 = layer.weight.clone()
+    model.eval()
+    lora_fast.set_adapter(model, "other")   # unmerged, switched, merged again
+    assert layer.merged and layer.merged_adapter == "other"
+    model.train()
+    assert torch.equal(layer.weight, w0)
+    from torch.nn.utils import parametrize
+
+    class Same(torch.nn.Module):
+        def forward(self, w):
+            return w
+    plain = lora_fast.LoRALinear(6, 5, r=2).eval()
+    parametrize.register_parametrization(plain, "weight", Same())
+    with pytest.raises(RuntimeError, match="parametrization"):
+        plain.merge_weights = True
+    assert plain.merge_weights is False
+    plain.eval()   # no merge attempted again
+
+
+def test_fallback_default_targets_agree_with_peft_s_table():
+    table = inject_module._peft_default_targets()
+    assert all(table.get(arch) == targets for arch, targets in inject_module.DEFAULT_TARGETS.items())
