@@ -90,7 +90,12 @@ def check(config, config_file):
     _check_init(config.get("init_lora_weights", True), where)
     hparams = _config_hparams(config, where)
     hparams["slices"] = _slices(config, hparams, where)
-    explained = {"rank_pattern", "alpha_pattern"} if hparams["slices"] else set()
+    # without lora_fast_slices (a sliced adapter PEFT saved again drops the key), the patterns are
+    # kept for load_adapter, which takes them only if the model's layers are sliced as they say
+    patterns = {key: config.get(key) for key in ("rank_pattern", "alpha_pattern")}
+    hparams["patterns"] = patterns if not hparams["slices"] and \
+        any(not _is_off(v) for v in patterns.values()) else None
+    explained = {"rank_pattern", "alpha_pattern"} if hparams["slices"] or hparams["patterns"] else set()
     used = [f"{key}={short(config[key], 80)} ({why})" for key, why in _REFUSED_FIELDS.items()
             if key in config and not _is_off(config[key]) and key not in explained]
     if used:
@@ -119,19 +124,31 @@ def _slices(config, hparams, where):
             out[name] = check_slices(entry["slices"], entry["enable"])
         except ValueError as err:
             raise ValueError(f"{where}: {SLICES_KEY}[{name!r}]: {err}") from None
+    try:
+        check_patterns(out, hparams, config.get("rank_pattern"), config.get("alpha_pattern"), f"its {SLICES_KEY}")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return out
+
+
+def check_patterns(layouts, hparams, rank_pattern, alpha_pattern, what):
+    """Raise unless rank_pattern and alpha_pattern are exactly those of the per-slice layers
+    `layouts` ({name: (slices, enable)}: each as one rank-k·r adapter, keyed by its escaped name);
+    `what` says whose layouts they are."""
     r, alpha = hparams["r"], hparams["lora_alpha"]
-    ranks = {re.escape(n): sum(enable) * r for n, (_, enable) in out.items()}
+    ranks = {re.escape(n): sum(enable) * r for n, (_, enable) in layouts.items()}
     alphas = {re.escape(n): equivalent_alpha(alpha, sum(enable), hparams["use_rslora"])
-              for n, (_, enable) in out.items()}
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    if rank_pattern != ranks or set(alpha_pattern) != set(alphas) or not all(
+              for n, (_, enable) in layouts.items()}
+    rank_pattern, alpha_pattern = rank_pattern or {}, alpha_pattern or {}
+    if not layouts or rank_pattern != ranks or set(alpha_pattern) != set(alphas) or not all(
             isinstance(alpha_pattern[k], (int, float)) and math.isclose(alpha_pattern[k], v, rel_tol=1e-9)
             for k, v in alphas.items()):
-        raise ValueError(f"{where}: rank_pattern={short(rank_pattern, 80)} and alpha_pattern="
-                         f"{short(alpha_pattern, 80)} are not those of its {SLICES_KEY} (each sliced "
-                         f"layer as one rank-k·r adapter: rank_pattern {short(ranks, 80)}); per-module "
-                         "ranks are not available otherwise")
-    return out
+        raise ValueError(f"rank_pattern={short(rank_pattern, 80)} and alpha_pattern="
+                         f"{short(alpha_pattern, 80)} are not those of {what} (each per-slice layer "
+                         f"as one rank-k·r adapter: rank_pattern {short(ranks, 80)}); per-module ranks "
+                         "are not available otherwise. An adapter of lora_fast's per-slice layers "
+                         "saved again by PEFT has lost its lora_fast_slices: load it into a model that "
+                         "has those layers (inject(..., slices=...) first)")
 
 
 def _check_init(init, where):

@@ -179,6 +179,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     planned = []
     for name in names:   # _holding refuses a name of the wrong kind or one the model lacks
         name, layers = _holding(inner, name, "save_adapter")
+        for layer in layers.values():
+            if isinstance(layer, embedding.LoRAEmbedding):
+                layer.check_sizes()   # an embedding resized since inject holds no savable adapter
         config = _adapter_config(inner, name, layers, base_model_name_or_path)
         tensors = {_file_key(key, isinstance(layers[key.rpartition(".")[0]], embedding.LoRAEmbedding)):
                    t.cpu().contiguous() for key, t in _gathered(layers, name).items()}
@@ -384,14 +387,34 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if not layers and hparams["task_type"] in trained_base.HEAD_TASKS:   # as inject: none in the heads
         heads = trained_base.matching_modules(module, trained_base.task_heads(module, hparams["task_type"]))
         targets = {name: t for name, t in targets.items() if not trained_base.inside(name, heads)}
+    if hparams["patterns"]:   # PEFT's re-save of a per-slice adapter: the model's layers say the slices
+        layouts = {name: t.slices for name, t in targets.items() if t.slices}
+        try:
+            adapter_config.check_patterns(layouts, hparams, *hparams["patterns"].values(),
+                                          "the model's per-slice layers")
+        except ValueError as err:
+            raise ValueError(f"load_adapter: {config_file}: {err}") from None
+        hparams["slices"] = layouts
     targets = _with_slices(targets, hparams["slices"], bool(layers), hotswap, config_file)
     modules_to_save = _file_modules_to_save(module, hparams, targets, config_file)
     tensors = _without_wrapper_keys(tensors, trained_base.matching_modules(module, modules_to_save or ()))
     base = _base_targets(module, hparams, modules_to_save, targets, adapter_name, known, config_file)
     # PEFT saves the base weight of a targeted embedding beside its adapter (save_embedding_layers,
     # for a vocabulary resized before training); loaded into it, as PEFT does, when there
-    base.update({key: module.get_submodule(name).weight for name, target in targets.items()
-                 if target.embedding and (key := f"{PREFIX}{name}.base_layer.weight") in tensors})
+    embedding_bases = {key: module.get_submodule(name).weight for name, target in targets.items()
+                       if target.embedding and (key := f"{PREFIX}{name}.base_layer.weight") in tensors}
+    if embedding_bases and set(known) - {adapter_name}:   # the base is every adapter's: refused if it changes
+        changed = [key for key, weight in embedding_bases.items()
+                   if tuple(tensors[key].shape) != tuple(weight.shape)
+                   or not torch.equal(tensors[key].to(weight.dtype), weight.detach().cpu())]
+        if changed:
+            raise ValueError(f"load_adapter: {weights_file} holds the base weight of an embedding "
+                             f"({changed[0]}, PEFT's save_embedding_layers) that differs from the "
+                             f"model's, which its other adapters {sorted(set(known) - {adapter_name})} "
+                             "use too: load it into a model without those adapters")
+        tensors = {key: t for key, t in tensors.items() if key not in embedding_bases}
+        embedding_bases = {}
+    base.update(embedding_bases)
     _check_tensors_fit(targets, tensors, hparams["r"], weights_file, config_file, hparams["use_dora"],
                        base)
     _check_fan_in_fan_out(targets, hparams, config_file)

@@ -9,8 +9,9 @@ out = dim, so A and B have LoRALinear's layout and everything LoRALayer does (na
 merge, unmerge bit for bit, merge_weights, the state dict) works on Eᵀ, a view of E.
 
 As in PEFT: A starts at zeros and B normal (so a new layer computes its base embedding), the
-gather takes the base layer's padding_idx, norm_type, scale_grad_by_freq and sparse, and there is
-no dropout on the ids (lora_dropout is recorded, not applied). PEFT's files hold
+gather takes the base layer's padding_idx, norm_type and scale_grad_by_freq, and there is no
+dropout on the ids (lora_dropout is recorded, not applied). Refused: sparse and max_norm
+embeddings, and subclasses with a forward of their own. PEFT's files hold
 ``<path>.lora_embedding_A`` (r, num) and ``.lora_embedding_B`` (dim, r), no ".weight".
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ def check_embedding(module: nn.Module, name: str | None = None) -> None:
         # e.g. Gemma3's scaled embedding: its own forward would be lost when the layer is replaced
         raise TypeError(f"{where}: {type(module).__name__} computes its own forward (not "
                         "nn.Embedding's), which a LoRA embedding would replace; exclude it")
+    if module.sparse:
+        raise ValueError(f"{where}: sparse=True (sparse gradients): LoRA on a sparse embedding is not "
+                         "available (the adapter's gather would need a sparse transposed gradient)")
     if module.max_norm is not None:
         raise ValueError(f"{where}: max_norm={module.max_norm} renormalises rows of the weight in "
                          "place on every lookup; LoRA on such an embedding is not available")
@@ -96,8 +100,24 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
         return F.embedding(ids, self.weight if weight is None else weight, self.padding_idx, None,
                            self.norm_type, self.scale_grad_by_freq, self.sparse)
 
+    def check_sizes(self) -> None:
+        """Raise unless the weight still has the rows the adapters were made for: transformers'
+        resize_token_embeddings swaps a resized weight into this very module."""
+        columns = sorted({weights[0].shape[1] for weights in map(self.adapter_weights, self.adapter_settings)})
+        if columns and columns != [self.weight.shape[0]]:
+            raise RuntimeError(f"LoRAEmbedding: the weight has {self.weight.shape[0]} rows, its "
+                               f"adapters' lora_A {columns} columns (resize_token_embeddings after "
+                               "inject?): resize the embeddings before inject, or merge_and_unload, "
+                               "resize and inject again")
+
+    def check_mergeable(self) -> None:
+        """LoRALayer's checks, and the weight's size (check_sizes)."""
+        self.check_sizes()
+        super().check_mergeable()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """y (..., dim) for integer ids (...), as LoRALinear's state table says (merged, disabled)."""
+        self.check_sizes()
         if not self.adapter_enabled:
             return self.base_embedding(ids, self._original_weight if self.merged else None)
         base = self.base_embedding(ids)

@@ -172,3 +172,38 @@ def test_all_linear_leaves_embeddings_alone():
     model = tiny_llama()
     names = lora_fast.inject(model, r=2, target_modules="all-linear")
     assert not any("embed" in n for n in names)
+
+
+def test_sparse_refused_and_a_resize_after_inject_is_caught():
+    model = nn.Module()
+    model.sparse = nn.Embedding(5, 3, sparse=True)
+    with pytest.raises(ValueError, match="'sparse': sparse=True"):
+        lora_fast.inject(model, r=2, target_modules=["sparse"])
+    llama = tiny_llama()
+    lora_fast.inject(llama, r=2, target_modules=["embed_tokens"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llama.resize_token_embeddings(120)   # swaps a (120, d) weight into the LoRA layer itself
+    with pytest.raises(RuntimeError, match="the weight has 120 rows, its adapters' lora_A \\[97\\] columns"):
+        llama(token_batch())
+    with pytest.raises(RuntimeError, match="resize_token_embeddings after inject"):
+        lora_fast.merge(llama)
+    with pytest.raises(RuntimeError, match="resize_token_embeddings after inject"):
+        lora_fast.save_adapter(llama, "unused")
+
+
+def test_peft_base_weight_refused_under_a_second_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    with torch.no_grad():
+        theirs.get_input_embeddings().base_layer.weight.add_(1.0)   # a retrained / resized base
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path)
+    model = tiny_llama()
+    lora_fast.inject(model, r=2, target_modules=["embed_tokens"])
+    weight = model.get_input_embeddings().weight.clone()
+    with pytest.raises(ValueError, match="holds the base weight of an embedding .* other adapters \\['default'\\]"):
+        lora_fast.load_adapter(model, tmp_path, adapter_name="b")
+    assert torch.equal(model.get_input_embeddings().weight, weight)
+    assert lora_fast.adapter_names(model) == ["default"]

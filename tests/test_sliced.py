@@ -484,3 +484,31 @@ def test_batch_adapters_refuses_sliced_layers_at_entry():
     with torch.no_grad():
         expected = model.o_proj(model.qkv_proj.base_linear(x))
     torch.testing.assert_close(out[0], expected[0], rtol=1e-6, atol=1e-6)
+
+
+def test_peft_resave_loads_into_the_sliced_model_and_is_refused_with_a_hint_elsewhere(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = FusedQKV()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lora_fast.inject(model, r=2, lora_alpha=3, target_modules=["qkv_proj"], use_rslora=True,
+                     slices={"qkv_proj": ((24, 8, 8), (True, False, True))})
+    _randomize_b(model)
+    x = torch.randn(3, 24)
+    ref = model(x)
+    lora_fast.save_adapter(model, tmp_path / "ours")
+    plain = FusedQKV()
+    plain.load_state_dict(state)
+    with pytest.warns(UserWarning):
+        theirs = peft.PeftModel.from_pretrained(plain, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")   # PEFT drops lora_fast_slices
+    target = FusedQKV()
+    target.load_state_dict(state)
+    with pytest.raises(ValueError, match="lost its lora_fast_slices"):
+        lora_fast.load_adapter(target, tmp_path / "peft")
+    assert not lora_fast.lora_layers(target)
+    lora_fast.inject(target, r=2, lora_alpha=3, target_modules=["qkv_proj"], use_rslora=True,
+                     slices={"qkv_proj": ((24, 8, 8), (True, False, True))})
+    lora_fast.load_adapter(target, tmp_path / "peft")
+    assert torch.equal(target.qkv_proj.lora_B, model.qkv_proj.lora_B)
+    torch.testing.assert_close(target(x), ref, rtol=0, atol=0)
