@@ -12,10 +12,25 @@ dropout.py the mask as a tensor, for tests and the torch path. lora_fast.dispatc
 """
 if __name__ == "kernels":
     # Imported as a top-level "kernels": the repository root is on sys.path (`python -m ...` from a
-    # checkout) and something probed for the unrelated PyPI package of that name — transformers does,
-    # for Hugging Face's hub kernels, by importing it. Look like the empty namespace package such a
-    # probe treats as absent (no __file__, no version) and load nothing.
-    __file__ = None
+    # checkout) and something imported the unrelated PyPI package of that name — transformers does,
+    # for Hugging Face's hub kernels (a dependency since transformers 5.25). If that package is
+    # installed, it is loaded in this module's place (the import returns sys.modules' entry);
+    # otherwise look like the empty namespace package a probe treats as absent (no __file__, no
+    # version) and load nothing.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root])
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module
+        _spec.loader.exec_module(_module)
+    else:
+        __file__ = None
 else:
     from .backward import lora_backward
     from .forward import lora_forward

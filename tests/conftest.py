@@ -16,8 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# before anything imports transformers: the hub's `kernels` package, not the root's kernels/ folder
-import bench  # noqa: E402,F401
 
 import pytest  # noqa: E402
 

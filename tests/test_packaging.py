@@ -26,16 +26,24 @@ def test_kernels_import_inside_namespace():
     assert lora_fast.kernels.lora_forward.__module__ == "lora_fast.kernels.forward"
 
 
-def test_top_level_kernels_probe_sees_nothing():
-    """From a checkout's root (on sys.path under `python -m`), transformers' probe for the PyPI
-    package `kernels` imports our directory; it must find an inert stub, not our kernels, and
-    conclude that package is absent."""
+def test_top_level_kernels_import_gets_the_hub_package_or_nothing():
+    """From a checkout's root (on sys.path under `python -m`), `import kernels` (transformers
+    imports Hugging Face's hub kernels, a dependency since 5.25) reaches our directory first: it must
+    give the installed hub package if there is one, else an inert stub that a probe takes for absent
+    — never our kernels."""
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("kernels")
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
     code = ("import sys; sys.path.insert(0, '.');"
             "from transformers.utils.import_utils import _is_package_available;"
             "print(_is_package_available('kernels', return_version=True)[0]);"
-            "m = sys.modules.get('kernels'); print(m is None or not hasattr(m, 'lora_forward'))")
+            "import kernels; print(not hasattr(kernels, 'lora_forward'));"
+            "print(getattr(kernels, '__file__', None) is not None and 'site-packages' in kernels.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+    assert out.stdout.split() == [str(installed), "True", str(installed)], out.stdout + out.stderr
 
 
 def test_wheel_without_extension(tmp_path):
