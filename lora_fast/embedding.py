@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .module import (_MERGED, DEFAULT_ADAPTER, AdapterSettings, LoRALayer, _check_adapter_dtype,
-                     _check_hparams, check_adapter_name)
+from .module import (DEFAULT_ADAPTER, AdapterSettings, LoRALayer, _check_adapter_dtype, _check_hparams,
+                     check_adapter_name)
 
 
 def check_embedding(module: nn.Module, name: str | None = None) -> None:
@@ -130,12 +130,7 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
     def to_base(self) -> nn.Embedding:
         """The plain nn.Embedding, with the active adapter merged into its weight (in place, no copy
         kept), sharing the weight: do not use this layer afterwards."""
-        if not self.merged and self.settings is not None:
-            self.check_mergeable()
-            self._fold_adapter_into_weight()
-        self._original_weight = None
-        self.merged_adapter = None
-        _MERGED.discard(self)
+        self._fold_for_unload()
         base = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
                             norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
                             sparse=self.sparse, device="meta")

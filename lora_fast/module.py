@@ -455,6 +455,16 @@ class LoRALayer(nn.Module):
             merged = merged * (magnitude / torch.linalg.vector_norm(merged, dim=1))[:, None]
         weight.copy_(merged.to(weight.dtype))
 
+    def _fold_for_unload(self):
+        """to_base's first step: the active adapter folded into the weight (unless merged already,
+        or absent), and the merged state dropped with no copy of W0 kept."""
+        if not self.merged and self.settings is not None:
+            self.check_mergeable()
+            self._fold_adapter_into_weight()
+        self._original_weight = None
+        self.merged_adapter = None
+        _MERGED.discard(self)
+
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the weight held before merge(), bit for bit."""
@@ -682,12 +692,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         computed as merge() does; in place, no copy kept; the base weight as it is if this layer
         has no adapter of the active name): an nn.Linear, or a Conv1D for one made from a Conv1D.
         Sharing the weight storage, so do not use this LoRALinear afterwards."""
-        if not self.merged and self.settings is not None:
-            self.check_mergeable()
-            self._fold_adapter_into_weight()
-        self._original_weight = None
-        self.merged_adapter = None
-        _MERGED.discard(self)
+        self._fold_for_unload()
         weight = self.weight.detach()
         if self.from_conv1d:
             from transformers.pytorch_utils import Conv1D
