@@ -10,7 +10,9 @@ bf16 (targets at dropout 0: dora ≤ 1.10× lora; with PEFT's dropout form ≤ 2
 faster than peft_dora); CPU: M=2048, K=N=1024, fp32, the torch path (targets: dora ≤ 1.15× lora,
 ≥ 1.2× faster than peft_dora).
 Implementations: dora (lora_fast, dropout="peft": PEFT's function), dora_lora_form (dropout inside
-the LoRA branch only; the same function at dropout 0), lora (lora_fast's LoRA layer), peft_dora
+the LoRA branch only; the same function at dropout 0), dora_composed (dora with the column scale as
+elementwise passes around the LoRA passes, lora_fast.dora.composed_scale: the A/B of the kernels'
+DoRA epilogue and dY loads; on the CPU's torch path the two are the same ops), lora (lora_fast's LoRA layer), peft_dora
 (PEFT's DoRA layer), linear (nn.Linear, frozen). Rows go to bench/results/dora.csv with device,
 versions, commit, command and date.
 """
@@ -23,9 +25,11 @@ from torch import nn
 import lora_fast
 from bench import common
 
-IMPLS = ("dora", "dora_lora_form", "lora", "peft_dora", "linear")
+IMPLS = ("dora", "dora_lora_form", "dora_composed", "lora", "peft_dora", "linear")
 # (impl, baseline, most allowed ratio of times) per device and whether dropout applies
-TARGETS = {("cuda", False): (("dora", "lora", 1.10), ("dora", "peft_dora", 1 / 1.3)),
+# (dora against dora_composed: the kernels' DoRA epilogue and dY loads must not lose to the passes
+# they replace)
+TARGETS = {("cuda", False): (("dora", "lora", 1.10), ("dora", "peft_dora", 1 / 1.3), ("dora", "dora_composed", 1.0)),
            ("cuda", True): (("dora_lora_form", "lora", 1.10), ("dora", "lora", 2.0), ("dora", "peft_dora", 1 / 1.3)),
            ("cpu", False): (("dora", "lora", 1.15), ("dora", "peft_dora", 1 / 1.2)),
            ("cpu", True): (("dora", "lora", 1.15), ("dora", "peft_dora", 1 / 1.2))}
@@ -38,6 +42,20 @@ def _sizes(device, quick=False):
     return dict(M=8192 if gpu else 2048, K=4096 if gpu else 1024, N=4096 if gpu else 1024, r=16)
 
 
+class _Composed(nn.Module):
+    """lora_fast's DoRA layer with the column scale composed around the LoRA passes
+    (lora_fast.dora.composed_scale): the design before the kernels' epilogue took it."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        from lora_fast.dora import composed_scale
+        with composed_scale():
+            return self.layer(x)
+
+
 def _models(impls, linear, r, p):
     def fresh():
         return nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
@@ -47,10 +65,12 @@ def _models(impls, linear, r, p):
     for impl in impls:
         base = fresh()
         base.load_state_dict(linear.state_dict())
-        if impl in ("dora", "dora_lora_form"):
+        if impl in ("dora", "dora_lora_form", "dora_composed"):
             models[impl] = lora_fast.LoRALinear.from_linear(
                 base, r=r, lora_alpha=2 * r, lora_dropout=p, use_dora=True,
-                dora_dropout="peft" if impl == "dora" else "lora")
+                dora_dropout="lora" if impl == "dora_lora_form" else "peft")
+            if impl == "dora_composed":
+                models[impl] = _Composed(models[impl])
         elif impl == "lora":
             models[impl] = lora_fast.LoRALinear.from_linear(base, r=r, lora_alpha=2 * r, lora_dropout=p)
         elif impl == "peft_dora":

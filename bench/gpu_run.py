@@ -33,9 +33,10 @@ of the dispatcher's choices):
     qlora     the 4-bit kernels' tests (tests/test_qlora_kernels.py, bf16 included), then bench.qlora:
               a training step of 8192 rows and decode of 1, 8 and 64 rows at 4096->4096 r=16 bf16
               against PEFT+bitsandbytes, bitsandbytes' Linear4bit, the 16-bit layer and nn.Linear
-    dora      the DoRA tests (tests/test_dora.py: the kernels' LoRA passes under DoRA, bf16 included),
-              then bench.dora: a training step of 8192 rows at 4096->4096 r=16 bf16, dropout 0 and 0.1,
-              both dropout forms against lora_fast's LoRA layer and PEFT's DoRA
+    dora      the DoRA tests (tests/test_dora.py, and tests/test_dora_paths.py: every kernel path with
+              the column scale in its epilogue and dY loads, bf16 included), then bench.dora: a
+              training step of 8192 rows at 4096->4096 r=16 bf16, dropout 0 and 0.1, both dropout
+              forms against lora_fast's LoRA layer, PEFT's DoRA and the scale composed around the passes
     sliced    the per-slice layer's tests (tests/test_sliced.py), then bench.layer --sliced: fwd+bwd
               of GPT-2-XL's c_attn and a Llama-3-8B qkv with LoRA on q and v, M=8192 bf16 r=16,
               against one full-width adapter, one layer per slice and nn.Linear
@@ -163,7 +164,7 @@ GPU = Sizes(
     # the 4-bit kernels' tests in bf16 too, then training (M=8192) and decode (1, 8, 64 rows) at 4096
     qlora_tests=("tests/test_qlora_kernels.py",), qlora_tests_s=45,
     qlora=("--rounds", "10"), qlora_s=60,
-    dora_tests=("tests/test_dora.py",), dora_tests_s=45,
+    dora_tests=("tests/test_dora.py", "tests/test_dora_paths.py"), dora_tests_s=75,
     dora=("--rounds", "10"), dora_s=60,
     sliced_tests=("tests/test_sliced.py",), sliced_tests_s=30,
     sliced=("--rounds", "10"), sliced_s=45,

@@ -31,6 +31,7 @@ from .tiling import grouped_tile, tile_offsets
 def _lora_backward_kernel(
     # pointers
     dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, xs_ptr, gs_ptr, dx_ptr, da_part_ptr, db_part_ptr, seed_ptr,
+    c_ptr,                      # DoRA (COL_SCALE): the column scales (fp32)
     # a 4-bit W0's statistics (launch.weight_args; stand-ins for a dense one)
     absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
     # sizes (M_BUCKET is only the autotune key)
@@ -55,6 +56,7 @@ def _lora_backward_kernel(
     COMPUTE_DB: tl.constexpr,   # only with G_IN_LOOP
     INPUT_PRECISION: tl.constexpr,
     WEIGHT: tl.constexpr,       # "dense", or "nf4": W0's tiles decoded (blocks.nf4_tile)
+    COL_SCALE: tl.constexpr,    # DoRA: the N-loop reads c ⊙ dY (blocks.k_loop)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -70,7 +72,8 @@ def _lora_backward_kernel(
                         stride_sm, stride_sr, dropout_p,
                         G_IN_LOOP, False, COMPUTE_DB, INPUT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R,
                         0, True, False, absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
-                        double_quant, pid_k * BLOCK_K, K, WEIGHT, True)
+                        double_quant, pid_k * BLOCK_K, K, WEIGHT, True,
+                        c_ptr=c_ptr, COL_SCALE=COL_SCALE)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -84,7 +87,7 @@ def _lora_backward_kernel(
 
 
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, need_da=True, need_db=True,
-                  dropout_p=0.0, seed=None, path):
+                  dropout_p=0.0, seed=None, col_scale=None, z=None, path):
     """Gradients (dX, dA, dB) of the LoRA linear with W0 frozen; None for those not asked. path:
     "fused" (dX asked, r <= 64), "split", or "tma" (split with backward_tma's dX GEMM: dX asked,
     r <= 64, dY and weight TMA-readable).
@@ -92,6 +95,11 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
     dy (M >= 1, N), x (M, K), xs (M, r) from the forward (made with the same dropout_p and seed,
     whose keep-mask is regenerated here); any strides. dA and dB come back in lora_A.dtype /
     lora_B.dtype, reduced in fp32 in a fixed order.
+
+    col_scale (N,) fp32 (DoRA): the gradients of y = col_scale ⊙ z + bias instead (every pass
+    reads c ⊙ dY as it loads dY; not the tma path), returned as (dX, dA, dB, dm) with dm = Σ_rows
+    dY ⊙ z (N,) fp32 when z (M, N) is given, else None: the split path's pass over dY sums it from
+    its dY tiles, the fused path (small M, W0-bound) in row chunks after its kernel (_dm_rows).
     """
     M, N = dy.shape
     K = x.shape[1]
@@ -102,9 +110,12 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
     block_m = configs.partial_block_m(M, fused, pro.precision)
     grid_m = cdiv(M, block_m)
 
-    gs = db_part = None
+    assert col_scale is None or path != "tma", "the TMA dX GEMM takes dY as stored"
+    dora = col_scale is not None
+    gs = db_part = dm_part = None
     if not fused and R > 0:   # rank 0 (dispatch.base_backward): no gs, the epilogue's rank loop is empty
-        gs, db_part = skinny(dy, lora_B, pro.scale, pro.precision, side=xs if need_db else None)
+        gs, db_part, dm_part = skinny(dy, lora_B, pro.scale, pro.precision, side=xs if need_db else None,
+                                      col_scale=col_scale, z=z)
     elif need_db:
         db_part = torch.empty((grid_m, N, R), device=dy.device, dtype=torch.float32)
     dx = empty(dy, M, K) if need_dx else None
@@ -118,7 +129,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
         grid = lambda meta: (grid_m * cdiv(K, meta["BLOCK_K"]),)
         launch(_lora_backward_kernel, grid, dy)(
             dy, w.ptr, lora_A, lora_B, x, optional(xs, dy), gs_arg, dx_arg, optional(da_part, dy), optional(db_part, dy),
-            pro.seed, *w.statistics,
+            pro.seed, optional(col_scale, dy), *w.statistics,
             M, N, K, R, configs.m_bucket(M),
             *strides(dy), *w.strides, *strides(lora_A), *strides(lora_B), *strides(x), *strides(xs),
             *strides(gs_arg), *strides(dx_arg),
@@ -130,10 +141,27 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
             COMPUTE_DB=fused and need_db,
             INPUT_PRECISION=pro.precision,
             WEIGHT=w.kind,
+            COL_SCALE=dora and need_dx,
             BLOCK_M=block_m,
             BLOCK_R=configs.block_r(R),
         )
     # Fixed-order reductions over the M-tiles: deterministic run to run.
     da = da_part.sum(0).to(lora_A.dtype) if need_da else None
     db = db_part.sum(0).to(lora_B.dtype) if need_db else None
+    if dora:
+        if z is None:
+            return dx, da, db, None
+        return dx, da, db, dm_part.sum(0) if dm_part is not None else _dm_rows(dy, z)
     return dx, da, db
+
+
+# rows of dY and z per step of _dm_rows: two fp32 (rows, N) temporaries, 32 MB at N = 4096
+_DM_ROWS = 1024
+
+
+def _dm_rows(dy, z):
+    """Σ_rows dY ⊙ z (N,) in fp32 (products and sums), over row chunks (a bounded temporary)."""
+    dm = torch.zeros(dy.shape[1], device=dy.device, dtype=torch.float32)
+    for i in range(0, dy.shape[0], _DM_ROWS):
+        dm += (dy[i:i + _DM_ROWS].float() * z[i:i + _DM_ROWS].float()).sum(0)
+    return dm

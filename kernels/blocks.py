@@ -8,7 +8,8 @@ specialised by constexpr flags (Triton inlines them: a helper costs nothing at r
   k_loop        the base GEMM's reduction, with the LoRA product x·Aᵀ (or dY·B) of the same tiles
                 and the dB partial dYᵀ·xs as options
   tma_k_loop    the same reduction (base GEMM only) from TMA descriptors, for the Hopper kernels
-  y_epilogue    y = acc + xs·Bᵀ + bias, xs from the K-loop's sum or read back; rounded once
+  y_epilogue    y = acc + xs·Bᵀ + bias, xs from the K-loop's sum or read back; rounded once (DoRA:
+                c ⊙ (acc + xs·Bᵀ) + bias, the unscaled sum kept)
   dx_epilogue   dX = acc + keep ⊙ (gs·A), and the dA partial gsᵀ·(keep ⊙ x) from the same tiles
   adapter_range, next_adapter   the adapters present in a row tile whose rows each have their own
                 (multi.py: sorted rows, so a tile holds a contiguous run of adapters)
@@ -101,7 +102,8 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
            side_rows=0, BASE: tl.constexpr = True, SIDE_ROWS: tl.constexpr = False,
            absmax_ptr=0, qabsmax_ptr=0, code_ptr=0, scale_ptr=0, offset_ptr=0, levels_ptr=0, double_quant=0,
-           w_out0=0, w_cols=0, WEIGHT: tl.constexpr = "dense", W_BY_ROWS: tl.constexpr = False):
+           w_out0=0, w_cols=0, WEIGHT: tl.constexpr = "dense", W_BY_ROWS: tl.constexpr = False,
+           c_ptr=0, COL_SCALE: tl.constexpr = False):
     """(acc, xa) over the reduction range [k_lo, k_hi): acc = x[offs_m, k] @ w[k, offs_n] in fp32
     and, with LORA, xa = d(x)[offs_m, k] @ a[k, :R] from the x tiles already loaded for acc (d: the
     dropout keep-mask with DROPOUT, keep_mask's column index k of a K-wide x).
@@ -122,6 +124,10 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
     rows: the reduction's in the forward (W0's columns are reduced, then the tile is transposed;
     the output tile is W0's rows from w_out0), the output's with W_BY_ROWS (the dX GEMM reduces
     over W0's rows; its output columns are [w_out0, w_out0 + BLOCK_N) of w_cols).
+    COL_SCALE (DoRA's backward, lora_fast.dora): the x tiles (dY) are scaled per reduction column
+    by c (fp32, at c_ptr) as they are loaded, rounded back to their dtype (dY·c, as the torch
+    path rounds it): every product of the loop sees c ⊙ dY. (The magnitude's Σ_rows dY ⊙ z is not
+    summed here: the z tile beside the dX accumulator spilled on sm_80, AOT report, bench/NOTES.md v16.)
     Every caller passes WEIGHT: Triton 3.6 (the GPU image's) fails to compile a call that leaves a
     string constexpr to its default ("'str' object has no attribute 'type'"); 3.9 and the
     interpreter accept it, so only the AOT report under 3.6 sees it.
@@ -162,6 +168,9 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
     for k0 in range(k_lo, k_hi, BLOCK_K):
         mask_k = offs_k < k_hi - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if COL_SCALE:
+            c = tl.load(c_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            x = (x.to(tl.float32) * c[None, :]).to(x_ptr.dtype.element_ty)
         if BASE:
             if WEIGHT == "dense":
                 w = load_weight(w_ptrs, mask_k[:, None] & mask_n[None, :])
@@ -220,7 +229,8 @@ def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
                stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scaling,
                XS: tl.constexpr, STORE_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
                INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-               ids=0, a_lo=0, a_hi=0, stride_ba=0, MULTI: tl.constexpr = False):
+               ids=0, a_lo=0, a_hi=0, stride_ba=0, MULTI: tl.constexpr = False,
+               c_ptr=0, z_ptr=0, stride_zm=0, stride_zn=0, COL_SCALE: tl.constexpr = False):
     """Store y = acc + xs @ Bᵀ + bias, rounded once to y's dtype. XS says where xs comes from:
       "sum"     xs = scaling · xa, the K-loop's (or split-K's summed) fp32 product, rounded to the
                 input dtype as a first pass rounds it (so every path feeds B the same xs), padded
@@ -228,8 +238,10 @@ def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
                 STORE_XS the programs for which store_xs_here holds keep it for backward
       "tile"    read back from xs_ptr, the whole rank in one tile (R <= BLOCK_R)
       "chunks"  read back over rank chunks of BLOCK_R (any R)
-    A per-column scale of the output (DoRA's magnitude over the column norm) applies to acc here,
-    between the LoRA term and the bias.
+    COL_SCALE (DoRA, lora_fast.dora): y = c ⊙ (acc + xs @ Bᵀ) + bias with c (N,) fp32 at c_ptr,
+    scaled in fp32 before the one rounding (the bias after the scale, as PEFT adds it), and the
+    unscaled z = acc + xs @ Bᵀ stored too, rounded to y's dtype, to z_ptr: DoRA's backward takes
+    the magnitude's gradient from it.
     MULTI: each row has its own adapter (ids; a_lo..a_hi those of the tile, adapter_range; b_ptr
     the stack of B, stride_ba apart): one dot per adapter present, on its rows of xs (the others
     zeroed), into the one accumulator; scaling may be a (BLOCK_M, 1) tensor of the rows' scales."""
@@ -255,6 +267,10 @@ def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
         else:
             acc = _add_low_rank(acc, xs, b_ptr, r0 + offs_r, offs_n, mask_r, mask_n, stride_br, stride_bn,
                                 INPUT_PRECISION)
+    if COL_SCALE:
+        z = acc
+        acc = acc * tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        _store(z_ptr, offs_m, offs_n, stride_zm, stride_zn, z, mask_m, mask_n)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     _store(y_ptr, offs_m, offs_n, stride_ym, stride_yn, acc, mask_m, mask_n)

@@ -200,13 +200,27 @@ LIMITS = (
     # accumulator, so not the GEMMs' 128 for 8-warp Hopper tiles: 128x256 spilled 280 B on sm_90;
     # 64 per thread used at most 248 registers, no spill
     Limit(("backward_tma",), max_per_thread=64),
+    # DoRA's column scale (COL_SCALE, `python -m lora_fast.aot --all-configs`, Triton 3.6 and 3.9,
+    # 2026-12-03, bench/NOTES.md v16). Forward: the epilogue stores z beside y; the 8-warp Hopper
+    # tiles at 128 per thread spilled 24 B (in-loop) and 48 B (TMA), 64 never
+    Limit(("forward", "tma"), dict(col_scale=True), max_per_thread=64),
+    # dX GEMM reading c ⊙ dY: fp32 (tf32) on sm_90, 64 per thread (128x64, 4 warps) spilled 32 B;
+    # the fused one (gs in its N-loop) on sm_80, 16-bit: 64x128 with 8 warps spilled 8 B under Triton
+    # 3.6 (255 registers; LoRA's build of that tile fits), 64 columns did not
+    Limit(("backward",), dict(col_scale=True, in_loop=True, hopper=False), max_cols=64),
+    Limit(("backward",), dict(col_scale=True, fp32=True), max_per_thread=32),
+    # the split pass over dY with dm's z tile: fp32, 64 per thread spilled 120-472 B, 32 never
+    Limit(("skinny",), dict(dm=True, fp32=True), max_per_thread=32),
 )
 
 
-def _facts(capability, itemsize, ieee, dropout, in_loop=False, partial=False, nf4=False):
-    """The launch facts LIMITS rows are matched on (decode and warps come per config)."""
+def _facts(capability, itemsize, ieee, dropout, in_loop=False, partial=False, nf4=False, a=None):
+    """The launch facts LIMITS rows are matched on (decode and warps come per config); a: the launch's
+    arguments, for DoRA's constexprs (col_scale: COL_SCALE, dm: DM) where the kernel has them."""
+    a = a or {}
     return {"hopper": capability >= 9, "fp32": itemsize == 4, "ieee": ieee, "dropout": bool(dropout),
-            "in_loop": bool(in_loop), "partial": bool(partial), "nf4": bool(nf4)}
+            "in_loop": bool(in_loop), "partial": bool(partial), "nf4": bool(nf4),
+            "col_scale": bool(a.get("COL_SCALE")), "dm": bool(a.get("DM"))}
 
 
 def _nf4(a):
@@ -311,7 +325,9 @@ def _config(bm, bn, bk, stages, warps, group_m=8):
 
 # ---------------------------------------------------------------------------------------------
 # Forward GEMM (forward.py): tiles of y, BLOCK_M x BLOCK_N, reduction BLOCK_K.
-FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R", "XS_IN_LOOP", "DROPOUT", "INPUT_PRECISION", "WEIGHT"]
+# COL_SCALE (DoRA's epilogue, which also writes z) tunes apart: its tiles' register budgets differ
+FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R", "XS_IN_LOOP", "DROPOUT", "INPUT_PRECISION", "WEIGHT",
+               "COL_SCALE"]
 
 
 def forward_kernel_configs():
@@ -347,7 +363,7 @@ def _forward_kept(configs, a, cap, kernels, ieee_max_rows=128):
     rows = min(ieee_max_rows, max(32, row_class(a["M_BUCKET"]))) if ieee else row_class(a["M_BUCKET"])
     itemsize = a["x_ptr"].element_size()
     rank = a["BLOCK_R"] if a["XS_IN_LOOP"] else 0
-    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], in_loop=a["XS_IN_LOOP"], nf4=_nf4(a))
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], in_loop=a["XS_IN_LOOP"], nf4=_nf4(a), a=a)
     return [c for c in configs
             if c.kwargs["BLOCK_M"] == rows and (c.kwargs["BLOCK_K"] == 16) == ieee
             and _within_limits(kernels, facts, c, rows, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
@@ -359,7 +375,7 @@ def _forward_kept(configs, a, cap, kernels, ieee_max_rows=128):
 # dX GEMM (backward.py): tiles of dX, BLOCK_M x BLOCK_K (BLOCK_M the launcher's partial_block_m),
 # reduction over N in BLOCK_N.
 BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_M", "BLOCK_R", "G_IN_LOOP", "DROPOUT", "COMPUTE_DX",
-                "INPUT_PRECISION", "WEIGHT"]
+                "INPUT_PRECISION", "WEIGHT", "COL_SCALE"]
 
 
 def backward_kernel_configs():
@@ -393,7 +409,7 @@ def _backward_kept(configs, a, cap, kernels):
     rank = a["BLOCK_R"] if a["G_IN_LOOP"] else 0
     ieee = a["INPUT_PRECISION"] == "ieee"
     width = 16 if ieee else 32 if bm <= 32 else 64
-    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], nf4=_nf4(a))
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], in_loop=a["G_IN_LOOP"], nf4=_nf4(a), a=a)
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] == width
             and _within_limits(kernels, facts, c, bm, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"])
@@ -405,7 +421,8 @@ def _backward_kept(configs, a, cap, kernels):
 # ---------------------------------------------------------------------------------------------
 # Skinny pass (skinny.py): (M x L) @ (L x r), BLOCK_M the launcher's. Memory-bound: wide BLOCK_L
 # for long contiguous loads, enough stages to keep them in flight.
-SKINNY_KEY = ["M_BUCKET", "L", "R", "BLOCK_M", "BLOCK_R", "WITH_PARTIAL", "DROPOUT", "INPUT_PRECISION"]
+SKINNY_KEY = ["M_BUCKET", "L", "R", "BLOCK_M", "BLOCK_R", "WITH_PARTIAL", "DROPOUT", "INPUT_PRECISION",
+              "COL_SCALE", "DM"]
 
 
 def skinny_configs():
@@ -423,7 +440,7 @@ def keep_skinny_config(configs, a, cap):
     bm, rank = a["BLOCK_M"], a["BLOCK_R"]
     itemsize = a["src_ptr"].element_size()
     ieee = a["INPUT_PRECISION"] == "ieee"
-    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], partial=a["WITH_PARTIAL"])
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], partial=a["WITH_PARTIAL"], a=a)
     return [c for c in configs
             if (c.kwargs["BLOCK_L"] == 16) == ieee
             and _within_limits("skinny", facts, c, bm, c.kwargs["BLOCK_L"], c.kwargs["BLOCK_L"])
@@ -502,7 +519,7 @@ def _split_k_kept(configs, a, cap, kernels):
 # ---------------------------------------------------------------------------------------------
 # TMA forward (forward_tma.py): Hopper GEMM tiles, a 64-row warpgroup MMA per warpgroup; it runs
 # for M > 64 with 16-bit operands.
-TMA_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R"]
+TMA_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R", "COL_SCALE"]
 
 
 def tma_configs(pre_hook):
@@ -519,7 +536,7 @@ def tma_configs(pre_hook):
 def keep_tma_config(configs, a, cap):
     """LIMITS and pipelines (x and W0 tiles) that fit shared memory: the epilogue's xs and B tiles
     are loaded once per tile, outside the pipelined loop."""
-    facts = _facts(cap, 2, False, False)
+    facts = _facts(cap, 2, False, False, a=a)
     return [c for c in configs
             if _within_limits("tma", facts, c, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
             and fits_shared_memory(c.num_stages, c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]),

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import configs
 from .blocks import k_loop, y_epilogue
-from .launch import bias_arg, cdiv, empty, launch, optional, prologue, weight_args
+from .launch import bias_arg, cdiv, dora_output, empty, launch, optional, prologue, weight_args
 from .skinny import skinny
 from .tiling import grouped_tile, tile_offsets
 
@@ -26,6 +26,7 @@ from .tiling import grouped_tile, tile_offsets
 def _lora_forward_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xs_ptr, y_ptr, seed_ptr,
+    c_ptr, z_ptr,               # DoRA (COL_SCALE): the column scales (fp32) and the unscaled output
     # a 4-bit W0's statistics (launch.weight_args; stand-ins for a dense one)
     absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
     # sizes (M_BUCKET is only the autotune key)
@@ -37,6 +38,7 @@ def _lora_forward_kernel(
     stride_bn, stride_br,
     stride_sm, stride_sr,
     stride_ym, stride_yn,
+    stride_zm, stride_zn,
     scaling,                    # s / (1 - p): the dropout rescale rides on xs
     dropout_p,
     double_quant,               # a 4-bit W0's absmax is 8-bit codes (run time: blocks.nf4_tile)
@@ -47,6 +49,7 @@ def _lora_forward_kernel(
     STORE_XS: tl.constexpr,     # in-loop only: write xs for backward
     INPUT_PRECISION: tl.constexpr,
     WEIGHT: tl.constexpr,       # "dense", or "nf4": w_ptr is NF4 bytes (blocks.nf4_tile)
+    COL_SCALE: tl.constexpr,    # DoRA: y = c ⊙ z + bias, z kept (blocks.y_epilogue)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -60,32 +63,37 @@ def _lora_forward_kernel(
     # Every column-tile computed the same xs; the first one keeps it for backward.
     y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, pid_n == 0,
                stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scaling,
-               "sum" if XS_IN_LOOP else "chunks", STORE_XS, HAS_BIAS, INPUT_PRECISION, BLOCK_R)
+               "sum" if XS_IN_LOOP else "chunks", STORE_XS, HAS_BIAS, INPUT_PRECISION, BLOCK_R,
+               c_ptr=c_ptr, z_ptr=z_ptr, stride_zm=stride_zm, stride_zn=stride_zn, COL_SCALE=COL_SCALE)
 
 
-def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None, in_loop):
+def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None,
+                 col_scale=None, in_loop):
     """y = x @ weightᵀ + bias + xs @ lora_Bᵀ, xs = scaling/(1-p) · (keep ⊙ x) @ lora_Aᵀ, for 2-D x
     (M >= 1, K) of any strides: the in-loop path (in_loop=True; r <= 64) or the split path.
 
     Dropout (p = dropout_p > 0) uses `seed`, a 1-element int64 tensor on x's device; the keep-mask
     is blocks.keep_mask of it, never stored. Returns (y, xs) with xs (M, r) in x.dtype for
     backward, or None when save_xs is False (in-loop path only; the first pass always produces it).
+    col_scale (N,) fp32 (DoRA): y = col_scale ⊙ (x @ weightᵀ + xs @ lora_Bᵀ) + bias instead, and
+    (y, xs, z) comes back with z the unscaled product before the bias (launch.dora_output).
     """
     M, K = x.shape
     N, R = lora_B.shape
     pro = prologue(x, scaling, dropout_p, seed)
     y = empty(x, M, N)
+    dora = dora_output(col_scale, y)
     if in_loop:
         xs = empty(x, M, R) if save_xs else None
     elif R == 0:   # no adapter (dispatch.base_forward): the GEMM and the bias alone
         xs = None
     else:
-        xs, _ = skinny(x, lora_A.t(), pro.scale, pro.precision, dropout_p=dropout_p, seed=seed)
+        xs, _, _ = skinny(x, lora_A.t(), pro.scale, pro.precision, dropout_p=dropout_p, seed=seed)
     xs_arg = optional(xs, y)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     w = weight_args(weight)
     launch(_lora_forward_kernel, grid, x)(
-        x, w.ptr, bias_arg(bias, y), lora_A, lora_B, xs_arg, y, pro.seed, *w.statistics,
+        x, w.ptr, bias_arg(bias, y), lora_A, lora_B, xs_arg, y, pro.seed, dora.c, dora.z, *w.statistics,
         M, N, K, R, configs.m_bucket(M),
         x.stride(0), x.stride(1),
         *w.strides,
@@ -93,6 +101,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
         lora_B.stride(0), lora_B.stride(1),
         xs_arg.stride(0), xs_arg.stride(1),
         y.stride(0), y.stride(1),
+        *dora.z_strides,
         pro.scale, dropout_p, w.double_quant,
         HAS_BIAS=bias is not None,
         DROPOUT=pro.dropout and in_loop,
@@ -100,6 +109,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
         STORE_XS=xs is not None,
         INPUT_PRECISION=pro.precision,
         WEIGHT=w.kind,
+        COL_SCALE=col_scale is not None,
         BLOCK_R=configs.block_r(R),
     )
-    return y, xs
+    return dora.result(y, xs)

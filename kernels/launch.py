@@ -209,3 +209,25 @@ def _contiguous(w):
     same = (lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t)
     return NF4Weight(same(w.packed), same(w.absmax), same(w.absmax_code), same(w.absmax_scale), w.absmax_offset,
                      tuple(w.shape), w.dtype, w.blocksize)
+
+
+class DoRAOutput(NamedTuple):
+    """A forward launch's DoRA arguments (lora_fast.dora: y = c ⊙ z + bias, blocks.y_epilogue's
+    COL_SCALE): the column scales c and the unscaled output z, or y standing in for both (never
+    read or written: COL_SCALE is off)."""
+    on: bool
+    c: torch.Tensor
+    z: torch.Tensor
+    z_strides: tuple
+
+    def result(self, y, xs):
+        """The forward launcher's return value: (y, xs), and z after them for DoRA."""
+        return (y, xs, self.z) if self.on else (y, xs)
+
+
+def dora_output(col_scale, y):
+    """DoRAOutput for a forward writing y (M, N): z allocated like y when col_scale (N,) fp32 is given."""
+    if col_scale is None:
+        return DoRAOutput(False, y, y, (0, 0))
+    z = torch.empty_like(y)
+    return DoRAOutput(True, col_scale, z, (z.stride(0), z.stride(1)))

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import configs
 from .blocks import k_loop, y_epilogue
-from .launch import bias_arg, cdiv, empty, launch, optional, prologue, weight_args
+from .launch import bias_arg, cdiv, dora_output, empty, launch, optional, prologue, weight_args
 from .tiling import row_major_tile, tile_offsets
 
 
@@ -69,13 +69,15 @@ def _lora_split_k_partial_kernel(
 
 @triton.jit
 def _lora_split_k_reduce_kernel(
-    part_ptr, xa_part_ptr, b_ptr, bias_ptr, xs_ptr, y_ptr,
+    part_ptr, xa_part_ptr, b_ptr, bias_ptr, xs_ptr, y_ptr, c_ptr, z_ptr,
     M, N, R, SPLIT_K,
     stride_bn, stride_br,
     stride_sm, stride_sr,
     stride_ym, stride_yn,
+    stride_zm, stride_zn,
     scaling,
     HAS_BIAS: tl.constexpr, STORE_XS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COL_SCALE: tl.constexpr,    # DoRA: y = c ⊙ z + bias, z kept (blocks.y_epilogue)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m, pid_n = row_major_tile(tl.program_id(0), N, BLOCK_N)
@@ -93,12 +95,15 @@ def _lora_split_k_reduce_kernel(
                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, pid_n == 0,
                stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scaling,
-               "sum", STORE_XS, HAS_BIAS, INPUT_PRECISION, BLOCK_R)
+               "sum", STORE_XS, HAS_BIAS, INPUT_PRECISION, BLOCK_R,
+               c_ptr=c_ptr, z_ptr=z_ptr, stride_zm=stride_zm, stride_zn=stride_zn, COL_SCALE=COL_SCALE)
 
 
-def lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
+def lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None,
+                         col_scale=None):
     """The split-K forward for 2-D x (1 <= M <= configs.SPLIT_K_MAX_M, K) of any strides and
-    r <= 64; returns (y, xs) as forward.lora_forward does (xs None unless save_xs)."""
+    r <= 64; returns (y, xs) as forward.lora_forward does (xs None unless save_xs; z after them
+    with col_scale, DoRA)."""
     M, K = x.shape
     N, R = lora_B.shape
     pro = prologue(x, scaling, dropout_p, seed)
@@ -107,6 +112,7 @@ def lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=Tr
     part = empty(x, split * M, N, torch.float32)
     xa_part = empty(x, split * M, max(R, 1), torch.float32)   # a real pointer at rank 0 too (never written)
     y = empty(x, M, N)
+    dora = dora_output(col_scale, y)
     xs = empty(x, M, R) if save_xs else None
     tiles = cdiv(M, block_m) * cdiv(N, block_n)
     w = weight_args(weight)
@@ -122,14 +128,15 @@ def lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=Tr
     )
     xs_arg = optional(xs, y)
     launch(_lora_split_k_reduce_kernel, (tiles,), x)(
-        part, xa_part, lora_B, bias_arg(bias, y), xs_arg, y,
+        part, xa_part, lora_B, bias_arg(bias, y), xs_arg, y, dora.c, dora.z,
         M, N, R, split,
         lora_B.stride(0), lora_B.stride(1),
         xs_arg.stride(0), xs_arg.stride(1),
         y.stride(0), y.stride(1),
+        *dora.z_strides,
         pro.scale,
-        HAS_BIAS=bias is not None, STORE_XS=xs is not None, INPUT_PRECISION=pro.precision,
+        HAS_BIAS=bias is not None, STORE_XS=xs is not None, INPUT_PRECISION=pro.precision, COL_SCALE=dora.on,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         num_warps=configs.SPLIT_K_REDUCE_WARPS,
     )
-    return y, xs
+    return dora.result(y, xs)

@@ -18,6 +18,7 @@ TRITON_INTERPRET unset: under the interpreter triton.jit produces interpreter wr
 cannot be compiled.
 """
 import argparse
+import inspect
 import json
 import os
 import re
@@ -42,9 +43,11 @@ _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # fp32 matmul precision); the 16-bit ones ignore the precision.
 BUILD_DTYPES = {"bf16": (torch.bfloat16, "tf32"), "fp16": (torch.float16, "tf32"),
                 "fp32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee")}
-_FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr", "xa_part_ptr", "scale_ptr", "p_ptr"}
+_FP32_POINTERS = {"part_ptr", "da_part_ptr", "db_part_ptr", "xa_part_ptr", "scale_ptr", "p_ptr",
+                  "c_ptr", "dm_part_ptr"}   # c_ptr, dm_part_ptr: DoRA's column scales and magnitude partials
 _I32_POINTERS = {"ids_ptr", "perm_ptr"}      # the mixed-batch kernels' row -> adapter map and row order
 _SCALARS = {"scaling", "scale", "dropout_p"}
+_DORA_POINTERS = {"c_ptr": "COL_SCALE", "dm_part_ptr": "DM"}   # fp32 only with their constexpr on
 # Pointer tensors over the large operands (x, W0, dY, src of the skinny pass, ...): their offsets
 # must be 64-bit, since row * stride (or k * stride on a transposed view) can pass 2**31.
 _OPERAND_ADDPTR = re.compile(r"%(x_ptrs|w_ptrs|dy_ptrs|src_ptrs|mat_ptrs|a_ptrs|part_ptrs|da_ptrs|db_ptrs)"
@@ -77,7 +80,8 @@ def _with_weight(variants):
     out = []
     for v in variants:
         out.append(v)
-        if "WEIGHT" in v.constexprs and v.constexprs.get("COMPUTE_DX") is not False:   # reads W0
+        # reads W0; DoRA (COL_SCALE) is refused on 4-bit layers
+        if "WEIGHT" in v.constexprs and v.constexprs.get("COMPUTE_DX") is not False and not v.constexprs.get("COL_SCALE"):
             out.append(Variant(f"{v.name}_nf4", v.kernel, {**v.constexprs, "WEIGHT": "nf4"}, v.unit_strides,
                                v.main_path, v.archs, ("bf16", "fp16"), v.descs, _NF4_POINTERS))
     return out
@@ -154,7 +158,37 @@ def _variants():
     variants.append(Variant("multi_split_k_reduce", multi._multi_split_k_reduce_kernel,
                             {"HAS_BIAS": True, "STORE_XS": True, "PERM": True}, ("stride_br", "stride_sr", "stride_yn"),
                             False))
+    # DoRA's column scale (blocks.y_epilogue, blocks.k_loop, skinny): off in every build above,
+    # then the builds that run it — each pass's main kernels, both dropout settings where the mask
+    # is inside the kernel (the "lora" dropout form; the PEFT form's forward runs the plain builds)
+    for v in variants:
+        names = _arg_names(v.kernel)
+        v.constexprs.update({k: False for k in ("COL_SCALE", "DM") if k in names and k not in v.constexprs})
+    by_name = {v.name: v for v in variants}
+    dora = {"COL_SCALE": True}
+    for base, extra, strides in [
+            ("forward_in_loop", {}, ("stride_zn",)), ("forward_in_loop_dropout", {}, ("stride_zn",)),
+            ("forward_first_pass", {}, ("stride_zn",)), ("split_k_reduce", {}, ("stride_zn",)),
+            ("forward_tma", {}, ("stride_zn",)),
+            ("backward_fused", {}, ()), ("backward_fused_dropout", {}, ()),
+            ("backward_split", {}, ()), ("backward_split_dropout", {}, ()),
+            ("skinny_dy", {"DM": True}, ("stride_zl",))]:
+        v = by_name[base]
+        # not fp32-ieee: on a GPU the dispatcher runs cuBLAS for it (dispatch.candidates), the kernels
+        # only when forced, and split-K's 64-row reduce tile (not tuned) spills 8 B there with z
+        variants.append(Variant(f"{base}_dora", v.kernel, {**v.constexprs, **dora, **extra}, v.unit_strides + strides,
+                                v.main_path, v.archs, tuple(d for d in v.dtypes if d != "fp32-ieee"), v.descs,
+                                v.pointers))
     return _with_weight(variants)
+
+
+def _arg_names(kernel):
+    """A kernel's parameter names (autotuned or not; under the interpreter too, where the kernels are
+    not JITFunctions: the variants are built at import, and the tests import them so)."""
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel
+    if hasattr(fn, "arg_names"):
+        return fn.arg_names
+    return list(inspect.signature(getattr(fn, "fn", fn)).parameters)
 
 
 # The split-K kernels (decode rows: their main tile is 16 rows') and, of those, the reduce kernels
@@ -200,8 +234,10 @@ def compile_variant(variant, dtype_name, arch, config, strided=False):
         elif name == "seed_ptr":
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
+            # DoRA's fp32 pointers are the launchers' stand-ins (an operand of the build's dtype) while off
+            fp32 = name in _FP32_POINTERS and constexprs.get(_DORA_POINTERS.get(name), True)
             signature[name] = dict(spec.pointers).get(name) or (
-                "*fp32" if name in _FP32_POINTERS else "*i32" if name in _I32_POINTERS else f"*{_TYPE[dtype]}")
+                "*fp32" if fp32 else "*i32" if name in _I32_POINTERS else f"*{_TYPE[dtype]}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _SCALARS:
             signature[name] = "fp32"

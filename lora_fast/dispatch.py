@@ -21,7 +21,8 @@ whether it applies to a call; the dispatcher, `forced` and `lora-fast-check --al
 it, and the launchers do what they are told (they neither choose nor re-check). Which paths apply:
 in_loop/fused/split_k/tma need the whole rank in one tile (r <= 64); fused and tma need dX;
 split_k runs for 1 <= M <= 64; tma needs a Hopper-or-later GPU, fp16/bf16 and TMA-readable
-(16-byte-aligned) inputs, and M > 64. Which of them are timed (`candidates`): all that apply,
+(16-byte-aligned) inputs, and M > 64, and the backward's no DoRA column scale (its dY tiles go
+from TMA to the MMA as stored; the forward's scale is in the shared epilogue). Which of them are timed (`candidates`): all that apply,
 except in_loop/fused above configs.IN_LOOP_CANDIDATE_MAX_M rows (each candidate costs a first step
 its compiles), and only cublas for fp32 on a GPU when torch does not allow tf32: the kernels'
 "ieee" fp32 dots run on FMAs with small tiles, a correctness path that cuBLAS's SGEMM outruns
@@ -101,10 +102,13 @@ class Call:
     torch.compile with dynamic shapes: then compared with nothing, which would guard on it), the
     rank, whether dX is asked, and — computed when a predicate first asks — whether the TMA kernels
     can read its first operand and weight here (`tma_possible`)."""
-    __slots__ = ("M", "R", "need_dx", "_operands", "_tma", "packed", "kernels_read_weight")
+    __slots__ = ("M", "R", "need_dx", "_operands", "_tma", "packed", "kernels_read_weight", "dora")
 
-    def __init__(self, M, R, need_dx=True, operands=None, tma=None, packed=False, kernels_read_weight=True):
+    def __init__(self, M, R, need_dx=True, operands=None, tma=None, packed=False, kernels_read_weight=True,
+                 dora=False):
         self.M, self.R, self.need_dx, self._operands, self._tma = M, R, need_dx, operands, tma
+        # DoRA's column scale (lora_fast.dora): the TMA backward takes dY as stored, not scaled
+        self.dora = dora
         # a 4-bit weight (lora_fast.weights.packed): the kernels decode it in their K-loop if its
         # rows are whole bytes (in_features even), and the TMA kernels do not read it
         self.packed, self.kernels_read_weight = packed, kernels_read_weight
@@ -158,7 +162,7 @@ def table() -> dict[str, dict[str, Path]]:
             "fused": Path(lambda c: c.need_dx and c.one_tile and c.kernels_read_weight,
                           functools.partial(kernels.lora_backward, path="fused")),
             "split": Path(_kernels_read_weight, functools.partial(kernels.lora_backward, path="split")),
-            "tma": Path(lambda c: c.need_dx and c.one_tile and c.above_decode and c.tma,
+            "tma": Path(lambda c: c.need_dx and c.one_tile and c.above_decode and c.tma and not c.dora,
                         functools.partial(kernels.lora_backward, path="tma")),
             "cublas": Path(_always, torch_path.lora_backward),
         },
@@ -238,33 +242,46 @@ def _weight_kind(weight, K):
     return True, kernels_read_4bit(weight.device, weight.dtype, K), ("nf4_dq" if source.double_quant else "nf4",)
 
 
-def _forward_call(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
+# The passes take DoRA's column scale (lora_fast.dora; torch_path's COLUMN_SCALE).
+COLUMN_SCALE = True
+
+
+def _forward_call(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None,
+                  col_scale=None):
     _needs_seed(dropout_p, seed)
     M, K = x.shape
     N, R = lora_B.shape
     packed, readable, kind = _weight_kind(weight, K)
-    return (Call(M, R, operands=(x, weight), packed=packed, kernels_read_weight=readable), x,
-            (M, N, K, R, dropout_p > 0, bias is not None, save_xs) + kind)
+    dora = col_scale is not None
+    # DoRA's keys have a suffix of their own (their epilogue writes z too); LoRA's are as before
+    return (Call(M, R, operands=(x, weight), packed=packed, kernels_read_weight=readable, dora=dora), x,
+            (M, N, K, R, dropout_p > 0, bias is not None, save_xs) + kind + (("dora",) if dora else ()))
 
 
 def _backward_call(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, need_da=True, need_db=True,
-                   dropout_p=0.0, seed=None):
+                   dropout_p=0.0, seed=None, col_scale=None, z=None):
     _needs_seed(dropout_p, seed)
     M, N = dy.shape
     K, R = x.shape[1], lora_A.shape[0]
     packed, readable, kind = _weight_kind(weight, K)
-    return (Call(M, R, need_dx, (dy, weight), packed=packed, kernels_read_weight=readable), dy,
-            (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db) + kind)
+    dora = col_scale is not None
+    return (Call(M, R, need_dx, (dy, weight), packed=packed, kernels_read_weight=readable, dora=dora), dy,
+            (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db) + kind
+            + ((("dora_dm" if z is not None else "dora"),) if dora else ()))
 
 
-def _empty_forward(x, weight, lora_A, lora_B, *args, **kwargs):
-    return x.new_empty((0, lora_B.shape[0])), x.new_empty((0, lora_B.shape[1]))
+def _empty_forward(x, weight, lora_A, lora_B, *args, col_scale=None, **kwargs):
+    empty = (x.new_empty((0, lora_B.shape[0])), x.new_empty((0, lora_B.shape[1])))
+    return empty if col_scale is None else (*empty, x.new_empty((0, lora_B.shape[0])))
 
 
 def _empty_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, need_da=True, need_db=True,
-                    **kwargs):
-    return (dy.new_empty((0, x.shape[1])) if need_dx else None,
-            torch.zeros_like(lora_A) if need_da else None, torch.zeros_like(lora_B) if need_db else None)
+                    col_scale=None, z=None, **kwargs):
+    grads = (dy.new_empty((0, x.shape[1])) if need_dx else None,
+             torch.zeros_like(lora_A) if need_da else None, torch.zeros_like(lora_B) if need_db else None)
+    if col_scale is None:
+        return grads
+    return (*grads, None if z is None else torch.zeros_like(col_scale))
 
 
 _PASSES = {"forward": (_forward_call, _empty_forward), "backward": (_backward_call, _empty_backward)}

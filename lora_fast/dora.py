@@ -19,12 +19,18 @@ terms times (Σ|terms|) / norm²; rows where that amplification passes NORM_CANC
 cancels: an adapter that nearly undoes a row of W0) are computed directly, from their rows of
 W0 + s·B·A.
 
-Passes: the LoRA forward without bias (kernels or torch path, whichever lora_linear would run)
-gives z = x·W0ᵀ + s·d(x)·Aᵀ·Bᵀ and xs; the column scale and the bias follow in float32, rounded once.
-Backward: the LoRA backward with dY·c (dX, dA, dB), dm = Σ_rows dY ⊙ z / ‖·‖; the PEFT form adds
-(keep/(1−p) − 1) ⊙ (((c−1)⊙dY)·W0) to dX. Saved for backward, beside LoRA's x and xs: z (or, in
-the PEFT form, d(x)·W0ᵀ + s·d(x)·Aᵀ·Bᵀ), one (M, out) tensor in x's dtype, and c and the norms
-(out,) in float32. No dropped copy of x is kept (the mask is regenerated from the seed).
+Passes: the LoRA passes lora_linear would run (the kernels' paths, or the torch path) take the
+column scale themselves (their `col_scale` argument, COLUMN_SCALE): the forward kernels' epilogue
+computes y = c ⊙ z + b in fp32 and rounds it once, z = x·W0ᵀ + s·d(x)·Aᵀ·Bᵀ written beside it;
+the backward kernels read c ⊙ dY as they load dY (dX, dA, dB) and sum dm = Σ_rows dY ⊙ z / ‖·‖ from
+the same dY tiles (the fused dX GEMM's first column of programs, or the split path's pass over dY),
+so a DoRA step launches what a LoRA step does, with no elementwise pass over y or dY
+(tests/test_dora_paths.py). The PEFT dropout form keeps its second base product on d(x) as a
+cuBLAS GEMM beside the LoRA forward, and adds (keep/(1−p) − 1) ⊙ (((c−1)⊙dY)·W0) to dX.
+Saved for backward, beside LoRA's x and xs: z (or, in the PEFT form, d(x)·W0ᵀ + s·d(x)·Aᵀ·Bᵀ), one
+(M, out) tensor in x's dtype, and c and the norms (out,) in float32. No dropped copy of x is kept
+(the mask is regenerated from the seed). A passes module without COLUMN_SCALE (a user's
+lora-fast-check --impl) gets the scale applied around its plain passes, as one elementwise pass each way.
 Under torch.compile, torch.func transforms and forward-mode AD the same formula runs as plain
 differentiable PyTorch ops (_composite); under torch.compile the norms are taken row chunk by row
 chunk of the sum itself (weight_norm_direct: no cache, no data-dependent branch for the graph).
@@ -32,6 +38,7 @@ chunk of the sum itself (weight_norm_direct: no cache, no data-dependent branch 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +133,22 @@ def _scale(magnitude, norm):
     return magnitude.detach().to(norm.dtype) / norm
 
 
+_COMPOSED = contextvars.ContextVar("lora_fast_dora_composed", default=False)
+
+
+@contextlib.contextmanager
+def composed_scale():
+    """Run the block's DoRA forwards (and so their backwards) with the column scale as elementwise
+    passes around plain LoRA passes, as a passes module without COLUMN_SCALE gets it: the design
+    before the kernels took the scale, for a benchmark's A/B in one run (bench.dora's
+    dora_composed) or to rule the kernels' DoRA epilogue in or out of a suspect result."""
+    token = _COMPOSED.set(True)
+    try:
+        yield
+    finally:
+        _COMPOSED.reset(token)
+
+
 def _keep(seed, x2d, p):
     return dropout_mod.keep_mask(seed, x2d.shape[0], x2d.shape[1], p, dtype=x2d.dtype)
 
@@ -141,9 +164,18 @@ class DoRALinearFunction(torch.autograd.Function):
         run = passes(backend) if isinstance(backend, str) else backend
         x2d = rows(x)
         c = _scale(magnitude, norm)
-        z, xs = run.lora_forward(x2d, weight, lora_A, lora_B, None, scaling, dropout_p=dropout_p, seed=seed)
         two_products = peft_dropout and dropout_p > 0
-        if two_products:   # side = d(x)·W0ᵀ + s·d(x)·Aᵀ·Bᵀ; y = z + b + (c − 1) ⊙ side
+        # passes that take the column scale (COLUMN_SCALE: torch_path, the dispatcher's kernels) apply
+        # it, and the bias, where they round y (the kernels' epilogue) and read c ⊙ dY as they load dY
+        scaled = getattr(run, "COLUMN_SCALE", False) and not _COMPOSED.get()
+        if scaled and not two_products:   # y = c ⊙ z + b in the forward pass itself, z kept
+            y, xs, z = run.lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p=dropout_p, seed=seed,
+                                        col_scale=c)
+        else:
+            z, xs = run.lora_forward(x2d, weight, lora_A, lora_B, None, scaling, dropout_p=dropout_p, seed=seed)
+        if scaled and not two_products:
+            side = z
+        elif two_products:   # side = d(x)·W0ᵀ + s·d(x)·Aᵀ·Bᵀ; y = z + b + (c − 1) ⊙ side
             dense = weights.dense(weight)
             side = F.linear(x2d * _keep(seed, x2d, dropout_p) / (1.0 - dropout_p), dense)
             side.addmm_(xs, lora_B.t())   # a fresh tensor of ours: in place, before it is saved
@@ -156,7 +188,7 @@ class DoRALinearFunction(torch.autograd.Function):
         y = y.to(x.dtype)
         ctx.save_for_backward(x, xs, side, kept_weight(ctx, weight), lora_A, lora_B, c, norm)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        ctx.two_products = two_products
+        ctx.two_products, ctx.scaled = two_products, scaled
         ctx.magnitude_dtype = magnitude.dtype
         ctx.run = run
         ctx.forced = run.forced_paths() if hasattr(run, "forced_paths") else None
@@ -171,14 +203,25 @@ class DoRALinearFunction(torch.autograd.Function):
         x2d = rows(x)
         dy = dy.reshape(-1, dy.shape[-1])
         run = ctx.run
-        dy_c = dy.to(c.dtype)          # the column scales' dtype (float32, float64): cast once
-        dz = (dy_c * c).to(x.dtype)
+        scaled = ctx.scaled
+        # the column scales' dtype (float32, float64): cast once, where dY·c is formed here
+        dy_c = dy.to(c.dtype) if not scaled or need_w or ctx.two_products else None
+        dz = (dy_c * c).to(x.dtype) if not scaled or need_w else None
         # the PEFT form's base product on d(x): its dY is (c − 1) ⊙ dY, its input d(x)
         e = (dy_c * (c - 1)).to(x.dtype) if ctx.two_products and (need_x or need_w) else None
         keep = (_keep(ctx.seed, x2d, ctx.dropout_p) / (1.0 - ctx.dropout_p)) if e is not None else None
         dx = da = db = dw = dbias = dm = None
         forcing = run.forcing(ctx.forced) if ctx.forced else contextlib.nullcontext()
-        if need_x or need_a or need_lb:
+        if scaled and (need_x or need_a or need_lb or need_m):
+            # dX, dA, dB from c ⊙ dY and Σ_rows dY ⊙ side (the magnitude's) in the passes over dY
+            with forcing:
+                dx, da, db, dm_sum = run.lora_backward(dy, x2d, xs, weight, lora_A, lora_B, ctx.scaling,
+                                                       need_dx=need_x, need_da=need_a, need_db=need_lb,
+                                                       dropout_p=ctx.dropout_p, seed=ctx.seed, col_scale=c,
+                                                       z=side if need_m else None)
+            if need_m:
+                dm = (dm_sum.to(norm.dtype) / norm).to(ctx.magnitude_dtype)
+        elif need_x or need_a or need_lb:
             with forcing:
                 grads = run.lora_backward(dz, x2d, xs, weight, lora_A, lora_B, ctx.scaling,
                                           need_dx=need_x, need_da=need_a, need_db=need_lb,
@@ -188,7 +231,7 @@ class DoRALinearFunction(torch.autograd.Function):
             dx = dx + (keep - 1) * (e @ weights.dense(weight))
         if need_x:
             dx = dx.view(x.shape)
-        if need_m:
+        if need_m and not scaled:
             dm = ((dy_c * side.to(c.dtype)).sum(0) / norm).to(ctx.magnitude_dtype)
         if need_w:   # the frozen base weight, when asked: c ⊙ dY (and the PEFT form's term) against x
             dw = dz.t() @ x2d if e is None else dy.t() @ x2d + e.t() @ (x2d * keep)

@@ -55,9 +55,25 @@ def _mm32(a, b):
     return torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
 
 
-def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None):
+# The passes take DoRA's column scale (lora_fast.dora); an --impl module without this flag gets
+# DoRA composed around its plain passes instead.
+COLUMN_SCALE = True
+
+
+def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None,
+                 col_scale=None):
     """(y, xs) for 2-D x (M, K); xs = scaling/(1-p) · (keep ⊙ x) @ lora_Aᵀ (M, r) for backward (None
-    unless save_xs). A packed 4-bit weight (lora_fast.weights) is decoded first."""
+    unless save_xs). A packed 4-bit weight (lora_fast.weights) is decoded first.
+
+    col_scale (N,) float32 or float64 (DoRA): y = col_scale ⊙ z + bias, z = x @ weightᵀ + xs @
+    lora_Bᵀ rounded to x's dtype, scaled and biased in col_scale's dtype and rounded once; returns
+    (y, xs, z)."""
+    if col_scale is not None:
+        z, xs = lora_forward(x, weight, lora_A, lora_B, None, scaling, save_xs=save_xs, dropout_p=dropout_p,
+                             seed=seed)
+        zc = z.to(col_scale.dtype)
+        y = zc * col_scale if bias is None else torch.addcmul(bias.to(col_scale.dtype), zc, col_scale)
+        return y.to(x.dtype), xs, z
     weight = dense(weight)
     x_lora = x
     if dropout_p > 0:
@@ -81,8 +97,18 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
 
 
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
-                  need_dx=True, need_da=True, need_db=True, dropout_p=0.0, seed=None):
-    """(dX, dA, dB) with W0 frozen, None for those not asked; reuses gs = s'·dY@B for dX and dA."""
+                  need_dx=True, need_da=True, need_db=True, dropout_p=0.0, seed=None, col_scale=None, z=None):
+    """(dX, dA, dB) with W0 frozen, None for those not asked; reuses gs = s'·dY@B for dX and dA.
+
+    col_scale (DoRA, lora_forward's): the gradients of y = col_scale ⊙ z + bias, from dY·c rounded
+    to dY's dtype, and (dX, dA, dB, dm) with dm = Σ_rows dY ⊙ z (N,) in col_scale's dtype when z
+    is given, else None."""
+    if col_scale is not None:
+        dy_c = dy.to(col_scale.dtype)
+        grads = lora_backward((dy_c * col_scale).to(dy.dtype), x, xs, weight, lora_A, lora_B, scaling,
+                              need_dx=need_dx, need_da=need_da, need_db=need_db, dropout_p=dropout_p, seed=seed)
+        dm = None if z is None else (dy_c * z.to(col_scale.dtype)).sum(0)   # out of place: dy_c may be dY
+        return (*grads, dm)
     weight = dense(weight) if need_dx else weight
     dx = da = db = None
     keep = _keep(seed, x, dropout_p) if dropout_p > 0 and (need_dx or need_da) else None

@@ -195,7 +195,7 @@ def test_dora_bench(tmp_path):
     _run("bench.dora", "--quick", "--rounds", "2", "--warmup", "1", "--out", str(out))
     rows = common.read_rows(out)
     _check_rows(rows)
-    impls = ("dora", "dora_lora_form", "lora", "peft_dora", "linear")
+    impls = ("dora", "dora_lora_form", "dora_composed", "lora", "peft_dora", "linear")
     assert {(r["impl"], r["dropout"], r["metric"]) for r in rows} == {
         (i, p, m) for i in impls for p in ("0.0", "0.1") for m in ("time", "saved_bytes")}
     for p in ("0.0", "0.1"):
@@ -203,6 +203,7 @@ def test_dora_bench(tmp_path):
         M, N = int(rows[0]["M"]), int(rows[0]["N"])
         assert saved["lora"] < saved["dora"] <= saved["lora"] + 4 * (M * N + 2 * N)
         assert saved["dora"] < saved["peft_dora"]
+        assert saved["dora_composed"] == saved["dora"]   # the same tensors, whoever applies the scale
 
 
 def test_sliced_bench(tmp_path):
