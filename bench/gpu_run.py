@@ -164,7 +164,7 @@ GPU = Sizes(
     # the 4-bit kernels' tests in bf16 too, then training (M=8192) and decode (1, 8, 64 rows) at 4096
     qlora_tests=("tests/test_qlora_kernels.py",), qlora_tests_s=45,
     qlora=("--rounds", "10"), qlora_s=60,
-    dora_tests=("tests/test_dora.py", "tests/test_dora_paths.py"), dora_tests_s=75,
+    dora_tests=("tests/test_dora.py", "tests/test_dora_paths.py", "tests/test_qdora.py"), dora_tests_s=90,
     dora=("--rounds", "10"), dora_s=60,
     sliced_tests=("tests/test_sliced.py",), sliced_tests_s=30,
     sliced=("--rounds", "10"), sliced_s=45,

@@ -20,7 +20,7 @@ import triton.language as tl
 from . import configs
 from .backward_tma import launch_dx_tma
 from .blocks import dx_epilogue, k_loop
-from .launch import cdiv, empty, launch, optional, prologue, strides, weight_args
+from .launch import cdiv, empty, launch, optional, peft_form, prologue, strides, weight_args
 from .skinny import skinny
 from .tiling import grouped_tile, tile_offsets
 
@@ -57,6 +57,7 @@ def _lora_backward_kernel(
     INPUT_PRECISION: tl.constexpr,
     WEIGHT: tl.constexpr,       # "dense", or "nf4": W0's tiles decoded (blocks.nf4_tile)
     COL_SCALE: tl.constexpr,    # DoRA: the N-loop reads c ⊙ dY (blocks.k_loop)
+    PEFT_FORM: tl.constexpr,    # with COL_SCALE and DROPOUT: DoRA's PEFT dropout form's dX term, same N-loop
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -66,16 +67,17 @@ def _lora_backward_kernel(
     # g = dY @ B from the same dY tiles); its dB partials are contiguous fp32 (grid_m, N, R). It
     # runs only with dX asked (the fused path needs dX; without it only the dA epilogue runs).
     if COMPUTE_DX:
-        acc, g = k_loop(dy_ptr, w_ptr, b_ptr, xs_ptr, db_part_ptr + pid_m.to(tl.int64) * N * R, seed_ptr,
+        acc, g, acc2 = k_loop(dy_ptr, w_ptr, b_ptr, xs_ptr, db_part_ptr + pid_m.to(tl.int64) * N * R, seed_ptr,
                         offs_m, offs_k, mask_m, mask_k, 0, N, N, R, pid_k == 0,
                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br,
                         stride_sm, stride_sr, dropout_p,
                         G_IN_LOOP, False, COMPUTE_DB, INPUT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R,
                         0, True, False, absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
                         double_quant, pid_k * BLOCK_K, K, WEIGHT, True,
-                        c_ptr=c_ptr, COL_SCALE=COL_SCALE)
+                        c_ptr=c_ptr, COL_SCALE=COL_SCALE, SECOND=2 if PEFT_FORM else 0)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        acc2 = acc
         g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     # da_part is a contiguous fp32 (grid_m, R, K) buffer.
     dx_epilogue(acc, g, gs_ptr, a_ptr, x_ptr, dx_ptr, da_part_ptr + pid_m.to(tl.int64) * R * K,
@@ -83,11 +85,12 @@ def _lora_backward_kernel(
                 offs_m, offs_k, mask_m, mask_k, K, R,
                 stride_gm, stride_gr, stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
                 scaling, dropout_p,
-                "sum" if G_IN_LOOP else "chunks", COMPUTE_DX, COMPUTE_DA, DROPOUT, INPUT_PRECISION, BLOCK_R)
+                "sum" if G_IN_LOOP else "chunks", COMPUTE_DX, COMPUTE_DA, DROPOUT, INPUT_PRECISION, BLOCK_R,
+                acc2=acc2, PEFT_FORM=PEFT_FORM)
 
 
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, need_da=True, need_db=True,
-                  dropout_p=0.0, seed=None, col_scale=None, z=None, path):
+                  dropout_p=0.0, seed=None, col_scale=None, z=None, peft_dropout=False, path):
     """Gradients (dX, dA, dB) of the LoRA linear with W0 frozen; None for those not asked. path:
     "fused" (dX asked, r <= 64), "split", or "tma" (split with backward_tma's dX GEMM: dX asked,
     r <= 64, dY and weight TMA-readable).
@@ -100,6 +103,8 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
     reads c ⊙ dY as it loads dY; not the tma path), returned as (dX, dA, dB, dm) with dm = Σ_rows
     dY ⊙ z (N,) fp32 when z (M, N) is given, else None: the split path's pass over dY sums it from
     its dY tiles, the fused path (small M, W0-bound) in row chunks after its kernel (_dm_rows).
+    With peft_dropout too (and dropout_p > 0): DoRA's PEFT dropout form, whose dX also has
+    (keep/(1−p) − 1) ⊙ (((c − 1) ⊙ dY) @ weight), from the same dY and weight tiles.
     """
     M, N = dy.shape
     K = x.shape[1]
@@ -110,8 +115,11 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
     block_m = configs.partial_block_m(M, fused, pro.precision)
     grid_m = cdiv(M, block_m)
 
-    assert col_scale is None or path != "tma", "the TMA dX GEMM takes dY as stored"
+    if col_scale is not None and path == "tma":
+        raise ValueError("path: 'tma' takes dY as stored, not DoRA's col_scale ⊙ dY; expected 'fused' or 'split'")
     dora = col_scale is not None
+    if dora:   # read as N contiguous values by the N-loop and the pass over dY
+        col_scale = col_scale.contiguous()
     gs = db_part = dm_part = None
     if not fused and R > 0:   # rank 0 (dispatch.base_backward): no gs, the epilogue's rank loop is empty
         gs, db_part, dm_part = skinny(dy, lora_B, pro.scale, pro.precision, side=xs if need_db else None,
@@ -142,6 +150,7 @@ def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, n
             INPUT_PRECISION=pro.precision,
             WEIGHT=w.kind,
             COL_SCALE=dora and need_dx,
+            PEFT_FORM=need_dx and peft_form(col_scale, peft_dropout, dropout_p),
             BLOCK_M=block_m,
             BLOCK_R=configs.block_r(R),
         )

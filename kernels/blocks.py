@@ -103,8 +103,8 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
            side_rows=0, BASE: tl.constexpr = True, SIDE_ROWS: tl.constexpr = False,
            absmax_ptr=0, qabsmax_ptr=0, code_ptr=0, scale_ptr=0, offset_ptr=0, levels_ptr=0, double_quant=0,
            w_out0=0, w_cols=0, WEIGHT: tl.constexpr = "dense", W_BY_ROWS: tl.constexpr = False,
-           c_ptr=0, COL_SCALE: tl.constexpr = False):
-    """(acc, xa) over the reduction range [k_lo, k_hi): acc = x[offs_m, k] @ w[k, offs_n] in fp32
+           c_ptr=0, COL_SCALE: tl.constexpr = False, SECOND: tl.constexpr = 0):
+    """(acc, xa, acc2) over the reduction range [k_lo, k_hi): acc = x[offs_m, k] @ w[k, offs_n] in fp32
     and, with LORA, xa = d(x)[offs_m, k] @ a[k, :R] from the x tiles already loaded for acc (d: the
     dropout keep-mask with DROPOUT, keep_mask's column index k of a K-wide x).
 
@@ -128,6 +128,11 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
     by c (fp32, at c_ptr) as they are loaded, rounded back to their dtype (dY·c, as the torch
     path rounds it): every product of the loop sees c ⊙ dY. (The magnitude's Σ_rows dY ⊙ z is not
     summed here: the z tile beside the dX accumulator spilled on sm_80, AOT report, bench/NOTES.md v16.)
+    SECOND (DoRA's PEFT dropout form, lora_fast.dora): a second base product acc2 from the same x and
+    W0 tiles, fp32 — 1: d(x) @ w, the keep-masked x tile (the forward's d(x)·W0ᵀ; the mask is drawn
+    whether or not DROPOUT is on, the 1/(1−p) rescale is the caller's); 2: ((c − 1) ⊙ dY) @ w, the
+    unscaled dY tile times c − 1, rounded to its dtype (the backward's dX term). 0: none (acc2 is a
+    zero tile the compiler drops).
     Every caller passes WEIGHT: Triton 3.6 (the GPU image's) fails to compile a call that leaves a
     string constexpr to its default ("'str' object has no attribute 'type'"); 3.9 and the
     interpreter accept it, so only the AOT report under 3.6 sees it.
@@ -135,7 +140,7 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     mask_r = offs_r < R
-    if DROPOUT:
+    if DROPOUT or SECOND == 1:
         seed = tl.load(seed_ptr)
     k_first = k_lo + offs_k
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :] * stride_xk
@@ -155,6 +160,7 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
         w_ptrs = tl.cast(w_out0, tl.int64) * stride_wn + k_lo // 2
         w_step = BLOCK_K // 2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if LORA:
         a_ptrs = a_ptr + k_first[:, None] * stride_ak + offs_r[None, :] * stride_ar
@@ -168,8 +174,12 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
     for k0 in range(k_lo, k_hi, BLOCK_K):
         mask_k = offs_k < k_hi - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if SECOND == 1:
+            x_drop = x * keep_mask(seed, offs_m, k0 + offs_k, K, dropout_p).to(x.dtype)
         if COL_SCALE:
             c = tl.load(c_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            if SECOND == 2:
+                x_second = (x.to(tl.float32) * (c - 1.0)[None, :]).to(x_ptr.dtype.element_ty)
             x = (x.to(tl.float32) * c[None, :]).to(x_ptr.dtype.element_ty)
         if BASE:
             if WEIGHT == "dense":
@@ -182,10 +192,16 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
                              w_local, mask_n[:, None] & (2 * k_half < k_hi - k0)[None, :], double_quant)
                 w = tl.trans(w.to(x.dtype))
             acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+            if SECOND == 1:
+                acc2 = tl.dot(x_drop, w, acc2, input_precision=INPUT_PRECISION)
+            if SECOND == 2:
+                acc2 = tl.dot(x_second, w, acc2, input_precision=INPUT_PRECISION)
         if LORA:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
             x_lora = x
-            if DROPOUT:
+            if SECOND == 1:
+                x_lora = x_drop
+            elif DROPOUT:
                 x_lora = x * keep_mask(seed, offs_m, k0 + offs_k, K, dropout_p).to(x.dtype)
             xa = tl.dot(x_lora, a, xa, input_precision=INPUT_PRECISION)
             a_ptrs += a_step
@@ -201,7 +217,7 @@ def k_loop(x_ptr, w_ptr, a_ptr, side_ptr, part_ptr, seed_ptr,
         x_ptrs += x_step
         if BASE:
             w_ptrs += w_step
-    return acc, xa
+    return acc, xa, acc2
 
 
 @triton.jit
@@ -230,7 +246,8 @@ def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
                XS: tl.constexpr, STORE_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
                INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
                ids=0, a_lo=0, a_hi=0, stride_ba=0, MULTI: tl.constexpr = False,
-               c_ptr=0, z_ptr=0, stride_zm=0, stride_zn=0, COL_SCALE: tl.constexpr = False):
+               c_ptr=0, z_ptr=0, stride_zm=0, stride_zn=0, COL_SCALE: tl.constexpr = False,
+               acc2=0, drop_scale=1.0, PEFT_FORM: tl.constexpr = False):
     """Store y = acc + xs @ Bᵀ + bias, rounded once to y's dtype. XS says where xs comes from:
       "sum"     xs = scaling · xa, the K-loop's (or split-K's summed) fp32 product, rounded to the
                 input dtype as a first pass rounds it (so every path feeds B the same xs), padded
@@ -241,11 +258,17 @@ def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
     COL_SCALE (DoRA, lora_fast.dora): y = c ⊙ (acc + xs @ Bᵀ) + bias with c (N,) fp32 at c_ptr,
     scaled in fp32 before the one rounding (the bias after the scale, as PEFT adds it), and the
     unscaled z = acc + xs @ Bᵀ stored too, rounded to y's dtype, to z_ptr: DoRA's backward takes
-    the magnitude's gradient from it.
+    the magnitude's gradient from it. PEFT_FORM (with COL_SCALE: DoRA's PEFT dropout form):
+    acc2 is the K-loop's d(x) @ W0ᵀ (k_loop's SECOND 1) and drop_scale 1/(1−p):
+    y = acc + (c − 1) ⊙ side + xs @ Bᵀ + bias, computed as (acc − side₀) + c ⊙ side with
+    side₀ = drop_scale · acc2 and side = side₀ + xs @ Bᵀ, which is what z_ptr gets.
     MULTI: each row has its own adapter (ids; a_lo..a_hi those of the tile, adapter_range; b_ptr
     the stack of B, stride_ba apart): one dot per adapter present, on its rows of xs (the others
     zeroed), into the one accumulator; scaling may be a (BLOCK_M, 1) tensor of the rows' scales."""
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    if PEFT_FORM:   # the rank loop below adds xs·Bᵀ to side₀, the base product of d(x)
+        base = acc - acc2 * drop_scale
+        acc = acc2 * drop_scale
     # One pass unless XS is "chunks": a loop of one constant trip is folded away by the compiler.
     for r0 in range(0, R if XS == "chunks" else 1, BLOCK_R):
         mask_r = offs_r < R - r0
@@ -269,7 +292,10 @@ def y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr,
                                 INPUT_PRECISION)
     if COL_SCALE:
         z = acc
-        acc = acc * tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if PEFT_FORM:
+            acc = base + acc * tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        else:
+            acc = acc * tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         _store(z_ptr, offs_m, offs_n, stride_zm, stride_zn, z, mask_m, mask_n)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -283,7 +309,8 @@ def dx_epilogue(acc, g, gs_ptr, a_ptr, x_ptr, dx_ptr, da_ptr, seed,
                 scaling, dropout_p,
                 GS: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr,
                 DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-                ids=0, a_lo=0, a_hi=0, stride_aa=0, stride_da=0, MULTI: tl.constexpr = False):
+                ids=0, a_lo=0, a_hi=0, stride_aa=0, stride_da=0, MULTI: tl.constexpr = False,
+                acc2=0, PEFT_FORM: tl.constexpr = False):
     """Store dX = acc + keep ⊙ (gs @ A) (acc: the dY @ W0 tile) and, from the x tile of the same
     (M, K) block, the dA partial gsᵀ @ (keep ⊙ x) to da_ptr (this M-tile's contiguous fp32 (R, K)
     slice). keep is the forward's dropout mask for these (m, k), regenerated from `seed` (the
@@ -293,12 +320,18 @@ def dx_epilogue(acc, g, gs_ptr, a_ptr, x_ptr, dx_ptr, da_ptr, seed,
     (read back, R <= BLOCK_R) or "chunks" (read back over rank chunks).
     MULTI ("sum" only): rows with adapters of their own, as y_epilogue's; per adapter present, the
     gs·A term of its rows (A stride_aa apart in the stack) and its dA partial, stride_da past
-    da_ptr per adapter index (multi.py's slot t + a); scaling and dropout_p may be (BLOCK_M, 1)."""
+    da_ptr per adapter index (multi.py's slot t + a); scaling and dropout_p may be (BLOCK_M, 1).
+    PEFT_FORM (DoRA's PEFT dropout form, DROPOUT on): acc2 is the N-loop's ((c − 1) ⊙ dY) @ W0
+    (k_loop's SECOND 2), and dX gains (keep/(1−p) − 1) ⊙ acc2, the gradient through the form's
+    second base product on d(x)."""
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     if DROPOUT and (COMPUTE_DX or COMPUTE_DA):
         keep = keep_mask(seed, offs_m, offs_k, K, dropout_p)
     else:
         keep = 1   # never read: DROPOUT is off
+    if PEFT_FORM:
+        if COMPUTE_DX:
+            acc += (keep.to(tl.float32) * (1.0 / (1.0 - dropout_p)) - 1.0) * acc2
     # The x tile: "sum" and "chunks" load it first (the loop reads it on every rank chunk); "tile"
     # (the TMA kernel's 128-row tiles) only after dX is stored, so that the dX accumulator and the
     # x tile are never live together: loading it first took the 128x128 dropout tile from 242 to

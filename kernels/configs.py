@@ -211,16 +211,23 @@ LIMITS = (
     Limit(("backward",), dict(col_scale=True, fp32=True), max_per_thread=32),
     # the split pass over dY with dm's z tile: fp32, 64 per thread spilled 120-472 B, 32 never
     Limit(("skinny",), dict(dm=True, fp32=True), max_per_thread=32),
+    # PEFT's dropout form (PEFT_FORM: a second accumulator, 16-bit only): the in-loop forward's
+    # 128-wide decode tiles spilled 312-432 B on both archs, 64-wide none
+    Limit(("forward",), dict(peft_form=True, decode=True), max_cols=64),
+    # the fused dX GEMM's second accumulator on sm_80: 64x64 with 8 warps spilled 8 B under Triton
+    # 3.6 (255 registers), with 4 warps not
+    Limit(("backward",), dict(peft_form=True, in_loop=True, hopper=False), warps=4),
 )
 
 
 def _facts(capability, itemsize, ieee, dropout, in_loop=False, partial=False, nf4=False, a=None):
     """The launch facts LIMITS rows are matched on (decode and warps come per config); a: the launch's
-    arguments, for DoRA's constexprs (col_scale: COL_SCALE, dm: DM) where the kernel has them."""
+    arguments, for DoRA's constexprs (col_scale: COL_SCALE, dm: DM, peft_form: PEFT_FORM) where the
+    kernel has them."""
     a = a or {}
     return {"hopper": capability >= 9, "fp32": itemsize == 4, "ieee": ieee, "dropout": bool(dropout),
             "in_loop": bool(in_loop), "partial": bool(partial), "nf4": bool(nf4),
-            "col_scale": bool(a.get("COL_SCALE")), "dm": bool(a.get("DM"))}
+            "col_scale": bool(a.get("COL_SCALE")), "dm": bool(a.get("DM")), "peft_form": bool(a.get("PEFT_FORM"))}
 
 
 def _nf4(a):
@@ -327,7 +334,7 @@ def _config(bm, bn, bk, stages, warps, group_m=8):
 # Forward GEMM (forward.py): tiles of y, BLOCK_M x BLOCK_N, reduction BLOCK_K.
 # COL_SCALE (DoRA's epilogue, which also writes z) tunes apart: its tiles' register budgets differ
 FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_R", "XS_IN_LOOP", "DROPOUT", "INPUT_PRECISION", "WEIGHT",
-               "COL_SCALE"]
+               "COL_SCALE", "PEFT_FORM"]
 
 
 def forward_kernel_configs():
@@ -363,7 +370,9 @@ def _forward_kept(configs, a, cap, kernels, ieee_max_rows=128):
     rows = min(ieee_max_rows, max(32, row_class(a["M_BUCKET"]))) if ieee else row_class(a["M_BUCKET"])
     itemsize = a["x_ptr"].element_size()
     rank = a["BLOCK_R"] if a["XS_IN_LOOP"] else 0
-    facts = _facts(cap, itemsize, ieee, a["DROPOUT"], in_loop=a["XS_IN_LOOP"], nf4=_nf4(a), a=a)
+    # DoRA's PEFT dropout form draws the mask in the K-loop whether or not xs is computed there
+    facts = _facts(cap, itemsize, ieee, a["DROPOUT"] or a.get("PEFT_FORM"), in_loop=a["XS_IN_LOOP"], nf4=_nf4(a),
+                   a=a)
     return [c for c in configs
             if c.kwargs["BLOCK_M"] == rows and (c.kwargs["BLOCK_K"] == 16) == ieee
             and _within_limits(kernels, facts, c, rows, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
@@ -375,7 +384,7 @@ def _forward_kept(configs, a, cap, kernels, ieee_max_rows=128):
 # dX GEMM (backward.py): tiles of dX, BLOCK_M x BLOCK_K (BLOCK_M the launcher's partial_block_m),
 # reduction over N in BLOCK_N.
 BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "BLOCK_M", "BLOCK_R", "G_IN_LOOP", "DROPOUT", "COMPUTE_DX",
-                "INPUT_PRECISION", "WEIGHT", "COL_SCALE"]
+                "INPUT_PRECISION", "WEIGHT", "COL_SCALE", "PEFT_FORM"]
 
 
 def backward_kernel_configs():

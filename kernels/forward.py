@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import configs
 from .blocks import k_loop, y_epilogue
-from .launch import bias_arg, cdiv, dora_output, empty, launch, optional, prologue, weight_args
+from .launch import bias_arg, cdiv, dora_output, empty, launch, optional, peft_form, prologue, weight_args
 from .skinny import skinny
 from .tiling import grouped_tile, tile_offsets
 
@@ -50,25 +50,27 @@ def _lora_forward_kernel(
     INPUT_PRECISION: tl.constexpr,
     WEIGHT: tl.constexpr,       # "dense", or "nf4": w_ptr is NF4 bytes (blocks.nf4_tile)
     COL_SCALE: tl.constexpr,    # DoRA: y = c ⊙ z + bias, z kept (blocks.y_epilogue)
+    PEFT_FORM: tl.constexpr,    # with COL_SCALE: DoRA's PEFT dropout form, d(x)·W0ᵀ in the same K-loop
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
-    acc, xa = k_loop(x_ptr, w_ptr, a_ptr, x_ptr, x_ptr, seed_ptr, offs_m, offs_n, mask_m, mask_n, 0, K, K, R,
+    acc, xa, acc2 = k_loop(x_ptr, w_ptr, a_ptr, x_ptr, x_ptr, seed_ptr, offs_m, offs_n, mask_m, mask_n, 0, K, K, R,
                      False, stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, 0, 0, dropout_p,
                      XS_IN_LOOP, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
                      0, True, False, absmax_ptr, qabsmax_ptr, code_ptr, scale_ptr, offset_ptr, levels_ptr,
-                     double_quant, pid_n * BLOCK_N, 0, WEIGHT)
+                     double_quant, pid_n * BLOCK_N, 0, WEIGHT, SECOND=1 if PEFT_FORM else 0)
     # Every column-tile computed the same xs; the first one keeps it for backward.
     y_epilogue(acc, xa, xs_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, pid_n == 0,
                stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scaling,
                "sum" if XS_IN_LOOP else "chunks", STORE_XS, HAS_BIAS, INPUT_PRECISION, BLOCK_R,
-               c_ptr=c_ptr, z_ptr=z_ptr, stride_zm=stride_zm, stride_zn=stride_zn, COL_SCALE=COL_SCALE)
+               c_ptr=c_ptr, z_ptr=z_ptr, stride_zm=stride_zm, stride_zn=stride_zn, COL_SCALE=COL_SCALE,
+               acc2=acc2, drop_scale=1.0 / (1.0 - dropout_p), PEFT_FORM=PEFT_FORM)
 
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None,
-                 col_scale=None, in_loop):
+                 col_scale=None, peft_dropout=False, in_loop):
     """y = x @ weightᵀ + bias + xs @ lora_Bᵀ, xs = scaling/(1-p) · (keep ⊙ x) @ lora_Aᵀ, for 2-D x
     (M >= 1, K) of any strides: the in-loop path (in_loop=True; r <= 64) or the split path.
 
@@ -76,7 +78,10 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
     is blocks.keep_mask of it, never stored. Returns (y, xs) with xs (M, r) in x.dtype for
     backward, or None when save_xs is False (in-loop path only; the first pass always produces it).
     col_scale (N,) fp32 (DoRA): y = col_scale ⊙ (x @ weightᵀ + xs @ lora_Bᵀ) + bias instead, and
-    (y, xs, z) comes back with z the unscaled product before the bias (launch.dora_output).
+    (y, xs, z) comes back with z the unscaled product before the bias (launch.dora_output). With
+    peft_dropout too (and dropout_p > 0): DoRA's PEFT dropout form, y = x @ weightᵀ + bias +
+    (c − 1) ⊙ z + xs @ lora_Bᵀ with z = d(x) @ weightᵀ + xs @ lora_Bᵀ, both base products from the
+    same tiles of x and the weight.
     """
     M, K = x.shape
     N, R = lora_B.shape
@@ -110,6 +115,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
         INPUT_PRECISION=pro.precision,
         WEIGHT=w.kind,
         COL_SCALE=col_scale is not None,
+        PEFT_FORM=peft_form(col_scale, peft_dropout, dropout_p),
         BLOCK_R=configs.block_r(R),
     )
     return dora.result(y, xs)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import configs
 from .blocks import tma_k_loop, y_epilogue
-from .launch import bias_arg, cdiv, descriptor, dora_output, empty, launch, persistent_programs, prologue
+from .launch import bias_arg, cdiv, descriptor, dora_output, peft_form, empty, launch, persistent_programs, prologue
 from .skinny import skinny
 from .tiling import grouped_tile
 
@@ -56,7 +56,7 @@ def _lora_forward_tma_kernel(
 
 
 def lora_forward_tma(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None,
-                     col_scale=None):
+                     col_scale=None, peft_dropout=False):
     """The split-design forward with a TMA main loop, for 2-D x (M > 64, K) and weight passing
     launch.tma_eligible, r <= 64; returns (y, xs) as forward.lora_forward does (xs is always
     produced: the first pass makes it), and z after them with col_scale (DoRA)."""
@@ -64,6 +64,8 @@ def lora_forward_tma(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, 
     N, R = lora_B.shape
     pro = prologue(x, scaling, dropout_p, seed)
     y = empty(x, M, N)
+    if peft_form(col_scale, peft_dropout, dropout_p):
+        raise ValueError("peft_dropout: DoRA's PEFT dropout form runs on the in_loop and split forward paths")
     dora = dora_output(col_scale, y)
     xs, _, _ = skinny(x, lora_A.t(), pro.scale, pro.precision, dropout_p=dropout_p, seed=seed)
     programs = persistent_programs(x.device)

@@ -230,4 +230,12 @@ def dora_output(col_scale, y):
     if col_scale is None:
         return DoRAOutput(False, y, y, (0, 0))
     z = torch.empty_like(y)
-    return DoRAOutput(True, col_scale, z, (z.stride(0), z.stride(1)))
+    # the epilogue reads c as N contiguous values (c_ptr + offs_n), as it reads the bias
+    return DoRAOutput(True, col_scale.contiguous(), z, (z.stride(0), z.stride(1)))
+
+
+def peft_form(col_scale, peft_dropout, dropout_p):
+    """Whether a DoRA launch runs the PEFT dropout form's second base product (blocks.k_loop's
+    SECOND): with the column scale, peft_dropout and dropout on; without dropout the two forms are
+    one function."""
+    return col_scale is not None and bool(peft_dropout) and dropout_p > 0

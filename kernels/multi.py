@@ -140,7 +140,7 @@ def _multi_forward_kernel(
                                 offs_m, offs_n, mask_m, mask_n, K, K, R, False,
                                 stride_xm, stride_xk, stride_ak, stride_ar, 0, 0, stride_aa, 0, p,
                                 DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, _half(BLOCK_K), BLOCK_R)
-    acc, xa = k_loop(x_ptr, w_ptr, a_ptr + a_lo.to(tl.int64) * stride_aa, x_ptr, x_ptr, seed_ptr,
+    acc, xa, _ = k_loop(x_ptr, w_ptr, a_ptr + a_lo.to(tl.int64) * stride_aa, x_ptr, x_ptr, seed_ptr,
                      offs_m, offs_n, mask_m, mask_n, 0, K, K, R, False,
                      stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, 0, 0, p,
                      True, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, WEIGHT="dense")
@@ -273,7 +273,7 @@ def _multi_backward_kernel(
                                0.0, False, COMPUTE_DB, INPUT_PRECISION, BLOCK_M, BLOCK_K, _half(BLOCK_N), BLOCK_R)
     # The N-loop is the forward's K-loop with dY for x, W0 read as (N, K) and B for A, as backward.py's
     # fused one; without dX asked it leaves the base GEMM out (dA needs gs all the same).
-    acc, g = k_loop(dy_ptr, w_ptr, b_ptr + a_lo.to(tl.int64) * stride_ba, xs_ptr,
+    acc, g, _ = k_loop(dy_ptr, w_ptr, b_ptr + a_lo.to(tl.int64) * stride_ba, xs_ptr,
                     db_slot + a_lo.to(tl.int64) * N * R, seed_ptr,
                     offs_m, offs_k, mask_m, mask_k, 0, N, N, R, pid_k == 0,
                     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br,

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import configs
 from .blocks import k_loop, y_epilogue
-from .launch import bias_arg, cdiv, dora_output, empty, launch, optional, prologue, weight_args
+from .launch import bias_arg, cdiv, dora_output, peft_form, empty, launch, optional, prologue, weight_args
 from .tiling import row_major_tile, tile_offsets
 
 
@@ -52,7 +52,7 @@ def _lora_split_k_partial_kernel(
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     # Every column tile computes the same rows of d(x)·Aᵀ (r/BLOCK_N more MMA work, hidden under
     # the read of W0); the first one keeps them.
-    acc, xa = k_loop(x_ptr, w_ptr, a_ptr, x_ptr, x_ptr, seed_ptr, offs_m, offs_n, mask_m, mask_n,
+    acc, xa, _ = k_loop(x_ptr, w_ptr, a_ptr, x_ptr, x_ptr, seed_ptr, offs_m, offs_n, mask_m, mask_n,
                      k_lo, k_hi, K, R, False,
                      stride_xm, stride_xk, stride_wk, stride_wn, stride_ak, stride_ar, 0, 0, dropout_p,
                      True, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
@@ -100,7 +100,7 @@ def _lora_split_k_reduce_kernel(
 
 
 def lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None,
-                         col_scale=None):
+                         col_scale=None, peft_dropout=False):
     """The split-K forward for 2-D x (1 <= M <= configs.SPLIT_K_MAX_M, K) of any strides and
     r <= 64; returns (y, xs) as forward.lora_forward does (xs None unless save_xs; z after them
     with col_scale, DoRA)."""
@@ -112,6 +112,8 @@ def lora_forward_split_k(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=Tr
     part = empty(x, split * M, N, torch.float32)
     xa_part = empty(x, split * M, max(R, 1), torch.float32)   # a real pointer at rank 0 too (never written)
     y = empty(x, M, N)
+    if peft_form(col_scale, peft_dropout, dropout_p):
+        raise ValueError("peft_dropout: DoRA's PEFT dropout form runs on the in_loop and split forward paths")
     dora = dora_output(col_scale, y)
     xs = empty(x, M, R) if save_xs else None
     tiles = cdiv(M, block_m) * cdiv(N, block_n)

@@ -163,7 +163,7 @@ def _variants():
     # is inside the kernel (the "lora" dropout form; the PEFT form's forward runs the plain builds)
     for v in variants:
         names = _arg_names(v.kernel)
-        v.constexprs.update({k: False for k in ("COL_SCALE", "DM") if k in names and k not in v.constexprs})
+        v.constexprs.update({k: False for k in ("COL_SCALE", "DM", "PEFT_FORM") if k in names and k not in v.constexprs})
     by_name = {v.name: v for v in variants}
     dora = {"COL_SCALE": True}
     for base, extra, strides in [
@@ -172,13 +172,19 @@ def _variants():
             ("forward_tma", {}, ("stride_zn",)),
             ("backward_fused", {}, ()), ("backward_fused_dropout", {}, ()),
             ("backward_split", {}, ()), ("backward_split_dropout", {}, ()),
-            ("skinny_dy", {"DM": True}, ("stride_zl",))]:
+            ("skinny_dy", {"DM": True}, ("stride_zl",)),
+            # PEFT's dropout form: the second base product in the forward's K-loop and the dX GEMM's
+            ("forward_in_loop_dropout", {"PEFT_FORM": True}, ("stride_zn",)),
+            ("forward_first_pass", {"PEFT_FORM": True}, ("stride_zn",)),
+            ("backward_fused_dropout", {"PEFT_FORM": True}, ()), ("backward_split_dropout", {"PEFT_FORM": True}, ())]:
         v = by_name[base]
         # not fp32-ieee: on a GPU the dispatcher runs cuBLAS for it (dispatch.candidates), the kernels
         # only when forced, and split-K's 64-row reduce tile (not tuned) spills 8 B there with z
-        variants.append(Variant(f"{base}_dora", v.kernel, {**v.constexprs, **dora, **extra}, v.unit_strides + strides,
-                                v.main_path, v.archs, tuple(d for d in v.dtypes if d != "fp32-ieee"), v.descs,
-                                v.pointers))
+        variants.append(Variant(f"{base}_dora" + ("_peft" if extra.get("PEFT_FORM") else ""), v.kernel, {**v.constexprs, **dora, **extra}, v.unit_strides + strides,
+                                v.main_path, v.archs,
+                                # the PEFT form: 16-bit only (dispatch.Call.kernels_take_form)
+                                ("bf16", "fp16") if extra.get("PEFT_FORM") else
+                                tuple(d for d in v.dtypes if d != "fp32-ieee"), v.descs, v.pointers))
     return _with_weight(variants)
 
 

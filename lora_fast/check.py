@@ -268,11 +268,15 @@ def _run_paths(impl, all_paths, M, K, N, r, dtype, device, seed, p, nf4=False, d
     x, w, *_, dy = _inputs(M, K, N, r, dtype, device, seed)
     check = check_dora_case if dora else functools.partial(check_case, nf4=nf4)
 
+    # DoRA (check_dora_case: PEFT's dropout form) rules out the TMA backward, and with dropout
+    # split_k, tma and, for fp32, the kernels' form (dispatch.Call)
+    form = {"dora": True, "peft_form": p > 0} if dora else {}
+
     def call(first):   # the dispatcher's view of the call: a 4-bit W0 is read by fewer paths
         if not nf4:
-            return impl.Call(M, r, operands=(first, w))
+            return impl.Call(M, r, operands=(first, w), **form)
         return impl.Call(M, r, operands=(first, w), packed=True,
-                         kernels_read_weight=impl.kernels_read_4bit(first.device, dtype, K))
+                         kernels_read_weight=impl.kernels_read_4bit(first.device, dtype, K), **form)
     if not all_paths:
         if getattr(impl, "__name__", "") == "lora_fast.dispatch":
             # the kernels on the static rule's paths: nothing timed, no cache file written, no

@@ -22,7 +22,9 @@ it, and the launchers do what they are told (they neither choose nor re-check). 
 in_loop/fused/split_k/tma need the whole rank in one tile (r <= 64); fused and tma need dX;
 split_k runs for 1 <= M <= 64; tma needs a Hopper-or-later GPU, fp16/bf16 and TMA-readable
 (16-byte-aligned) inputs, and M > 64, and the backward's no DoRA column scale (its dY tiles go
-from TMA to the MMA as stored; the forward's scale is in the shared epilogue). Which of them are timed (`candidates`): all that apply,
+from TMA to the MMA as stored; the forward's scale is in the shared epilogue). DoRA's PEFT dropout
+form (a second base product in the K-loop) runs the in_loop and split forwards and the fused and
+split backwards with 16-bit operands (fp32 spilled: cublas), and cublas. Which of them are timed (`candidates`): all that apply,
 except in_loop/fused above configs.IN_LOOP_CANDIDATE_MAX_M rows (each candidate costs a first step
 its compiles), and only cublas for fp32 on a GPU when torch does not allow tf32: the kernels'
 "ieee" fp32 dots run on FMAs with small tiles, a correctness path that cuBLAS's SGEMM outruns
@@ -102,13 +104,18 @@ class Call:
     torch.compile with dynamic shapes: then compared with nothing, which would guard on it), the
     rank, whether dX is asked, and — computed when a predicate first asks — whether the TMA kernels
     can read its first operand and weight here (`tma_possible`)."""
-    __slots__ = ("M", "R", "need_dx", "_operands", "_tma", "packed", "kernels_read_weight", "dora")
+    __slots__ = ("M", "R", "need_dx", "_operands", "_tma", "packed", "kernels_read_weight", "dora", "peft_form",
+                 "kernels_take_form")
 
     def __init__(self, M, R, need_dx=True, operands=None, tma=None, packed=False, kernels_read_weight=True,
-                 dora=False):
+                 dora=False, peft_form=False):
         self.M, self.R, self.need_dx, self._operands, self._tma = M, R, need_dx, operands, tma
-        # DoRA's column scale (lora_fast.dora): the TMA backward takes dY as stored, not scaled
-        self.dora = dora
+        # DoRA's column scale (lora_fast.dora): the TMA backward takes dY as stored, not scaled; its
+        # PEFT dropout form's second base product is in the in_loop / split forward's K-loop only
+        self.dora, self.peft_form = dora, peft_form
+        # ... and 16-bit operands only: its two fp32 accumulators beside fp32 (tf32) x, d(x) and W0
+        # tiles spilled in nearly every tile (`python -m lora_fast.aot`, bench/NOTES.md v16)
+        self.kernels_take_form = not (peft_form and operands is not None and operands[0].dtype == torch.float32)
         # a 4-bit weight (lora_fast.weights.packed): the kernels decode it in their K-loop if its
         # rows are whole bytes (in_features even), and the TMA kernels do not read it
         self.packed, self.kernels_read_weight = packed, kernels_read_weight
@@ -141,8 +148,9 @@ def _always(call):
     return True
 
 
-def _kernels_read_weight(call):
-    return call.kernels_read_weight
+def _kernels(call):
+    """Whether the kernels can run the call at all: they read its weight, and take its DoRA form."""
+    return call.kernels_read_weight and call.kernels_take_form
 
 
 @functools.cache
@@ -151,17 +159,18 @@ def table() -> dict[str, dict[str, Path]]:
     from lora_fast import kernels   # imports triton: only when a triton-backend call runs
     return {
         "forward": {
-            "in_loop": Path(lambda c: c.one_tile and c.kernels_read_weight,
+            "in_loop": Path(lambda c: c.one_tile and c.kernels_read_weight and c.kernels_take_form,
                             functools.partial(kernels.lora_forward, in_loop=True)),
-            "split": Path(_kernels_read_weight, functools.partial(kernels.lora_forward, in_loop=False)),
-            "split_k": Path(lambda c: c.one_tile and c.decode and c.kernels_read_weight, kernels.lora_forward_split_k),
-            "tma": Path(lambda c: c.one_tile and c.above_decode and c.tma, kernels.lora_forward_tma),
+            "split": Path(_kernels, functools.partial(kernels.lora_forward, in_loop=False)),
+            "split_k": Path(lambda c: c.one_tile and c.decode and c.kernels_read_weight and not c.peft_form,
+                            kernels.lora_forward_split_k),
+            "tma": Path(lambda c: c.one_tile and c.above_decode and c.tma and not c.peft_form, kernels.lora_forward_tma),
             "cublas": Path(_always, torch_path.lora_forward),
         },
         "backward": {
-            "fused": Path(lambda c: c.need_dx and c.one_tile and c.kernels_read_weight,
+            "fused": Path(lambda c: c.need_dx and c.one_tile and c.kernels_read_weight and c.kernels_take_form,
                           functools.partial(kernels.lora_backward, path="fused")),
-            "split": Path(_kernels_read_weight, functools.partial(kernels.lora_backward, path="split")),
+            "split": Path(_kernels, functools.partial(kernels.lora_backward, path="split")),
             "tma": Path(lambda c: c.need_dx and c.one_tile and c.above_decode and c.tma and not c.dora,
                         functools.partial(kernels.lora_backward, path="tma")),
             "cublas": Path(_always, torch_path.lora_backward),
@@ -246,28 +255,59 @@ def _weight_kind(weight, K):
 COLUMN_SCALE = True
 
 
+def _check_dora_args(like, N, col_scale, z=None):
+    """DoRA's pass arguments, checked before any path runs (the kernels read col_scale as N
+    contiguous fp32 values, and z by its strides): ValueError/TypeError naming the argument."""
+    if col_scale is None:
+        if z is not None:
+            raise ValueError("z: the magnitude's product is summed only with col_scale (DoRA); got z without it")
+        return
+    want = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if not isinstance(col_scale, torch.Tensor):
+        raise TypeError(f"col_scale: expected a tensor, got {type(col_scale).__name__}")
+    if tuple(col_scale.shape) != (N,) or col_scale.dtype != want or col_scale.device != like.device:
+        raise ValueError(f"col_scale: expected a ({N},) {want} tensor on {like.device}, got "
+                         f"{tuple(col_scale.shape)} {col_scale.dtype} on {col_scale.device}")
+    if z is not None and (not isinstance(z, torch.Tensor) or tuple(z.shape) != (like.shape[0], N)
+                          or z.dtype != like.dtype or z.device != like.device):
+        got = f"{tuple(z.shape)} {z.dtype} on {z.device}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"z: expected the forward's ({like.shape[0]}, {N}) {like.dtype} product on {like.device}, "
+                         f"got {got}")
+
+
+def _dora_tag(col_scale, peft_dropout, dropout_p, dm=False):
+    """DoRA's suffix of a key ((), LoRA's keys as before): the column scale, its PEFT dropout form
+    (a second base product) and, in backward, the magnitude's sum."""
+    if col_scale is None:
+        return ()
+    return ("dora" + ("_peft" if peft_dropout and dropout_p > 0 else "") + ("_dm" if dm else ""),)
+
+
 def _forward_call(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None,
-                  col_scale=None):
+                  col_scale=None, peft_dropout=False):
     _needs_seed(dropout_p, seed)
     M, K = x.shape
     N, R = lora_B.shape
     packed, readable, kind = _weight_kind(weight, K)
-    dora = col_scale is not None
+    _check_dora_args(x, N, col_scale)
+    tag = _dora_tag(col_scale, peft_dropout, dropout_p)
     # DoRA's keys have a suffix of their own (their epilogue writes z too); LoRA's are as before
-    return (Call(M, R, operands=(x, weight), packed=packed, kernels_read_weight=readable, dora=dora), x,
-            (M, N, K, R, dropout_p > 0, bias is not None, save_xs) + kind + (("dora",) if dora else ()))
+    return (Call(M, R, operands=(x, weight), packed=packed, kernels_read_weight=readable, dora=bool(tag),
+                 peft_form="_peft" in "".join(tag)), x,
+            (M, N, K, R, dropout_p > 0, bias is not None, save_xs) + kind + tag)
 
 
 def _backward_call(dy, x, xs, weight, lora_A, lora_B, scaling, *, need_dx=True, need_da=True, need_db=True,
-                   dropout_p=0.0, seed=None, col_scale=None, z=None):
+                   dropout_p=0.0, seed=None, col_scale=None, z=None, peft_dropout=False):
     _needs_seed(dropout_p, seed)
     M, N = dy.shape
     K, R = x.shape[1], lora_A.shape[0]
     packed, readable, kind = _weight_kind(weight, K)
-    dora = col_scale is not None
-    return (Call(M, R, need_dx, (dy, weight), packed=packed, kernels_read_weight=readable, dora=dora), dy,
-            (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db) + kind
-            + ((("dora_dm" if z is not None else "dora"),) if dora else ()))
+    _check_dora_args(dy, N, col_scale, z)
+    tag = _dora_tag(col_scale, peft_dropout, dropout_p, z is not None)
+    return (Call(M, R, need_dx, (dy, weight), packed=packed, kernels_read_weight=readable, dora=bool(tag),
+                 peft_form="_peft" in "".join(tag)), dy,
+            (M, N, K, R, dropout_p > 0, need_dx, need_da, need_db) + kind + tag)
 
 
 def _empty_forward(x, weight, lora_A, lora_B, *args, col_scale=None, **kwargs):

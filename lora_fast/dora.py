@@ -25,8 +25,9 @@ computes y = c ⊙ z + b in fp32 and rounds it once, z = x·W0ᵀ + s·d(x)·A�
 the backward kernels read c ⊙ dY as they load dY (dX, dA, dB) and sum dm = Σ_rows dY ⊙ z / ‖·‖ from
 the same dY tiles (the fused dX GEMM's first column of programs, or the split path's pass over dY),
 so a DoRA step launches what a LoRA step does, with no elementwise pass over y or dY
-(tests/test_dora_paths.py). The PEFT dropout form keeps its second base product on d(x) as a
-cuBLAS GEMM beside the LoRA forward, and adds (keep/(1−p) − 1) ⊙ (((c−1)⊙dY)·W0) to dX.
+(tests/test_dora_paths.py). The PEFT dropout form's second base product d(x)·W0ᵀ comes from the
+forward K-loop's own x and W0 tiles (the in_loop and split paths: twice the MMA work, the same
+reads), and its dX term (keep/(1−p) − 1) ⊙ (((c−1)⊙dY)·W0) from the dX GEMM's dY and W0 tiles.
 Saved for backward, beside LoRA's x and xs: z (or, in the PEFT form, d(x)·W0ᵀ + s·d(x)·Aᵀ·Bᵀ), one
 (M, out) tensor in x's dtype, and c and the norms (out,) in float32. No dropped copy of x is kept
 (the mask is regenerated from the seed). A passes module without COLUMN_SCALE (a user's
@@ -76,15 +77,55 @@ def _row_chunks(out_features, in_features):
     return [(j, min(j + step, out_features)) for j in range(0, out_features, step)]
 
 
+class FourBit:
+    """A 4-bit W0 (an nf4.NF4Weight) as the norms read it: rows decoded a chunk at a time
+    (NF4Weight.dequantize_rows), rounded to `dtype` (the compute dtype: the W0 the forward uses)."""
+
+    def __init__(self, source, dtype):
+        self.source, self.dtype = source, dtype
+        self.shape, self.device = source.shape, source.device
+
+    def rows(self, start, stop, c):
+        return self.source.dequantize_rows(start, stop, self.dtype).to(c)
+
+
+def weight_key(weight) -> tuple:
+    """What identifies W0's values for the cached ‖w_j‖²: storage, version, dtype, device and shape
+    of a dense weight, or of a 4-bit one's codes and statistics."""
+    if isinstance(weight, FourBit):
+        w = weight.source
+        parts = [t for t in (w.packed, w.absmax, w.absmax_code, w.absmax_scale, w.absmax_offset)
+                 if isinstance(t, torch.Tensor)]
+        return (weight.dtype, tuple(weight.shape)) + tuple((t.data_ptr(), t._version, t.device) for t in parts)
+    return (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+
+
+def _rows(weight, start, stop, c):
+    """Rows [start, stop) of W0 in c: a dense weight's slice, a 4-bit one's decoded rows."""
+    return weight.rows(start, stop, c) if isinstance(weight, FourBit) else weight[start:stop].to(c)
+
+
+def _rows_at(weight, index, c):
+    """The rows `index` (a 1-D index tensor) of W0 in c."""
+    if isinstance(weight, FourBit):
+        return torch.cat([weight.rows(j, j + 1, c) for j in index.tolist()])
+    return weight[index].to(c)
+
+
 def _direct(w_rows, b_rows, a, scaling, c):
     """‖w_j + s·B_j·A‖ of the given rows of W0 and B (A and B already in c, the compute dtype)."""
     return torch.linalg.vector_norm(w_rows.to(c) + scaling * (b_rows @ a), dim=1)
 
 
 @torch.no_grad()
-def base_row_norms_sq(weight: Tensor) -> Tensor:
-    """‖w_j‖² (out,) of a dense (out, in) weight, in compute_dtype, without a full upcast copy."""
+def base_row_norms_sq(weight) -> Tensor:
+    """‖w_j‖² (out,) of a dense (out, in) weight, in compute_dtype, without a full upcast copy; of a
+    4-bit one (FourBit), from its rows decoded a chunk at a time."""
     c = compute_dtype(weight.dtype)
+    if isinstance(weight, FourBit):
+        chunks = [torch.linalg.vector_norm(weight.rows(j0, j1, c), dim=1).square()
+                  for j0, j1 in _row_chunks(*weight.shape)]
+        return torch.cat(chunks) if chunks else torch.zeros((0,), dtype=c, device=weight.device)
     return torch.linalg.vector_norm(weight, dim=1, dtype=c).square()
 
 
@@ -93,7 +134,8 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 base_sq: Tensor | None = None) -> Tensor:
     """‖W0 + s·B·A‖ per row (out,), in compute_dtype(W0's), never forming the (out, in) sum.
 
-    weight: dense (out, in); base_sq: its cached ‖w_j‖² (base_row_norms_sq), or None."""
+    weight: dense (out, in), or a 4-bit W0 (FourBit, read a row chunk at a time); base_sq: its
+    cached ‖w_j‖² (base_row_norms_sq), or None."""
     c = compute_dtype(weight.dtype)
     out_features, in_features = weight.shape
     a, b = lora_A.detach().to(c), lora_B.detach().to(c)
@@ -101,7 +143,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
         base_sq = base_row_norms_sq(weight)
     aw = torch.empty((a.shape[0], out_features), dtype=c, device=weight.device)   # A·W0ᵀ (r, out)
     for j0, j1 in _row_chunks(out_features, in_features):
-        aw[:, j0:j1] = a @ weight[j0:j1].to(c).t()
+        aw[:, j0:j1] = a @ _rows(weight, j0, j1, c).t()
     s = float(scaling)
     cross = 2 * s * (b * aw.t()).sum(1)
     quad = s * s * ((b @ (a @ a.t())) * b).sum(1)
@@ -114,7 +156,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
         step = _rows_per_chunk(in_features)
         for i0 in range(0, rows_.numel(), step):
             idx = rows_[i0:i0 + step]
-            norm[idx] = _direct(weight[idx], b[idx], a, s, c)
+            norm[idx] = _direct(_rows_at(weight, idx, c), b[idx], a, s, c)
     return norm
 
 
@@ -124,8 +166,9 @@ def weight_norm_direct(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: 
     temporary, no data-dependent branch: what runs under torch.compile), in compute_dtype."""
     c = compute_dtype(weight.dtype)
     a, b = lora_A.detach().to(c), lora_B.detach().to(c)
-    chunks = [_direct(weight[j0:j1], b[j0:j1], a, float(scaling), c) for j0, j1 in _row_chunks(*weight.shape)]
-    return torch.cat(chunks) if chunks else weight.new_zeros((0,), dtype=c)
+    chunks = [_direct(_rows(weight, j0, j1, c), b[j0:j1], a, float(scaling), c)
+              for j0, j1 in _row_chunks(*weight.shape)]
+    return torch.cat(chunks) if chunks else torch.zeros((0,), dtype=c, device=weight.device)
 
 
 def _scale(magnitude, norm):
@@ -153,6 +196,22 @@ def _keep(seed, x2d, p):
     return dropout_mod.keep_mask(seed, x2d.shape[0], x2d.shape[1], p, dtype=x2d.dtype)
 
 
+def _composed_forward(run, x2d, weight, bias, lora_A, lora_B, c, scaling, dropout_p, seed, two_products):
+    """(y in c's dtype, side, xs) of DoRA on plain LoRA passes: their forward without bias gives
+    z = x·W0ᵀ + xs·Bᵀ, then y = c ⊙ z + b, or in PEFT's dropout form the second base product
+    side = d(x)·W0ᵀ + xs·Bᵀ and y = z + b + (c − 1) ⊙ side; side (z in the first case) is kept."""
+    z, xs = run.lora_forward(x2d, weight, lora_A, lora_B, None, scaling, dropout_p=dropout_p, seed=seed)
+    if two_products:
+        side = F.linear(x2d * _keep(seed, x2d, dropout_p) / (1.0 - dropout_p), weights.dense(weight))
+        side.addmm_(xs, lora_B.t())   # a fresh tensor of ours: in place, before it is saved
+        y = torch.addcmul(z.to(c.dtype), side.to(c.dtype), c - 1)
+        if bias is not None:
+            y.add_(bias.to(c.dtype))
+        return y, side, xs
+    y = c * z.to(c.dtype) if bias is None else torch.addcmul(bias.to(c.dtype), z.to(c.dtype), c)
+    return y, z, xs
+
+
 class DoRALinearFunction(torch.autograd.Function):
     """y (M, out) for x (..., in): DoRA's forward (module docstring) on `backend`'s LoRA passes;
     norm (out,) is the detached row norm of W0 + s·B·A (weight_norm); inputs already checked."""
@@ -167,25 +226,15 @@ class DoRALinearFunction(torch.autograd.Function):
         two_products = peft_dropout and dropout_p > 0
         # passes that take the column scale (COLUMN_SCALE: torch_path, the dispatcher's kernels) apply
         # it, and the bias, where they round y (the kernels' epilogue) and read c ⊙ dY as they load dY
-        scaled = getattr(run, "COLUMN_SCALE", False) and not _COMPOSED.get()
-        if scaled and not two_products:   # y = c ⊙ z + b in the forward pass itself, z kept
-            y, xs, z = run.lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p=dropout_p, seed=seed,
-                                        col_scale=c)
-        else:
-            z, xs = run.lora_forward(x2d, weight, lora_A, lora_B, None, scaling, dropout_p=dropout_p, seed=seed)
-        if scaled and not two_products:
-            side = z
-        elif two_products:   # side = d(x)·W0ᵀ + s·d(x)·Aᵀ·Bᵀ; y = z + b + (c − 1) ⊙ side
-            dense = weights.dense(weight)
-            side = F.linear(x2d * _keep(seed, x2d, dropout_p) / (1.0 - dropout_p), dense)
-            side.addmm_(xs, lora_B.t())   # a fresh tensor of ours: in place, before it is saved
-            y = torch.addcmul(z.to(c.dtype), side.to(c.dtype), c - 1)
-            if bias is not None:
-                y.add_(bias.to(c.dtype))
-        else:   # one pass: bias + c ⊙ z
-            side = z
-            y = c * z.to(c.dtype) if bias is None else torch.addcmul(bias.to(c.dtype), z.to(c.dtype), c)
-        y = y.to(x.dtype)
+        # (not a 4-bit W0: the NF4 kernels have no DoRA builds; its LoRA passes run, the scale around them)
+        scaled = getattr(run, "COLUMN_SCALE", False) and not _COMPOSED.get() and weights.packed_source(weight) is None
+        if scaled:   # y = c ⊙ z + b (or PEFT's dropout form) in the forward pass itself, z (side) kept
+            y, xs, side = run.lora_forward(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p=dropout_p,
+                                           seed=seed, col_scale=c, peft_dropout=two_products)
+        else:   # plain passes (an --impl, composed_scale): the scale and the bias around them
+            y, side, xs = _composed_forward(run, x2d, weight, bias, lora_A, lora_B, c, scaling, dropout_p, seed,
+                                            two_products)
+            y = y.to(x.dtype)
         ctx.save_for_backward(x, xs, side, kept_weight(ctx, weight), lora_A, lora_B, c, norm)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.two_products, ctx.scaled = two_products, scaled
@@ -204,11 +253,12 @@ class DoRALinearFunction(torch.autograd.Function):
         dy = dy.reshape(-1, dy.shape[-1])
         run = ctx.run
         scaled = ctx.scaled
-        # the column scales' dtype (float32, float64): cast once, where dY·c is formed here
-        dy_c = dy.to(c.dtype) if not scaled or need_w or ctx.two_products else None
-        dz = (dy_c * c).to(x.dtype) if not scaled or need_w else None
+        # the column scales' dtype (float32, float64): cast once, where dY·c is formed here (the
+        # passes form it themselves when scaled: here only for the frozen weight's gradient)
+        dy_c = dy.to(c.dtype) if not scaled or need_w else None
+        dz = (dy_c * c).to(x.dtype) if dy_c is not None else None
         # the PEFT form's base product on d(x): its dY is (c − 1) ⊙ dY, its input d(x)
-        e = (dy_c * (c - 1)).to(x.dtype) if ctx.two_products and (need_x or need_w) else None
+        e = (dy_c * (c - 1)).to(x.dtype) if ctx.two_products and dy_c is not None and (need_x or need_w) else None
         keep = (_keep(ctx.seed, x2d, ctx.dropout_p) / (1.0 - ctx.dropout_p)) if e is not None else None
         dx = da = db = dw = dbias = dm = None
         forcing = run.forcing(ctx.forced) if ctx.forced else contextlib.nullcontext()
@@ -218,7 +268,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 dx, da, db, dm_sum = run.lora_backward(dy, x2d, xs, weight, lora_A, lora_B, ctx.scaling,
                                                        need_dx=need_x, need_da=need_a, need_db=need_lb,
                                                        dropout_p=ctx.dropout_p, seed=ctx.seed, col_scale=c,
-                                                       z=side if need_m else None)
+                                                       z=side if need_m else None, peft_dropout=ctx.two_products)
             if need_m:
                 dm = (dm_sum.to(norm.dtype) / norm).to(ctx.magnitude_dtype)
         elif need_x or need_a or need_lb:
@@ -227,7 +277,7 @@ class DoRALinearFunction(torch.autograd.Function):
                                           need_dx=need_x, need_da=need_a, need_db=need_lb,
                                           dropout_p=ctx.dropout_p, seed=ctx.seed)
             dx, da, db = grads
-        if need_x and e is not None:   # (keep/(1−p) − 1) ⊙ ((c−1)⊙dY)·W0
+        if need_x and e is not None and not scaled:   # (keep/(1−p) − 1) ⊙ ((c−1)⊙dY)·W0
             dx = dx + (keep - 1) * (e @ weights.dense(weight))
         if need_x:
             dx = dx.view(x.shape)

@@ -196,7 +196,7 @@ def _task_type(model, task_type):
 
 
 def _dora_settings(use_dora, dora_dropout):
-    """wrap's DoRA keywords: none for plain LoRA (4-bit layers take no DoRA arguments)."""
+    """wrap's DoRA keywords: none for plain LoRA (the layers' defaults)."""
     return {"use_dora": True, "dora_dropout": dora_dropout} if use_dora else {}
 
 
@@ -204,9 +204,6 @@ def check_wrappable(module, adapter_dtype, name, use_dora=False):
     """Raise, naming the layer, unless `wrap` can put an adapter of adapter_dtype (DoRA with
     use_dora) on it."""
     if qlora.is_4bit(module):
-        if use_dora:
-            raise ValueError(f"use_dora: {name!r} is a 4-bit linear, and DoRA on 4-bit layers is not "
-                             "available yet; exclude it (exclude_modules) or use_dora=False")
         qlora.check_4bit(module, name)
         _check_adapter_dtype(adapter_dtype, qlora.compute_dtype_of(module), name)
     elif isinstance(module, nn.Embedding):

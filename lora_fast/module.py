@@ -211,8 +211,8 @@ class LoRALayer(nn.Module):
 
     def _add_weights(self, name, settings, factory):
         if settings.use_dora and not self.supports_dora:
-            raise ValueError(f"use_dora: DoRA is not available on {type(self).__name__} layers yet "
-                             "(a 4-bit base); use_dora=False, or a 16-bit base")
+            raise ValueError(f"use_dora: DoRA is not available on {type(self).__name__} layers; "
+                             "use_dora=False")
         lora_A = nn.Parameter(torch.empty((settings.r, self.in_features), **factory))
         lora_B = nn.Parameter(torch.empty((self.out_features, settings.r), **factory))
         magnitude = nn.Parameter(torch.empty((self.out_features,), **factory)) if settings.use_dora else None

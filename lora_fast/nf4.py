@@ -169,13 +169,28 @@ class NF4Weight:
         """The (out, in) weight in `dtype` (default: the original dtype): level × block absmax in
         float32, rounded once to dtype. Holds out·in float32 values (plus the int32 codes) while
         decoding."""
-        values = nf4_levels(self.device)[self.codes().int()]
-        absmax = self.absmax_fp32()
+        return self.dequantize_rows(0, self.shape[0], dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the weight, (stop − start, in), decoded as dequantize() decodes them
+        (bit for bit) from their own bytes and blocks: a bounded temporary for code that walks the
+        weight in row chunks (lora_fast.dora's norms of a 4-bit W0)."""
+        out_features, in_features = self.shape
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= out_features):
+            raise ValueError(f"start, stop: expected 0 <= start <= stop <= {out_features}, got {start!r}, {stop!r}")
+        if start == stop:
+            return torch.empty((0, in_features), dtype=dtype or self.dtype, device=self.device)
+        e0, e1 = start * in_features, stop * in_features
+        b0 = e0 // self.blocksize                      # whole blocks around the rows (even bounds: whole bytes)
+        lo, hi = b0 * self.blocksize, min(-(-e1 // self.blocksize) * self.blocksize, self.shape.numel())
+        flat = self.packed.reshape(-1)[lo // 2:hi // 2]
+        values = nf4_levels(self.device)[torch.stack((flat >> 4, flat & 0x0F), dim=1).reshape(-1).int()]
+        absmax = self.absmax_fp32()[b0:b0 + -(-(hi - lo) // self.blocksize)]
         n = values.numel()
         full = n - n % self.blocksize
         values[:full].view(-1, self.blocksize).mul_(absmax[:full // self.blocksize, None])
         values[full:].mul_(absmax[-1])
-        return values.view(self.shape).to(dtype or self.dtype)
+        return values[e0 - lo:e1 - lo].view(stop - start, in_features).to(dtype or self.dtype)
 
     def to(self, device) -> "NF4Weight":
         """A new NF4Weight with every tensor on `device` (the same tensors where they are there)."""

@@ -21,13 +21,14 @@ from torch import nn
 
 from torch.autograd import forward_ad
 
+from . import dora
 from . import nf4 as nf4_format
 from . import weights
 from .backend import resolve_backend
 from .function import lora_linear
 from .weights import recomputable
 from .module import (DEFAULT_ADAPTER, AdapterSettings, LoRALinear, _check_adapter_dtype, _check_hparams,
-                     check_adapter_name, default_adapter_dtype)
+                     check_adapter_name, check_dora, default_adapter_dtype)
 
 _STATE = ("absmax", "absmax_code", "absmax_scale", "absmax_offset")
 
@@ -243,23 +244,27 @@ class LoRALinear4bit(LoRALinear):
     touched, so unmerge() is exact; merge_and_unload gives an nn.Linear (decoded W0 + s·B@A in
     float32, rounded once) or, with requantize=True, a Linear4bit again (quantising the merged
     weight: NF4's error, up to half a level step times the block's absmax per element).
-    DoRA (use_dora) is not available on it yet: add_adapter refuses it.
+    DoRA (use_dora: QDoRA, PEFT's use_dora on a bitsandbytes 4-bit layer): the row norms from the
+    codes in row chunks (nf4.NF4Weight.dequantize_rows: W0's part once, A·W0ᵀ per step, no (out, in)
+    temporary), the 4-bit LoRA passes with the column scale composed around them (lora_fast.dora),
+    merge as m / ‖W0 + s·B·A‖ ⊙ (W0 + s·B·A) of the decoded W0.
     """
-
-    supports_dora = False
 
     @classmethod
     def from_4bit(cls, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                   use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
-                  adapter_name: str = DEFAULT_ADAPTER) -> "LoRALinear4bit":
+                  adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False,
+                  dora_dropout: str = "peft") -> "LoRALinear4bit":
         """Wrap a 4-bit linear `base` (lora_fast's Linear4bit or bitsandbytes' Linear4bit with NF4),
         sharing its codes, statistics and bias. r, lora_alpha, lora_dropout, use_rslora,
         adapter_dtype (default: float32 master adapters on a 16-bit compute dtype, else the compute
-        dtype) and adapter_name as for LoRALinear.from_linear."""
+        dtype), adapter_name, use_dora and dora_dropout as for LoRALinear.from_linear (DoRA's
+        magnitude starts at the decoded W0's row norms)."""
         if not is_4bit(base):
             raise TypeError(f"base: expected a lora_fast.qlora.Linear4bit or a bitsandbytes Linear4bit, "
                             f"got {type(base).__name__}")
-        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora))
+        settings = AdapterSettings(*_check_hparams(r, lora_alpha, lora_dropout, use_rslora),
+                                   *check_dora(use_dora, dora_dropout))
         check_adapter_name(adapter_name)
         w = _nf4_of(base)
         compute = compute_dtype_of(base)
@@ -268,18 +273,19 @@ class LoRALinear4bit(LoRALinear):
         layer.from_conv1d = False
         layer._init_adapter_state()
         layer.active_adapter = adapter_name
-        layer._add_weights(adapter_name, settings, {"device": w.device,
-                                                    "dtype": adapter_dtype or default_adapter_dtype(compute)})
+        # the codes before the adapter: a DoRA magnitude starts at their decoded row norms
         layer.bnb_weight = is_bnb_4bit(base)
         layer.weight = base.weight
         if not layer.bnb_weight:   # bitsandbytes' statistics live in its Params4bit's quant state
             for name in _STATE:
                 layer.register_buffer("weight_" + name, getattr(base, "weight_" + name))
         layer.weight_shape, layer.weight_dtype = torch.Size(w.shape), w.dtype
+        layer.compute_dtype = getattr(base, "compute_dtype", None)
+        layer._add_weights(adapter_name, settings, {"device": w.device,
+                                                    "dtype": adapter_dtype or default_adapter_dtype(compute)})
         layer.bias = base.bias
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
-        layer.compute_dtype = getattr(base, "compute_dtype", None)
         layer.train(base.training)
         return layer
 
@@ -318,9 +324,38 @@ class LoRALinear4bit(LoRALinear):
     # --- merging: the merged weight beside the codes ------------------------------------------
 
     def _merged_dense(self) -> torch.Tensor:
-        w = self.nf4.dequantize(torch.float32)
-        delta = self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-        return (w + delta).to(self.base_dtype())
+        merged = self.nf4.dequantize(torch.float32)
+        merged += self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        if self.use_dora:   # m / ‖W0 + s·B·A‖ ⊙ (W0 + s·B·A), the norm of that same sum
+            merged *= (self.magnitude().detach().float() / torch.linalg.vector_norm(merged, dim=1))[:, None]
+        return merged.to(self.base_dtype())
+
+    # --- DoRA: the norms from the codes ---------------------------------------------------------
+
+    def dora_base_sq(self) -> torch.Tensor:
+        """The decoded W0's squared row norms (out,) in float32 (float64 for a float64 compute dtype),
+        from the codes row chunk by row chunk, cached until the codes or their statistics change."""
+        source = self._dora_source()
+        key = dora.weight_key(source)
+        if self._dora_base is None or self._dora_base[0] != key:
+            self._dora_base = (key, dora.base_row_norms_sq(source))
+        return self._dora_base[1]
+
+    def dora_norm(self, name: str | None = None) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per row (out,) of DoRA adapter `name` (default the active one), detached, W0
+        the codes' decoded weight (merged or not: merge() never changes the codes)."""
+        name = self.active_adapter if name is None else name
+        lora_A, lora_B = self.adapter_weights(name)
+        scaling = self.adapter_settings[name].scaling
+        source = self._dora_source()
+        if torch.compiler.is_compiling():
+            return dora.weight_norm_direct(source, lora_A, lora_B, scaling)
+        return dora.weight_norm(source, lora_A, lora_B, scaling, self.dora_base_sq())
+
+    def _dora_source(self) -> "dora.FourBit":
+        """The codes as DoRA's norms read them: row chunks decoded in the compute dtype, the W0 the
+        forward computes with."""
+        return dora.FourBit(self.nf4, self.base_dtype())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -366,6 +401,12 @@ class LoRALinear4bit(LoRALinear):
             return self.mixed_rows.forward(self, xc).to(x.dtype)
         if not self.adapter_enabled or self.settings is None:
             return self.base_linear(x)
+        if self.use_dora:
+            from .dora import dora_linear
+            y = dora_linear(xc, self.kernel_weight(xc, dtype), self.lora_A, self.lora_B, self.magnitude(), bias,
+                            scaling=self.scaling, dropout_p=self.lora_dropout, training=self.training,
+                            dropout=self.settings.dora_dropout, norm=self.dora_norm())
+            return y.to(x.dtype)
         y = lora_linear(xc, self.kernel_weight(xc, dtype), self.lora_A, self.lora_B, bias, scaling=self.scaling,
                         dropout_p=self.lora_dropout, training=self.training)
         return y.to(x.dtype)

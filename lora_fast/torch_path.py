@@ -61,16 +61,25 @@ COLUMN_SCALE = True
 
 
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, dropout_p=0.0, seed=None,
-                 col_scale=None):
+                 col_scale=None, peft_dropout=False):
     """(y, xs) for 2-D x (M, K); xs = scaling/(1-p) · (keep ⊙ x) @ lora_Aᵀ (M, r) for backward (None
     unless save_xs). A packed 4-bit weight (lora_fast.weights) is decoded first.
 
     col_scale (N,) float32 or float64 (DoRA): y = col_scale ⊙ z + bias, z = x @ weightᵀ + xs @
     lora_Bᵀ rounded to x's dtype, scaled and biased in col_scale's dtype and rounded once; returns
-    (y, xs, z)."""
+    (y, xs, z). With peft_dropout too (dropout_p > 0): DoRA's PEFT dropout form, y = x @ weightᵀ +
+    bias + (c − 1) ⊙ z + xs @ lora_Bᵀ with z = d(x) @ weightᵀ + xs @ lora_Bᵀ (one more GEMM)."""
     if col_scale is not None:
-        z, xs = lora_forward(x, weight, lora_A, lora_B, None, scaling, save_xs=save_xs, dropout_p=dropout_p,
+        z, xs = lora_forward(x, weight, lora_A, lora_B, None, scaling, save_xs=True, dropout_p=dropout_p,
                              seed=seed)
+        if peft_dropout and dropout_p > 0:   # side = d(x)·W0ᵀ + xs·Bᵀ; y = z + b + (c − 1) ⊙ side
+            side = torch.mm(x * _keep(seed, x, dropout_p) / (1.0 - dropout_p), dense(weight).t())
+            side.addmm_(xs, lora_B.t())
+            y = torch.addcmul(z.to(col_scale.dtype), side.to(col_scale.dtype), col_scale - 1)
+            if bias is not None:
+                y.add_(bias.to(col_scale.dtype))
+            return y.to(x.dtype), (xs if save_xs else None), side
+        xs = xs if save_xs else None
         zc = z.to(col_scale.dtype)
         y = zc * col_scale if bias is None else torch.addcmul(bias.to(col_scale.dtype), zc, col_scale)
         return y.to(x.dtype), xs, z
@@ -97,18 +106,24 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, *, save_xs=True, drop
 
 
 def lora_backward(dy, x, xs, weight, lora_A, lora_B, scaling, *,
-                  need_dx=True, need_da=True, need_db=True, dropout_p=0.0, seed=None, col_scale=None, z=None):
+                  need_dx=True, need_da=True, need_db=True, dropout_p=0.0, seed=None, col_scale=None, z=None,
+                  peft_dropout=False):
     """(dX, dA, dB) with W0 frozen, None for those not asked; reuses gs = s'·dY@B for dX and dA.
 
     col_scale (DoRA, lora_forward's): the gradients of y = col_scale ⊙ z + bias, from dY·c rounded
     to dY's dtype, and (dX, dA, dB, dm) with dm = Σ_rows dY ⊙ z (N,) in col_scale's dtype when z
-    is given, else None."""
+    is given, else None. With peft_dropout (the forward's), dX also has (keep/(1−p) − 1) ⊙
+    (((c − 1) ⊙ dY) @ weight), the gradient through the second base product on d(x)."""
     if col_scale is not None:
         dy_c = dy.to(col_scale.dtype)
-        grads = lora_backward((dy_c * col_scale).to(dy.dtype), x, xs, weight, lora_A, lora_B, scaling,
-                              need_dx=need_dx, need_da=need_da, need_db=need_db, dropout_p=dropout_p, seed=seed)
+        dx, da, db = lora_backward((dy_c * col_scale).to(dy.dtype), x, xs, weight, lora_A, lora_B, scaling,
+                                   need_dx=need_dx, need_da=need_da, need_db=need_db, dropout_p=dropout_p,
+                                   seed=seed)
+        if need_dx and peft_dropout and dropout_p > 0:
+            e = (dy_c * (col_scale - 1)).to(dy.dtype)
+            dx = dx + (_keep(seed, x, dropout_p) / (1.0 - dropout_p) - 1) * (e @ dense(weight))
         dm = None if z is None else (dy_c * z.to(col_scale.dtype)).sum(0)   # out of place: dy_c may be dY
-        return (*grads, dm)
+        return dx, da, db, dm
     weight = dense(weight) if need_dx else weight
     dx = da = db = None
     keep = _keep(seed, x, dropout_p) if dropout_p > 0 and (need_dx or need_da) else None

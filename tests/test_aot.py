@@ -58,12 +58,13 @@ def test_every_variant_dtype_arch_built(rows):
     assert built == {(v, d, f"sm_{a}") for v, spec in VARIANTS.items() for d in spec.dtypes for a in spec.archs}
     # bf16, fp16, fp32 (tf32) and fp32-ieee; the three TMA ones: sm_90, bf16 and fp16 only; the 4-bit
     # ones (WEIGHT "nf4"): bf16 and fp16; DoRA's (COL_SCALE): not fp32-ieee (cuBLAS runs it on a GPU),
-    # one of them TMA
+    # one of them TMA, and its PEFT dropout form's bf16 and fp16 only
     nf4 = [v for v in VARIANTS if v.endswith("_nf4")]
-    dora = [v for v in VARIANTS if v.endswith("_dora")]
-    assert len(nf4) == 9 and len(dora) == 10 and all(VARIANTS[v].constexprs["COL_SCALE"] for v in dora)
+    dora = [v for v in VARIANTS if v.endswith(("_dora", "_dora_peft"))]
+    assert len(nf4) == 9 and len(dora) == 14 and all(VARIANTS[v].constexprs["COL_SCALE"] for v in dora)
+    peft = [v for v in dora if v.endswith("_peft")]   # DoRA's PEFT dropout form: 16-bit only
     assert len(built) == (2 * 4 * (len(VARIANTS) - 3 - len(nf4) - len(dora)) + 3 * 2 + 2 * 2 * len(nf4)
-                          + 2 * 3 * (len(dora) - 1) + 2)
+                          + 2 * 3 * (len(dora) - 1 - len(peft)) + 2 + 2 * 2 * len(peft))
 
 
 def test_4bit_builds_round_the_absmax_product_before_the_offset(rows):

@@ -244,15 +244,6 @@ def test_bad_dora_arguments_are_refused_by_name():
             pass
 
 
-def test_inject_refuses_dora_on_4bit_layers_and_changes_nothing():
-    from lora_fast.qlora import Linear4bit
-    model = nn.Sequential(nn.Linear(64, 64), Linear4bit.from_linear(nn.Linear(64, 64)))
-    before = [type(m) for m in model]
-    with pytest.raises(ValueError, match="use_dora.*4-bit"):
-        lora_fast.inject(model, r=2, target_modules=["0", "1"], use_dora=True)
-    assert [type(m) for m in model] == before
-
-
 def test_dora_adapters_round_trip_through_save_and_load(tmp_path):
     model = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 5))
     lora_fast.inject(model, r=3, target_modules=["0", "2"], use_dora=True)

@@ -100,6 +100,11 @@ def _matrix():
             for p, form in ((0.0, "peft"), (P, "lora"), (P, "peft")):
                 if p > 0 and (i + (form == "peft")) % 2:   # dropout forms in turn, not every pair both
                     continue
+                # PEFT's form runs in_loop/split and fused/split with 16-bit operands only, else
+                # cublas (test_peft_form_*)
+                if p > 0 and form == "peft" and (f in ("split_k", "tma") or (
+                        dtype == torch.float32 and (f, b) != ("cublas", "cublas"))):
+                    continue
                 out.append(pytest.param(name, shape, f, b, dtype, grads, lead, layout, p, form,
                                         id=f"{name}-{f}-{b}-{str(dtype)[6:]}-p{p:g}-{form}"))
     return out
@@ -126,6 +131,53 @@ def test_path_matches_the_float64_reference(name, shape, forward, backward, dtyp
     for n, g in got.items():
         assert g.dtype == t[n].dtype, n
         assert_close(f"d{n}", g, ref[n], dtype)
+
+
+@pytest.mark.parametrize("dtype", FP16, ids=str)
+@pytest.mark.parametrize("forward,backward", list(itertools.product(("in_loop", "split", "cublas"),
+                                                                     ("fused", "split", "cublas"))))
+def test_peft_form_runs_both_base_products_in_one_pass(forward, backward, dtype):
+    """PEFT's dropout form: the forward kernels' K-loop takes d(x)·W0ᵀ from the x and W0 tiles of
+    x·W0ᵀ (k_loop's SECOND 1), the dX GEMM ((c − 1) ⊙ dY)·W0 from its dY and W0 tiles (SECOND 2)."""
+    name, shape = "peft_form", (23, 40, 31, 6)
+    test_path_matches_the_float64_reference(name, shape, forward, backward, dtype, ALL, (23,), (), P, "peft")
+
+
+def test_the_peft_form_in_fp32_runs_cublas_and_the_kernels_are_refused():
+    """fp32 (tf32) operands: the two accumulators spilled (NOTES v16), so the PEFT form is cuBLAS's
+    there; the other form, and fp16, keep the kernels."""
+    t, c = _pass_inputs(M=23, K=40, N=31, r=6)
+    x, w, dy = t["x"], t["weight"], t["dy"]
+    peft = dispatch.Call(23, 6, operands=(x, w), dora=True, peft_form=True)
+    assert dispatch.applicable("forward", peft) == ("cublas",)
+    assert dispatch.applicable("backward", dispatch.Call(23, 6, True, (dy, w), dora=True, peft_form=True)) == ("cublas",)
+    assert "in_loop" in dispatch.applicable("forward", dispatch.Call(23, 6, operands=(x, w), dora=True))
+    half = dispatch.Call(23, 6, operands=(x.half(), w.half()), dora=True, peft_form=True)
+    assert {"in_loop", "split"} <= set(dispatch.applicable("forward", half))
+    seed = torch.tensor([3], dtype=torch.int64)
+    for forward in ("in_loop", "split"):
+        with dispatch.forced(forward=forward), pytest.raises(ValueError, match=forward):
+            dispatch.lora_forward(x, w, t["lora_A"], t["lora_B"], t["bias"], SCALING, dropout_p=P, seed=seed,
+                                  col_scale=c, peft_dropout=True)
+    test_path_matches_the_float64_reference("peft_fp32", (23, 40, 31, 6), None, None, torch.float32, ALL, None, (),
+                                            P, "peft")
+
+
+@pytest.mark.parametrize("forward", ["split_k", "tma"])
+def test_the_peft_form_is_not_offered_to_split_k_or_tma(forward):
+    t, c = _pass_inputs(M=70 if forward == "tma" else 9, K=32, N=24, r=8, dtype=torch.float16)
+    seed = torch.tensor([5], dtype=torch.int64)
+    call = dispatch.Call(t["x"].shape[0], 8, operands=(t["x"], t["weight"]), dora=True, peft_form=True)
+    assert forward not in dispatch.applicable("forward", call)
+    assert {"in_loop", "split", "cublas"} <= set(dispatch.applicable("forward", call))
+    with dispatch.forced(forward=forward), pytest.raises(ValueError, match=forward):
+        dispatch.lora_forward(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], SCALING, dropout_p=P,
+                              seed=seed, col_scale=c, peft_dropout=True)
+    # without dropout the two forms are one function: every path takes it
+    with dispatch.forced(forward=forward):
+        if forward == "split_k" or dispatch.tma_possible(t["x"], t["weight"]):
+            dispatch.lora_forward(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], SCALING, col_scale=c,
+                                  peft_dropout=True)
 
 
 def _pass_inputs(M=37, K=45, N=53, r=5, dtype=torch.float32, bias=True):
@@ -198,11 +250,13 @@ def _launches(fn):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts the interpreter's launches")
-def test_a_dora_step_on_the_kernels_runs_no_torch_pass_over_y_or_dy(monkeypatch):
-    """The forward is the LoRA forward kernel alone (the scale and the bias in its epilogue), the
-    split backward its two kernels (c ⊙ dY on their loads, dm partials from the pass over dY's
-    tiles): no elementwise torch op on an (M, out) tensor besides them."""
-    t, _ = _pass_inputs(M=24, K=40, N=36, r=4)
+@pytest.mark.parametrize("p,form", [(0.0, "peft"), (P, "peft"), (P, "lora")])
+def test_a_dora_step_on_the_kernels_runs_no_torch_pass_over_y_or_dy(p, form):
+    """The forward is the LoRA forward kernel alone (the scale and the bias in its epilogue; PEFT's
+    dropout form's second base product in its K-loop), the split backward its two kernels (c ⊙ dY
+    on their loads, the form's dX term in the dX GEMM, dm partials from the pass over dY's tiles):
+    no torch op on an (M, out) or (M, in) tensor besides them (no GEMM, no mask, no copy of x)."""
+    t, _ = _pass_inputs(M=24, K=40, N=36, r=4, dtype=torch.float16)   # 16-bit: the PEFT form's kernels
     leaves = [t[n].requires_grad_() for n in ("x", "lora_A", "lora_B", "magnitude")]
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -214,14 +268,15 @@ def test_a_dora_step_on_the_kernels_runs_no_torch_pass_over_y_or_dy(monkeypatch)
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             outs = out if isinstance(out, (tuple, list)) else (out,)
-            if any(isinstance(o, torch.Tensor) and o.dim() == 2 and tuple(o.shape) == (24, 36) for o in outs):
+            if any(isinstance(o, torch.Tensor) and o.dim() == 2 and tuple(o.shape) in ((24, 36), (24, 40))
+                   for o in outs):
                 self.ops.append(func.__name__)
             return out
 
     def step():
         with dispatch.forced(forward="in_loop", backward="split"):
             y = dora.dora_linear(t["x"], t["weight"], leaves[1], leaves[2], leaves[3], t["bias"], scaling=SCALING,
-                                 backend="triton")
+                                 backend="triton", dropout_p=p, training=p > 0, dropout=form)
             y.backward(t["dy"])
 
     mode = BigOps()
@@ -256,3 +311,67 @@ def test_an_impl_without_the_column_scale_gets_dora_composed_around_its_passes()
     assert not hasattr(Plain, "COLUMN_SCALE") and torch_path.COLUMN_SCALE
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("forward,backward", [("in_loop", "fused"), ("split", "split"), ("split_k", "cublas")])
+def test_a_strided_col_scale_is_read_as_its_values(forward, backward):
+    """The kernels read c as N contiguous values: a strided view is copied first (as the bias is),
+    never read by its storage."""
+    t, c = _pass_inputs(M=9)
+    buf = torch.empty(2 * c.shape[0], dtype=c.dtype)
+    strided = buf[::2].copy_(c)
+    xs = t["x"] @ t["lora_A"].T
+    z = make_inputs(9, 53, 1, 1, torch.float32, seed=11)["x"]
+    outs = []
+    for scale in (c, strided):
+        with dispatch.forced(forward=forward, backward=backward):
+            fwd = dispatch.lora_forward(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], SCALING, col_scale=scale)
+            bwd = dispatch.lora_backward(t["dy"], t["x"], xs, t["weight"], t["lora_A"], t["lora_B"], SCALING,
+                                         col_scale=scale, z=z)
+        outs.append(list(fwd) + list(bwd))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bad_dora_pass_arguments_are_refused_by_name():
+    t, c = _pass_inputs(M=9)
+    args = (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], SCALING)
+    for bad in (c[:-1], c.double(), c.half(), c[None]):
+        with pytest.raises(ValueError, match="col_scale"):
+            dispatch.lora_forward(*args, col_scale=bad)
+    with pytest.raises(TypeError, match="col_scale"):
+        dispatch.lora_forward(*args, col_scale=c.tolist())
+    xs = t["x"] @ t["lora_A"].T
+    back = (t["dy"], t["x"], xs, t["weight"], t["lora_A"], t["lora_B"], SCALING)
+    with pytest.raises(ValueError, match="z"):
+        dispatch.lora_backward(*back, col_scale=c, z=t["dy"][:, :-1])
+    with pytest.raises(ValueError, match="z"):
+        dispatch.lora_backward(*back, z=t["dy"])
+    from lora_fast.kernels import backward as kernel_backward   # the launcher itself, not only the table
+    with pytest.raises(ValueError, match="tma"):
+        kernel_backward.lora_backward(*back, col_scale=c, path="tma")
+
+
+@pytest.mark.parametrize("dtype,shape,p", [("fp16", "80x32x48", "0.3"), ("fp32", "9x16x12", "0.2")])
+def test_check_cli_dora_on_every_path_pair(dtype, shape, p, capsys):
+    """lora-fast-check --dora --all-paths offers DoRA's calls only the pairs that take them (no TMA
+    backward; with PEFT's dropout form no split_k or tma forward, and cuBLAS alone for fp32)."""
+    from lora_fast import check
+    code = check.main(["--dora", "--all-paths", "--shapes", shape, "--ranks", "4", "--dtypes", dtype,
+                       "--dropout", "0", p])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    # the rows' paths column (M K N r dtype p paths out ...), per dropout p
+    pairs = {}
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) > 7 and "/" in cols[6] and cols[0].isdigit():
+            pairs.setdefault(cols[5], set()).add(tuple(cols[6].split("/")))
+    assert set(pairs) == {"0", p}
+    assert all(b != "tma" for ps in pairs.values() for _, b in ps)
+    assert not {f for f, _ in pairs[p]} & {"split_k", "tma"}
+    if dtype == "fp32":
+        assert pairs[p] == {("cublas", "cublas")} and ("in_loop", "fused") in pairs["0"]
+    else:
+        assert {("in_loop", "fused"), ("split", "split")} <= pairs[p]
+        assert ("tma", "fused") in pairs["0"]   # the interpreter reads TMA: its forward takes DoRA
